@@ -1,0 +1,74 @@
+"""`distill` command line: run, teacher, soft-targets. Bad input -> one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Knowledge distillation on Ray with MLflow tracking.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "teacher -> soft targets -> students, end to end"),
+        ("teacher", "train (or reuse) the teacher(s) only"),
+        ("soft-targets", "teachers, then their soft targets into the cache"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("config", nargs="?", help="YAML config (configs/*.yaml)")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides such as kd.temperature=8 students.0.hidden=[64]")
+        sub.add_argument("--config", dest="config_flag", help="YAML config, as an alternative to the positional one")
+        sub.add_argument("--address", help="Ray address to connect to (default: $RAY_ADDRESS, else a local Ray)")
+        if name == "run":
+            sub.add_argument("--summary-json", help="also write the results rows to this JSON file")
+    return parser
+
+
+def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    config, overrides = args.config, list(args.overrides)
+    if args.config_flag:
+        if config is not None:
+            overrides.insert(0, config)  # with --config, the first positional is an override
+        config = args.config_flag
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config_path, overrides = _split_config(args)
+    try:
+        cfg = load_config(config_path, overrides)
+        from orchestrator import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
+
+        if args.command == "run":
+            prepared = pipeline.prepare(cfg)
+            pipeline.run_job(cfg, summary_json=args.summary_json, ray_address=args.address, prepared=prepared)
+        elif args.command == "teacher":
+            pipeline.run_teacher_job(cfg, ray_address=args.address)
+        else:
+            pipeline.run_soft_targets_job(cfg, ray_address=args.address)
+    except ConfigError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("distill: interrupted; MLflow runs marked KILLED", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if "ray" in sys.modules:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

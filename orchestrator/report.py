@@ -1,0 +1,33 @@
+"""Terminal output: the results table at the end of a job."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.tracking import ui_command
+
+
+def summary_table(rows: Sequence[Mapping]) -> Table:
+    table = Table(title="kd-orchestrator results (test set)")
+    for header in ("role", "name", "test acc", "test errors", "params", "size MB", "agreement", "wall s"):
+        table.add_column(header, justify="left" if header in ("role", "name") else "right")
+    for row in rows:
+        table.add_row(
+            row["role"], row["name"], f"{row['test_accuracy']:.4f}", str(row["test_errors"]), f"{row['params']:,}",
+            f"{row['size_mb']:.3f}", f"{row['agreement']:.4f}", f"{row['wall_s']:.1f}",
+        )
+    return table
+
+
+def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], soft, tracking_uri: str) -> None:
+    # Piped output would otherwise be cut to 80 columns and the names truncated.
+    console = Console(width=None if Console().is_terminal else 120)
+    console.print(summary_table(rows))
+    walls = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in stage_walls.items())
+    console.print(f"stage wall time: {walls} (students share one Ray Train run)")
+    source = "cache hit" if soft.cache_hit else "generated"
+    console.print(f"soft targets {soft.fingerprint} ({source}, {soft.forward_rows} teacher forward rows): {soft.path}")
+    console.print(f"Open MLflow: {ui_command(tracking_uri)}", soft_wrap=True)

@@ -1,0 +1,403 @@
+"""Teacher soft targets: column schema, logit codecs, fingerprint and an on-disk parquet cache.
+
+A teacher's logits for a split are computed once (by a Ray Data actor pool) and
+published under `<root>/<fingerprint>/` so no later job or trial re-runs the
+teacher. Publishing is atomic: data lands in `<root>/.tmp-<fp>-<uuid>/` and the
+directory is renamed into place only after `manifest.json` (complete: true) is
+written. Readers validate the manifest against the files before trusting them.
+
+`<root>` must be visible at the same path to every Ray node that writes (a local
+cluster, or a shared filesystem), because Ray Data writes from the workers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from orchestrator.config import ConfigError
+
+if TYPE_CHECKING:  # torch and ray are heavy; only the functions that need them import them
+    import ray.data
+    import torch
+
+ENCODINGS = ("fp16", "fp32", "topk")
+DENSE_COLUMN = "teacher_logits"
+TOPK_VALUES_COLUMN = "teacher_topk_values"
+TOPK_INDICES_COLUMN = "teacher_topk_indices"
+MANIFEST = "manifest.json"
+ID_COLUMN = "id"
+
+# Largest finite float16; larger logits would become inf and softmax would yield NaN.
+_FP16_MAX = float(np.finfo(np.float16).max)
+_INT16_CLASS_LIMIT = 32768  # spec: int16 indices only when K < 32768
+_FP_PATTERN = re.compile(r"[0-9A-Za-z_-]+")
+_LIST_KINDS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)  # tensor storage types
+
+
+class CacheCorruptWarning(UserWarning):
+    """A committed cache directory failed validation and is being rebuilt."""
+
+
+def logit_columns(encoding: str) -> tuple[str, ...]:
+    """The parquet columns that hold the teacher output for `encoding` (ConfigError for an unknown one)."""
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"soft_targets.encoding: unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    return (TOPK_VALUES_COLUMN, TOPK_INDICES_COLUMN) if encoding == "topk" else (DENSE_COLUMN,)
+
+
+def encode_logits(logits: np.ndarray, *, encoding: str, top_k: int = 5) -> dict[str, np.ndarray]:
+    """(N, K) float logits -> the columns of `logit_columns(encoding)`.
+
+    fp16 clips to the finite float16 range (a logit beyond +-65504 is already a
+    one-hot softmax, and inf would turn into NaN downstream).
+    """
+    logit_columns(encoding)  # validates the name
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must have shape (N, K) with K >= 1, got {logits.shape}")
+    # A NaN/inf teacher output is a bug upstream; caching it would poison every student.
+    if not np.isfinite(logits).all():
+        raise ValueError("teacher logits contain NaN or inf")
+    if encoding == "fp32":
+        return {DENSE_COLUMN: logits}
+    if encoding == "fp16":
+        return {DENSE_COLUMN: _to_fp16(logits)}
+    if top_k < 1:
+        raise ConfigError(f"soft_targets.top_k: must be >= 1, got {top_k}")
+    values, indices = _top_k(logits, min(top_k, logits.shape[1]))
+    index_dtype = np.int16 if logits.shape[1] < _INT16_CLASS_LIMIT else np.int32
+    return {TOPK_VALUES_COLUMN: _to_fp16(values), TOPK_INDICES_COLUMN: indices.astype(index_dtype)}
+
+
+def _to_fp16(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, -_FP16_MAX, _FP16_MAX).astype(np.float16)
+
+
+def _top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest per row, sorted descending (ties: lower class index first)."""
+    if k < logits.shape[1]:
+        # argpartition is O(K) per row; only the k survivors get sorted.
+        idx = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    else:
+        idx = np.broadcast_to(np.arange(k), logits.shape).copy()
+    vals = np.take_along_axis(logits, idx, axis=1)
+    # lexsort: last key is primary (value descending), then class index ascending.
+    order = np.lexsort((idx, -vals), axis=1)
+    return np.take_along_axis(vals, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def decode_logits(columns: Mapping[str, "torch.Tensor | np.ndarray"], *, num_classes: int) -> "torch.Tensor":
+    """Columns of one batch -> float32 torch logits (N, num_classes); encoding inferred from the columns.
+
+    Top-k is decoded as "renormalised top-k" sparse KD: every class outside the
+    kept k gets -inf, so softmax(logits / T) at ANY temperature T is exactly the
+    teacher's distribution renormalised over its top k classes (the dropped mass
+    is not spread over the tail). `F.kl_div(student_log_probs, teacher_probs)`
+    stays finite because terms with teacher probability 0 contribute 0; do not
+    use `log_target=True` with these logits (exp(-inf) * -inf is NaN).
+    """
+    import torch
+
+    dense = DENSE_COLUMN in columns
+    sparse = TOPK_VALUES_COLUMN in columns and TOPK_INDICES_COLUMN in columns
+    if dense == sparse:
+        expected = f"{DENSE_COLUMN!r} or both {TOPK_VALUES_COLUMN!r} and {TOPK_INDICES_COLUMN!r}"
+        raise ValueError(f"cannot infer the soft-target encoding from columns {sorted(columns)}: expected {expected}")
+    if dense:
+        logits = torch.as_tensor(columns[DENSE_COLUMN]).to(torch.float32)
+        if logits.ndim != 2 or logits.shape[1] != num_classes:
+            raise ValueError(f"{DENSE_COLUMN} has shape {tuple(logits.shape)}, expected (N, {num_classes}) classes")
+        return logits
+    values = torch.as_tensor(columns[TOPK_VALUES_COLUMN]).to(torch.float32)
+    indices = torch.as_tensor(columns[TOPK_INDICES_COLUMN], device=values.device).to(torch.int64)
+    if values.ndim != 2 or values.shape != indices.shape:
+        raise ValueError(f"top-k values {tuple(values.shape)} and indices {tuple(indices.shape)} differ in shape")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_classes):
+        raise ValueError(f"top-k indices out of range for {num_classes} classes")
+    out = torch.full((values.shape[0], num_classes), float("-inf"), dtype=torch.float32, device=values.device)
+    return out.scatter_(1, indices, values)
+
+
+def column_to_numpy(table: pa.Table, name: str) -> np.ndarray:
+    """A column as numpy: scalars -> (N,), per-row vectors -> (N, K) with the stored dtype.
+
+    Handles Ray's tensor extension (ArrowTensorType/V2, present when ray is
+    imported), Arrow's native fixed_shape_tensor, and the plain list /
+    large_list / fixed_size_list that pyarrow yields when the extension type is
+    not registered in the reading process.
+    """
+    column = table.column(name)
+    storage_type = column.type.storage_type if isinstance(column.type, pa.ExtensionType) else column.type
+    if not any(is_kind(storage_type) for is_kind in _LIST_KINDS):
+        if pa.types.is_struct(storage_type):
+            raise ValueError(f"column {name!r} holds variable-shaped tensors; soft targets must be (N, K)")
+        return column.to_numpy()
+    width = _list_width(column.type)
+    parts = []
+    for chunk in (c.storage if isinstance(c, pa.ExtensionArray) else c for c in column.chunks):
+        if chunk.null_count:
+            raise ValueError(f"column {name!r} has null rows")
+        if len(chunk):
+            lengths = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+            width = int(lengths[0]) if width is None else width
+            if (lengths != width).any():
+                raise ValueError(f"column {name!r} rows have different lengths; expected {width}")
+        # flatten() honours slice offsets, unlike .values
+        parts.append(chunk.flatten().to_numpy(zero_copy_only=False))
+    dtype = storage_type.value_type.to_pandas_dtype()
+    flat = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    return flat.astype(dtype, copy=False).reshape(-1, width or 0)
+
+
+def _list_width(t: pa.DataType) -> int | None:
+    """Row width when the type declares it (an empty column has no rows to measure); else None."""
+    shape = getattr(t, "shape", None)  # Ray's tensor types and Arrow's fixed_shape_tensor
+    if shape is not None and len(shape) == 1:
+        return int(shape[0])
+    return t.list_size if pa.types.is_fixed_size_list(t) else None
+
+
+def fingerprint(parts: Mapping[str, object]) -> str:
+    """First 20 hex chars of sha256 over canonical JSON of `parts` (stable across processes and key order)."""
+    text = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:20]
+
+
+def _canonical(obj: Any) -> Any:
+    # Python's json writes floats with repr(), which round-trips exactly; numpy scalars
+    # and tuples are normalised so the same value always hashes the same.
+    if isinstance(obj, Mapping):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"fingerprint keys must be strings, got {sorted(map(repr, obj))}")
+        return {k: _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _canonical(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot fingerprint a {type(obj).__name__}: {obj!r}")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: Path  # the committed directory <root>/<fingerprint>/
+    manifest: dict  # parsed manifest.json
+
+
+def cache_path(root: str | Path, fp: str) -> Path:
+    # The fingerprint becomes a directory name: refuse anything that could escape root or hide as .tmp-/.trash-.
+    if not isinstance(fp, str) or not _FP_PATTERN.fullmatch(fp):
+        raise ValueError(f"invalid cache fingerprint {fp!r}")
+    return Path(root).resolve() / fp
+
+
+def read_cache(root: str | Path, fp: str) -> CacheEntry | None:
+    """The validated entry for `fp`, or None (a corrupt one is warned about and moved aside)."""
+    path = cache_path(root, fp)
+    if not path.exists():
+        return None
+    manifest, problem = _validate(path, fp)
+    if problem is None:
+        return CacheEntry(path=path, manifest=manifest)
+    message = f"soft-target cache {path}: {problem}; discarding it, it will be rebuilt"
+    warnings.warn(message, CacheCorruptWarning, stacklevel=2)
+    _move_aside(path, fp)
+    return None
+
+
+def _validate(path: Path, fp: str) -> tuple[dict, str | None]:
+    """(manifest, None) when `path` is a complete cache for `fp`, else ({}, why not)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}, "manifest.json is missing (half-written or foreign directory)"
+    except (OSError, ValueError) as exc:
+        return {}, f"manifest.json is unreadable ({type(exc).__name__})"
+    if not isinstance(manifest, dict):
+        return {}, "manifest.json is not an object"
+    if manifest.get("fingerprint") != fp:
+        return {}, f"manifest fingerprint {manifest.get('fingerprint')!r} != {fp!r}"
+    if manifest.get("complete") is not True:
+        return {}, "manifest is not marked complete"
+    files, columns = manifest.get("files"), manifest.get("columns")
+    if not isinstance(files, list) or not files or not isinstance(columns, list):
+        return {}, "manifest files/columns are missing or malformed"
+    rows = 0
+    for item in files:
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            return {}, f"manifest lists a bad file entry {item!r}"
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return {}, f"data file {name} is missing"
+        if size != item.get("bytes"):
+            return {}, f"data file {name} has {size} bytes, manifest says {item.get('bytes')}"
+        try:  # footer only: row count and schema without reading the data
+            meta = pq.ParquetFile(file)
+            rows += meta.metadata.num_rows
+            names = meta.schema_arrow.names
+        except (OSError, pa.ArrowException) as exc:
+            return {}, f"data file {name} is not readable parquet ({type(exc).__name__})"
+        if names != columns:
+            return {}, f"data file {name} has columns {names}, manifest says {columns}"
+    if rows != manifest.get("rows"):
+        return {}, f"data files hold {rows} rows, manifest says {manifest.get('rows')}"
+    return manifest, None
+
+
+def _move_aside(path: Path, fp: str) -> None:
+    # Rename first (atomic), delete after: a concurrent reader never sees a half-deleted committed dir.
+    trash = path.parent / f".trash-{fp}-{uuid.uuid4().hex}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return  # another process already moved it
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)  # leftovers are swept by clean_stale_tmp
+    else:
+        path.unlink(missing_ok=True)
+
+
+def load_table(entry: CacheEntry, columns: Sequence[str] | None = None) -> pa.Table:
+    """The entry's rows (only the files its manifest lists), sorted by id."""
+    wanted = list(columns) if columns is not None else list(entry.manifest["columns"])
+    read = wanted if ID_COLUMN in wanted else [*wanted, ID_COLUMN]
+    tables = [pq.read_table(entry.path / item["name"], columns=read) for item in entry.manifest["files"]]
+    table = pa.concat_tables(tables).sort_by(ID_COLUMN)
+    return table.select(wanted)
+
+
+def write_cache(
+    ds: "ray.data.Dataset", root: str | Path, fp: str, *, columns: Sequence[str], extra_manifest: Mapping | None = None
+) -> CacheEntry:
+    """Write `ds` (its `columns`) as the cache entry for `fp`; publish atomically, first writer wins."""
+    final = cache_path(root, fp)  # absolute: Ray workers do not share the driver's cwd
+    columns = list(columns)
+    if ID_COLUMN not in columns:
+        raise ValueError(f"columns must include {ID_COLUMN!r} (entries are sorted by it), got {columns}")
+    extra = dict(extra_manifest or {})
+    core = {"fingerprint", "rows", "columns", "schema", "files", "created_utc", "complete"}
+    if clash := sorted(core & set(extra)):
+        raise ValueError(f"extra_manifest may not override {clash}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{fp}-{uuid.uuid4().hex}"
+    try:
+        ds.select_columns(columns).write_parquet(str(tmp))
+        manifest = _describe(tmp, fp, columns, extra)
+        _write_manifest(tmp, manifest)
+        return _publish(tmp, final, fp, manifest)
+    finally:
+        if tmp.exists():  # failed, or another job won the race
+            _remove(tmp)
+
+
+def _describe(tmp: Path, fp: str, columns: list[str], extra: dict) -> dict:
+    files = sorted(p for p in tmp.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise ValueError("the dataset wrote no rows; refusing to cache an empty split")
+    rows, schema, entries = 0, None, []
+    for file in files:
+        _fsync(file)  # the manifest must never reach disk before the data it vouches for
+        meta = pq.ParquetFile(file)
+        rows += meta.metadata.num_rows
+        schema = schema or meta.schema_arrow
+        entries.append({"name": file.relative_to(tmp).as_posix(), "bytes": file.stat().st_size})
+    if sorted(schema.names) != sorted(columns):
+        raise ValueError(f"written columns {schema.names} differ from requested {columns}")
+    return {
+        **extra,
+        "fingerprint": fp,
+        "rows": rows,
+        "columns": schema.names,
+        "schema": str(schema),
+        "files": entries,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": True,
+    }
+
+
+def _write_manifest(tmp: Path, manifest: dict) -> None:
+    staging = tmp / (MANIFEST + ".tmp")
+    with open(staging, "w") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(staging, tmp / MANIFEST)
+    _fsync(tmp)
+
+
+def _publish(tmp: Path, final: Path, fp: str, manifest: dict) -> CacheEntry:
+    for _ in range(5):
+        try:
+            os.rename(tmp, final)  # atomic; fails if a non-empty final already exists
+            _fsync(final.parent)
+            return CacheEntry(path=final, manifest=manifest)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+        existing = read_cache(final.parent, fp)  # moves an invalid one aside, so the next rename can succeed
+        if existing is not None:
+            return existing  # another job won the race; its entry is as good as ours
+    raise RuntimeError(f"could not publish soft-target cache {final}: it keeps reappearing invalid")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_stale_tmp(root: str | Path, *, older_than_s: float = 3600) -> int:
+    """Remove `.tmp-*` / `.trash-*` leftovers of crashed writers untouched for `older_than_s`; returns how many.
+
+    The age is the newest mtime of the dir and its direct children, so a writer
+    still adding files is not swept; keep `older_than_s` above the longest write.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in root.iterdir():
+        if not path.name.startswith((".tmp-", ".trash-")):
+            continue
+        try:
+            children = list(path.iterdir()) if path.is_dir() and not path.is_symlink() else []
+            newest = max([path.lstat().st_mtime, *(p.lstat().st_mtime for p in children)])
+        except OSError:
+            continue  # vanished or unreadable mid-scan: another cleaner got there first
+        if newest < cutoff:
+            _remove(path)
+            removed += 1
+    return removed

@@ -1,0 +1,274 @@
+"""The three stages of a distillation job: teachers, soft targets, students.
+
+Each stage is a plain function over plain data; `pipeline.run_job` calls them in
+order inside one MLflow parent run. Ray APIs are used directly here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import torch
+
+from orchestrator import tracking
+from orchestrator.config import JobConfig, TeacherConfig, spec_of
+from orchestrator.data import DatasetArrays, Split, to_ray_dataset
+from orchestrator.models import build_model, load_weights, state_dict_fingerprint
+from orchestrator.soft_targets import column_to_numpy, fingerprint, load_table, logit_columns, read_cache, write_cache
+from orchestrator.teachers import TeacherPredictor, attach_soft_targets, forward_row_counter
+from orchestrator.train_loop import LoopConfig, MemberConfig
+from orchestrator.trainer import fit_and_load
+
+SOFT_TARGET_FORMAT = 1  # bump when the cached columns change meaning
+
+
+@dataclass
+class TrackingContext:
+    uri: str
+    experiment_id: str
+    parent_id: str
+
+
+@dataclass
+class TeacherWeights:
+    config: TeacherConfig
+    state_dict: dict[str, torch.Tensor]
+    fingerprint: str
+    source: str  # trained | cache | checkpoint | mlflow
+    run_id: str
+    wall_s: float
+
+
+@dataclass
+class SoftTargets:
+    fingerprint: str
+    columns: dict[str, np.ndarray]  # encoded logit columns, row i = global id i (train ids, then test ids)
+    n_train: int
+    cache_hit: bool
+    forward_rows: int
+    wall_s: float
+    path: str
+    run_id: str
+
+
+@dataclass
+class StudentsResult:
+    state_dicts: dict[str, dict]
+    members: list[MemberConfig]
+    wall_s: float
+    run_ids: dict[str, str] = field(default_factory=dict)
+
+
+def teacher_training_key(cfg: JobConfig, teacher: TeacherConfig, data: DatasetArrays) -> str:
+    spec = teacher.model_dump(exclude={"name", "weight", "checkpoint", "mlflow_model"})
+    return fingerprint({"teacher": spec, "dataset": data.fingerprint("train"), "val_fraction": cfg.dataset.val_fraction, "seed": cfg.seed})
+
+
+def _teacher_cache_file(cfg: JobConfig, key: str) -> Path:
+    return Path(cfg.soft_targets.cache_dir).resolve() / "teachers" / f"{key}.pt"
+
+
+def _load_cached_teacher(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: rebuild rather than trust it
+        warnings.warn(f"teacher cache {path} is unreadable ({type(exc).__name__}); retraining the teacher", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _save_cached_teacher(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+
+
+def materialized_images(split: Split, ids: np.ndarray) -> ray.data.Dataset:
+    return to_ray_dataset(split, ids).materialize()
+
+
+def train_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, val_ids, track: TrackingContext, run_id: str) -> tuple[dict, str]:
+    teacher = cfg.teachers[index]
+    train_cfg = cfg.train.model_copy(update=teacher.train.model_dump())
+    loop = LoopConfig(
+        stage="teacher",
+        members=[MemberConfig(name=teacher.name, role="teacher", spec=spec_of(teacher), loss="ce", run_id=run_id)],
+        optim=train_cfg,
+        kd=cfg.kd,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        mean=data.mean,
+        std=data.std,
+        encoding=None,
+        seed=cfg.seed,
+        tracking_uri=track.uri,
+    )
+    datasets = {"train": materialized_images(data.train, train_ids), "val": materialized_images(data.train, val_ids)}
+    state_dicts, _ = fit_and_load(loop, datasets, run_name=f"{cfg.name}-teacher-{teacher.name}-{run_id[:8]}")
+    return state_dicts[teacher.name], "trained"
+
+
+def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, val_ids, loaded: dict | None, track: TrackingContext) -> TeacherWeights:
+    """A teacher's weights: given (checkpoint / MLflow model), reused from the teacher cache, or trained now."""
+    teacher = cfg.teachers[index]
+    started = time.perf_counter()
+    with tracking.run_scope(track.uri, track.experiment_id, f"teacher:{teacher.name}", parent_id=track.parent_id, tags={"role": "teacher"}) as run_id:
+        tracking.log_params(track.uri, run_id, tracking.flatten(teacher.model_dump()))
+        if loaded is not None:
+            state_dict, source = loaded, ("checkpoint" if teacher.checkpoint else "mlflow")
+            tags = {"source_path": teacher.checkpoint or teacher.mlflow_model}
+        else:
+            key = teacher_training_key(cfg, teacher, data)
+            path = _teacher_cache_file(cfg, key)
+            cached = _load_cached_teacher(path)
+            if cached is not None:
+                state_dict, source = cached["state_dict"], "cache"
+                tags = {"cache_file": str(path), "source_run_id": cached.get("run_id", "")}
+            else:
+                state_dict, source = train_teacher(cfg, index, data, train_ids, val_ids, track, run_id)
+                _save_cached_teacher(path, {"state_dict": state_dict, "run_id": run_id})
+                tags = {"cache_file": str(path)}
+        model = build_model(teacher, data.input_shape, data.num_classes)
+        load_weights(model, state_dict, where=f"teachers.{index}")
+        weights_fp = state_dict_fingerprint(state_dict)
+        tracking.set_tags(track.uri, run_id, {"source": source, "teacher_fingerprint": weights_fp, "dataset": data.name, **tags})
+        if source != "cache" and cfg.tracking.log_models:
+            example = np.zeros((1, *data.input_shape), dtype=np.float32)
+            tracking.log_torch_model(track.uri, run_id, model, name="model", input_example=example)
+        wall = time.perf_counter() - started
+        tracking.log_metrics(track.uri, run_id, {"wall_s": wall})
+    return TeacherWeights(teacher, state_dict, weights_fp, source, run_id, wall)
+
+
+def soft_target_key(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> str:
+    st = cfg.soft_targets
+    return fingerprint({
+        "format": SOFT_TARGET_FORMAT,
+        "teachers": [[t.fingerprint, t.config.model_dump(exclude={"name", "checkpoint", "mlflow_model", "train"}), t.config.weight] for t in teachers],
+        "dataset": [data.name, data.fingerprint("train"), data.fingerprint("test")],
+        "splits": ["train", "test"],
+        "transform": {"mean": list(data.mean), "std": list(data.std)},
+        "encoding": st.encoding,
+        "top_k": st.top_k if st.encoding == "topk" else None,
+        "ensemble": st.ensemble if len(teachers) > 1 else None,
+    })
+
+
+def _all_images(data: DatasetArrays) -> Split:
+    """Train and test rows in one dataset so the actor pool starts once; test ids follow the train ids."""
+    return Split(np.concatenate([data.train.images, data.test.images]), np.concatenate([data.train.labels, data.test.labels]))
+
+
+def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> ray.data.Dataset:
+    st = cfg.soft_targets
+    predictor_kwargs: dict[str, Any] = {
+        "teachers": [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "state_dict": t.state_dict, "weight": t.config.weight} for t in teachers],
+        "input_shape": data.input_shape,
+        "num_classes": data.num_classes,
+        "mean": data.mean,
+        "std": data.std,
+        "n_train": len(data.train.labels),
+        "encoding": st.encoding,
+        "top_k": st.top_k,
+        "ensemble": st.ensemble,
+        "threads": max(1, int(st.num_cpus_per_actor)),
+        "use_gpu": st.num_gpus_per_actor > 0,
+    }
+    return to_ray_dataset(_all_images(data)).map_batches(
+        TeacherPredictor,
+        fn_constructor_kwargs=predictor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=st.num_actors),
+        batch_size=st.batch_size,
+        batch_format="numpy",
+        zero_copy_batch=True,
+        num_cpus=st.num_cpus_per_actor,
+        num_gpus=st.num_gpus_per_actor,
+    )
+
+
+def _columns_by_id(table: pa.Table, columns: list[str]) -> dict[str, np.ndarray]:
+    table = table.sort_by("id")
+    ids = column_to_numpy(table, "id")
+    if not np.array_equal(ids, np.arange(len(ids))):
+        raise RuntimeError("soft targets do not cover every example exactly once")
+    return {name: column_to_numpy(table, name) for name in columns}
+
+
+def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays, track: TrackingContext) -> SoftTargets:
+    st = cfg.soft_targets
+    started = time.perf_counter()
+    key = soft_target_key(cfg, teachers, data)
+    columns = ["id", "split", "label", *logit_columns(st.encoding)]
+    counter = forward_row_counter()
+    rows_before = ray.get(counter.total.remote())
+    with tracking.run_scope(track.uri, track.experiment_id, "soft-targets", parent_id=track.parent_id, tags={"role": "soft_targets"}) as run_id:
+        tracking.log_params(track.uri, run_id, tracking.flatten(st.model_dump()))
+        entry = read_cache(st.cache_dir, key)
+        cache_hit = entry is not None
+        if cache_hit:
+            by_id = _columns_by_id(load_table(entry, columns), logit_columns(st.encoding))
+        else:
+            generated = generate_soft_targets(cfg, teachers, data).materialize()
+            entry = write_cache(generated, Path(st.cache_dir).resolve(), key, columns=columns, extra_manifest={"dataset": data.name, "n_train": len(data.train.labels)})
+            # Training gets the logits from the object store, not from the parquet just written.
+            table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
+            by_id = _columns_by_id(table, logit_columns(st.encoding))
+        forward_rows = ray.get(counter.total.remote()) - rows_before
+        wall = time.perf_counter() - started
+        rows = len(next(iter(by_id.values())))
+        tracking.set_tags(track.uri, run_id, {
+            "soft_target_fingerprint": key, "cache_hit": cache_hit, "cache_path": str(entry.path),
+            "teacher_run_ids": ",".join(t.run_id for t in teachers), "dataset": data.name,
+        })
+        tracking.log_metrics(track.uri, run_id, {"rows": rows, "teacher_forward_rows": forward_rows, "wall_s": wall, "rows_per_s": rows / wall})
+    return SoftTargets(key, by_id, len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id)
+
+
+def student_members(cfg: JobConfig, run_ids: dict[str, str]) -> list[MemberConfig]:
+    members = []
+    for student in cfg.students:
+        members.append(MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=run_ids.get(student.name)))
+        if cfg.baseline:
+            name = f"{student.name}-baseline"
+            members.append(MemberConfig(name=name, role="baseline", spec=spec_of(student), loss="ce", run_id=run_ids.get(name)))
+    return members
+
+
+def with_soft_targets(split: Split, ids: np.ndarray, soft: SoftTargets) -> ray.data.Dataset:
+    """Train-split images joined with their teacher logits by id (ids index the train split directly)."""
+    train_rows = {name: values[: soft.n_train] for name, values in soft.columns.items()}
+    return to_ray_dataset(split, ids).map_batches(attach_soft_targets, fn_kwargs={"columns": train_rows}, batch_format="numpy").materialize()
+
+
+def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext, run_ids: dict[str, str]) -> StudentsResult:
+    started = time.perf_counter()
+    members = student_members(cfg, run_ids)
+    loop = LoopConfig(
+        stage="distill",
+        members=members,
+        optim=cfg.train,
+        kd=cfg.kd,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        mean=data.mean,
+        std=data.std,
+        encoding=cfg.soft_targets.encoding,
+        seed=cfg.seed,
+        tracking_uri=track.uri,
+    )
+    datasets = {"train": with_soft_targets(data.train, train_ids, soft), "val": with_soft_targets(data.train, val_ids, soft)}
+    state_dicts, _ = fit_and_load(loop, datasets, run_name=f"{cfg.name}-students-{track.parent_id[:8]}")
+    return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)

@@ -1,0 +1,193 @@
+"""MLflow bookkeeping: the only module that imports mlflow.
+
+Runs are addressed by id through `MlflowClient` rather than mlflow's global
+"active run" stack, because the parent, its children and the Ray Train rank-0
+worker all write to the same runs from different processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_DB = "mlflow.db"
+_MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+_BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+
+# Secrets must never become params, tags or logged config.
+_SECRET_MARKERS = ("token", "secret", "password", "passwd", "api_key", "apikey", "access_key", "credential")
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a SQLite store in the working directory.
+
+    SQLite paths are made absolute: Ray workers do not run in the driver's directory.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def is_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return any(marker in lowered for marker in _SECRET_MARKERS)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.0.c": "value"}; secret-looking keys are dropped."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if is_secret_key(str(key)):
+            continue
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for i, item in enumerate(value):
+                flat.update(flatten(item, f"{name}.{i}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            flat[name] = text[:_MAX_PARAM_CHARS]
+    return flat
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=_default_artifact_location(uri))
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file, not in whatever directory the job ran from."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None  # a tracking server decides (served artifacts)
+    return (Path(uri[len(prefix) :]).parent / "mlartifacts").resolve().as_uri()
+
+
+def create_run(uri: str, experiment_id: str, name: str, *, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    all_tags = dict(tags or {})
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id  # what makes the MLflow UI nest the run
+    run = client(uri).create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(uri).set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def run_scope(uri: str, experiment_id: str, name: str, *, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Create a run, yield its id, end it FINISHED, FAILED on error, KILLED on Ctrl-C: never left RUNNING."""
+    run_id = create_run(uri, experiment_id, name, parent_id=parent_id, tags=tags)
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        end_run(uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(uri, run_id, "FAILED")
+        raise
+    end_run(uri, run_id, "FINISHED")
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items() if not is_secret_key(k)]
+    mlflow_client = client(uri)
+    for start in range(0, len(items), _BATCH):
+        mlflow_client.log_batch(run_id, params=items[start : start + _BATCH])
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    if batch:
+        client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_dict(uri: str, run_id: str, data: Any, artifact_file: str) -> None:
+    client(uri).log_dict(run_id, data, artifact_file)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    client(uri).log_text(run_id, text, artifact_file)
+
+
+def log_artifact(uri: str, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
+    client(uri).log_artifact(run_id, str(local_path), artifact_path)
+
+
+def log_torch_model(uri: str, run_id: str, model: Any, *, name: str, input_example: Any = None) -> str:
+    """Log a torch module under `run_id`; returns the model URI (`runs:/<id>/<name>`).
+
+    mlflow.pytorch.log_model only writes to the active run, so the run is activated
+    briefly. It is not ended here: the caller's run_scope decides its final status.
+    """
+    mlflow.set_tracking_uri(uri)
+    active = mlflow.start_run(run_id=run_id)
+    try:
+        mlflow.pytorch.log_model(
+            model,
+            name=name,
+            input_example=input_example,
+            # pickle keeps load_model returning a plain nn.Module (state_dict() works); pt2 would trace.
+            serialization_format="pickle",
+            # Explicit requirements skip MLflow's slow import-scanning inference.
+            pip_requirements=_model_requirements(),
+        )
+    finally:
+        # Pop mlflow's active-run stack without terminating the run.
+        _detach_active_run(active)
+    return f"runs:/{run_id}/{name}"
+
+
+def _detach_active_run(active: Any) -> None:
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack and stack[-1].info.run_id == active.info.run_id:
+        stack.pop()
+
+
+def _model_requirements() -> list[str]:
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+
+
+def load_torch_model(uri: str, model_uri: str) -> Any:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def download_artifact(uri: str, run_id: str, path: str) -> Path:
+    target = tempfile.mkdtemp(prefix="kd-artifact-")
+    return Path(client(uri).download_artifacts(run_id, path, target))

@@ -1,0 +1,54 @@
+"""build_trainer: a TorchTrainer for one stage (teacher training or student distillation)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from orchestrator.config import TrainConfig
+from orchestrator.train_loop import LoopConfig, load_state, train_loop_per_worker
+
+
+# Ray Train V2 workers hand each report to a queue of size 1 that the controller drains
+# once per health check (2 s by default), so every epoch's report waited up to 2 s:
+# measured 1.6-2.0 s per report, 0.1 s at 0.1 s. The driver propagates these to the
+# controller and workers. The print patch echoes every worker print twice on the console.
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str) -> TorchTrainer:
+    """Train shard per worker, validation whole on rank 0, a checkpoint per epoch, restarts on failure."""
+    for key, value in TRAIN_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    optim: TrainConfig = loop.optim
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop.model_dump(mode="json"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=optim.num_workers,
+            use_gpu=optim.use_gpu,
+            resources_per_worker={"CPU": optim.cpus_per_worker, **({"GPU": 1} if optim.use_gpu else {})},
+        ),
+        datasets=datasets,
+        # Only "train" is sharded: every worker may read all of "val", and rank 0 evaluates it whole.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(Path(optim.storage_path).resolve()) if "://" not in optim.storage_path else optim.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=optim.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def fit_and_load(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str) -> tuple[dict, dict]:
+    """Run the stage; returns (final state dicts by member name, last reported metrics)."""
+    result = build_trainer(loop, datasets, run_name=run_name).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {loop.stage}: training finished without a checkpoint")
+    state = load_state(result.checkpoint)
+    return state["models"], dict(result.metrics or {})
