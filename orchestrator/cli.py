@@ -44,6 +44,7 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config_path, overrides = _split_config(args)
+    ray_was_running = _ray_running()  # a caller's Ray (a driver script, a test session) is not ours to stop
     try:
         cfg = load_config(config_path, overrides)
         from orchestrator import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
@@ -62,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         print("distill: interrupted; MLflow runs marked KILLED", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if "ray" in sys.modules:
+        if not ray_was_running and _ray_running():
             import ray
 
-            if ray.is_initialized():
-                ray.shutdown()
+            ray.shutdown()
     return 0
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 if __name__ == "__main__":

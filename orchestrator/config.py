@@ -189,11 +189,12 @@ class JobConfig(_Strict):
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
-    return f"{where}: {message}"
+    # Whole-config checks name their field inside the message already.
+    return f"{where}: {message}" if where else message
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -68,11 +68,13 @@ def prepare(cfg: JobConfig) -> Prepared:
         # Cached soft targets were computed on the un-augmented image; a shifted student input would no longer match them.
         raise ConfigError("train.input_jitter: random augmentation does not match cached soft targets; use it for teachers (teachers.N.train.input_jitter)")
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    # Files first (nothing written yet), then the tracking store, then MLflow-hosted teachers.
+    given = [_load_given_teacher(cfg, i, data, uri) if not cfg.teachers[i].mlflow_model else None for i in range(len(cfg.teachers))]
     try:
         experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name)
     except Exception as exc:
         raise ConfigError(f"tracking.tracking_uri: cannot use MLflow store {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
-    given = [_load_given_teacher(cfg, i, data, uri) for i in range(len(cfg.teachers))]
+    given = [g if g is not None else _load_given_teacher(cfg, i, data, uri) for i, g in enumerate(given)]
     train_ids, val_ids = split_train_val(len(data.train.labels), cfg.dataset.val_fraction, cfg.seed)
     if len(val_ids) == 0:
         raise ConfigError("dataset.val_fraction: the validation split is empty; per-epoch metrics need one")

@@ -100,22 +100,18 @@ def materialized_images(split: Split, ids: np.ndarray) -> ray.data.Dataset:
     return to_ray_dataset(split, ids).materialize()
 
 
+def loop_config(cfg: JobConfig, data: DatasetArrays, track: TrackingContext, *, stage: str, members, optim, encoding) -> LoopConfig:
+    return LoopConfig(
+        stage=stage, members=members, optim=optim, kd=cfg.kd, input_shape=data.input_shape, num_classes=data.num_classes,
+        mean=data.mean, std=data.std, encoding=encoding, seed=cfg.seed, tracking_uri=track.uri,
+    )
+
+
 def train_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, val_ids, track: TrackingContext, run_id: str) -> tuple[dict, str]:
     teacher = cfg.teachers[index]
     train_cfg = cfg.train.model_copy(update=teacher.train.model_dump())
-    loop = LoopConfig(
-        stage="teacher",
-        members=[MemberConfig(name=teacher.name, role="teacher", spec=spec_of(teacher), loss="ce", run_id=run_id)],
-        optim=train_cfg,
-        kd=cfg.kd,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        mean=data.mean,
-        std=data.std,
-        encoding=None,
-        seed=cfg.seed,
-        tracking_uri=track.uri,
-    )
+    members = [MemberConfig(name=teacher.name, role="teacher", spec=spec_of(teacher), loss="ce", run_id=run_id)]
+    loop = loop_config(cfg, data, track, stage="teacher", members=members, optim=train_cfg, encoding=None)
     datasets = {"train": materialized_images(data.train, train_ids), "val": materialized_images(data.train, val_ids)}
     state_dicts, _ = fit_and_load(loop, datasets, run_name=f"{cfg.name}-teacher-{teacher.name}-{run_id[:8]}")
     return state_dicts[teacher.name], "trained"
@@ -256,19 +252,7 @@ def with_soft_targets(split: Split, ids: np.ndarray, soft: SoftTargets) -> ray.d
 def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext, run_ids: dict[str, str]) -> StudentsResult:
     started = time.perf_counter()
     members = student_members(cfg, run_ids)
-    loop = LoopConfig(
-        stage="distill",
-        members=members,
-        optim=cfg.train,
-        kd=cfg.kd,
-        input_shape=data.input_shape,
-        num_classes=data.num_classes,
-        mean=data.mean,
-        std=data.std,
-        encoding=cfg.soft_targets.encoding,
-        seed=cfg.seed,
-        tracking_uri=track.uri,
-    )
+    loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding)
     datasets = {"train": with_soft_targets(data.train, train_ids, soft), "val": with_soft_targets(data.train, val_ids, soft)}
     state_dicts, _ = fit_and_load(loop, datasets, run_name=f"{cfg.name}-students-{track.parent_id[:8]}")
     return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -70,7 +71,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def check_reachable(uri: str, *, timeout_s: float = 5.0) -> None:
+    """Fail fast on a tracking server that does not answer; MLflow's own retries take minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"no MLflow server answers at {uri} ({reason})") from None
+
+
 def ensure_experiment(uri: str, name: str) -> str:
+    check_reachable(uri)
+    # Schema creation/migration chatter on a new SQLite store is not the user's business.
+    for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
@@ -152,6 +171,9 @@ def log_torch_model(uri: str, run_id: str, model: Any, *, name: str, input_examp
     briefly. It is not ended here: the caller's run_scope decides its final status.
     """
     mlflow.set_tracking_uri(uri)
+    # MLflow runs the input example through the model to infer a signature: in train mode
+    # that would update BatchNorm statistics and log (and leave) different weights.
+    model.eval()
     active = mlflow.start_run(run_id=run_id)
     try:
         mlflow.pytorch.log_model(

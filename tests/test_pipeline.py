@@ -1,0 +1,159 @@
+"""End to end on a real local Ray and a real SQLite MLflow store (no mocks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main as cli_main
+from orchestrator.config import ModelSpec, load_config
+from orchestrator.models import build_model
+from orchestrator.pipeline import run_job
+from orchestrator.teachers import teacher_forward_rows
+
+pytestmark = pytest.mark.integration
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+FAST = [
+    "teachers.0.train.epochs=4",
+    "train.epochs=3",
+    "soft_targets.num_actors=1",
+    "tracking.experiment=it",
+]
+
+
+def _runs_by_name(client: MlflowClient, experiment: str) -> dict[str, list]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    by_name: dict[str, list] = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    return by_name
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, mlflow_uri):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow_uri):
+    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", FAST)
+    rows = run_job(cfg, summary_json=workdir / "summary.json")
+
+    # Summary: teacher, then each student with its baseline, with the documented fields.
+    assert [(r["role"], r["name"]) for r in rows] == [
+        ("teacher", "cnn"),
+        ("student", "mlp32"), ("baseline", "mlp32-baseline"),
+        ("student", "mlp16"), ("baseline", "mlp16-baseline"),
+    ]
+    written = json.loads((workdir / "summary.json").read_text())
+    assert written == rows
+    for row in rows:
+        assert set(row) >= {"role", "name", "test_accuracy", "test_errors", "params", "size_mb", "agreement", "wall_s"}
+        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["agreement"] <= 1.0
+        assert row["test_errors"] == round((1 - row["test_accuracy"]) * 360)  # digits test split has 360 rows
+    teacher = rows[0]
+    assert teacher["test_accuracy"] > 0.9  # a CNN on digits after 4 epochs
+    assert rows[1]["params"] == 64 * 32 + 32 + 32 * 10 + 10  # mlp32 on 8x8 digits
+
+    # MLflow: one parent with children per stage, all FINISHED, per-epoch metrics, lineage, models.
+    client = MlflowClient(mlflow_uri)
+    runs = _runs_by_name(client, "it")
+    parent = runs["digits_kd"][0]
+    expected_children = {"teacher:cnn", "soft-targets", "student:mlp32", "baseline:mlp32-baseline", "student:mlp16", "baseline:mlp16-baseline"}
+    assert expected_children <= set(runs)
+    for name in expected_children | {"digits_kd"}:
+        run = runs[name][0]
+        assert run.info.status == "FINISHED", name
+        if name != "digits_kd":
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.params["kd.temperature"] == "4.0"
+    assert json.loads(_artifact_text(client, parent.info.run_id, "summary.json")) == rows
+
+    student = runs["student:mlp32"][0]
+    history = client.get_metric_history(student.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert {"val_agreement", "val_kl_to_teacher", "train_loss", "test_accuracy"} <= set(student.data.metrics)
+    soft_run = runs["soft-targets"][0]
+    assert student.data.tags["soft_target_fingerprint"] == soft_run.data.tags["soft_target_fingerprint"]
+    assert student.data.tags["teacher_run_ids"] == runs["teacher:cnn"][0].info.run_id
+    assert soft_run.data.metrics["teacher_forward_rows"] == 1797  # train + test, each row once
+    assert soft_run.data.tags["cache_hit"] == "False"
+
+    model = mlflow.pytorch.load_model(f"runs:/{student.info.run_id}/model", map_location="cpu")
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+    # Second run, same config and cache: no teacher training, no teacher inference.
+    rows_before = teacher_forward_rows()
+    rows_again = run_job(cfg)
+    assert teacher_forward_rows() == rows_before
+    runs = _runs_by_name(client, "it")
+    second_soft = max(runs["soft-targets"], key=lambda r: r.info.start_time)
+    assert second_soft.data.tags["cache_hit"] == "True"
+    assert second_soft.data.metrics["teacher_forward_rows"] == 0
+    second_teacher = max(runs["teacher:cnn"], key=lambda r: r.info.start_time)
+    assert second_teacher.data.tags["source"] == "cache"
+    assert rows_again[0]["test_accuracy"] == teacher["test_accuracy"]  # same teacher weights
+
+    # The teacher logged to MLflow, used as the teacher of a soft-targets job: same weights,
+    # so the same fingerprint and a cache hit, still with no teacher inference.
+    trained = [r for r in runs["teacher:cnn"] if r.data.tags["source"] == "trained"]
+    reused = [r for r in runs["teacher:cnn"] if r.data.tags["source"] == "cache"]
+    assert reused[0].data.tags["source_run_id"] == trained[0].info.run_id  # lineage to the run that trained it
+    teacher_uri = f"runs:/{trained[0].info.run_id}/model"
+    overrides = [*FAST, f"teachers.0.mlflow_model={teacher_uri}"]
+    assert cli_main(["soft-targets", str(REPO_ROOT / "configs/digits_kd.yaml"), *overrides]) == 0
+    assert cli_main(["teacher", str(REPO_ROOT / "configs/digits_kd.yaml"), *FAST]) == 0
+    runs = _runs_by_name(client, "it")
+    assert {"digits_kd:soft-targets", "digits_kd:teacher"} <= set(runs)
+    sources = sorted(r.data.tags["source"] for r in runs["teacher:cnn"])
+    assert sources == ["cache", "cache", "mlflow", "trained"]
+    newest_soft = max(runs["soft-targets"], key=lambda r: r.info.start_time)
+    assert newest_soft.data.tags["cache_hit"] == "True"
+    assert newest_soft.data.tags["soft_target_fingerprint"] == soft_run.data.tags["soft_target_fingerprint"]
+    assert teacher_forward_rows() == rows_before
+    assert all(r.info.status == "FINISHED" for group in runs.values() for r in group)
+
+
+def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, mlflow_uri):
+    """Two teachers given as state-dict files (a weighted ensemble), students on 2 data-parallel workers, via the CLI."""
+    for width in (64, 32):
+        torch.manual_seed(width)
+        teacher = build_model(ModelSpec(family="mlp", hidden=[width]), (1, 28, 28), 10)
+        torch.save(teacher.state_dict(), workdir / f"teacher{width}.pt")
+    code = cli_main([
+        "run", str(REPO_ROOT / "configs/mnist_kd.yaml"),
+        "dataset.limit=3000", "dataset.test_limit=500",
+        f"teachers=[{{name: wide, family: mlp, hidden: [64], checkpoint: {workdir / 'teacher64.pt'}, weight: 3}},"
+        f" {{name: narrow, family: mlp, hidden: [32], checkpoint: {workdir / 'teacher32.pt'}, weight: 1}}]",
+        "students.0.hidden=[32]", "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1",
+        "tracking.experiment=mnist-slice", "--summary-json", str(workdir / "s.json"),
+    ])
+    assert code == 0
+    rows = json.loads((workdir / "s.json").read_text())
+    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "wide"), ("teacher", "narrow"), ("student", "mlp800"), ("baseline", "mlp800-baseline")]
+    assert rows[0]["params"] == 784 * 64 + 64 + 64 * 10 + 10
+    assert rows[1]["params"] == 784 * 32 + 32 + 32 * 10 + 10
+    # agreement is measured against the ensemble's soft targets, so neither member agrees perfectly
+    assert 0.0 < rows[0]["agreement"] < 1.0 and rows[0]["agreement"] > rows[1]["agreement"]
+    assert all(r["test_errors"] == round((1 - r["test_accuracy"]) * 500) for r in rows)
+    runs = _runs_by_name(MlflowClient(mlflow_uri), "mnist-slice")
+    assert runs["teacher:wide"][0].data.tags["source"] == "checkpoint"
+    assert runs["teacher:narrow"][0].data.tags["source"] == "checkpoint"
+    assert runs["soft-targets"][0].data.metrics["teacher_forward_rows"] == 3500
+    history = MlflowClient(mlflow_uri).get_metric_history(runs["student:mlp800"][0].info.run_id, "val_accuracy")
+    assert len(history) == 2
+
+
+def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str:
+    import tempfile
+
+    target = client.download_artifacts(run_id, path, tempfile.mkdtemp())
+    return Path(target).read_text()

@@ -1,0 +1,69 @@
+"""Teacher inference pieces: ensembles (pure) and the map_batches callable on a real Ray."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.config import ModelSpec
+from orchestrator.data import normalize_images
+from orchestrator.models import build_model
+from orchestrator.soft_targets import decode_logits
+from orchestrator.teachers import TeacherPredictor, attach_soft_targets, ensemble_logits, teacher_forward_rows
+
+
+def test_logit_ensemble_is_weighted_mean():
+    a = torch.tensor([[1.0, 2.0, 3.0]])
+    b = torch.tensor([[3.0, 0.0, -1.0]])
+    out = ensemble_logits([a, b], [3.0, 1.0], rule="logits")
+    assert torch.allclose(out, torch.tensor([[1.5, 1.5, 2.0]]))
+
+
+def test_probability_ensemble_softmaxes_to_weighted_mean_of_probabilities():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    out = ensemble_logits([a, b], [0.25, 0.75], rule="probs")
+    expected = 0.25 * a.softmax(-1) + 0.75 * b.softmax(-1)
+    assert torch.allclose(out.softmax(-1), expected, atol=1e-6)
+    # pinned (= log of the weighted probability mixture), so a change of formula is caught
+    assert out[0, 0].item() == pytest.approx(-1.719162, abs=1e-5)
+
+
+def test_unknown_rule():
+    with pytest.raises(ValueError, match="unknown ensemble rule"):
+        ensemble_logits([torch.zeros(1, 2)], [1.0], rule="median")
+
+
+def test_attach_soft_targets_gathers_by_id():
+    columns = {"teacher_logits": np.arange(12, dtype=np.float16).reshape(6, 2)}
+    batch = {"id": np.array([5, 0, 3]), "label": np.array([1, 2, 3])}
+    out = attach_soft_targets(batch, columns=columns)
+    assert out["teacher_logits"].tolist() == [[10, 11], [0, 1], [6, 7]]
+    assert out["label"].tolist() == [1, 2, 3]
+
+
+def test_predictor_matches_the_model_and_counts_rows(ray_session):
+    spec = ModelSpec(family="mlp", hidden=[8])
+    torch.manual_seed(0)
+    model = build_model(spec, (1, 4, 4), 3).eval()
+    predictor = TeacherPredictor(
+        [{"name": "t", "spec": spec.model_dump(), "state_dict": model.state_dict(), "weight": 1.0}],
+        input_shape=(1, 4, 4), num_classes=3, mean=(0.5,), std=(0.25,), n_train=3,
+        encoding="fp32", top_k=5, ensemble="logits", threads=1, use_gpu=False,
+    )
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 1, 4, 4), dtype=np.uint8)
+    before = teacher_forward_rows()
+    out = predictor({"id": np.arange(5), "image": images, "label": np.array([0, 1, 2, 0, 1])})
+    with torch.no_grad():
+        expected = model(normalize_images(torch.from_numpy(images), (0.5,), (0.25,)))
+    assert torch.allclose(decode_logits({"teacher_logits": out["teacher_logits"]}, num_classes=3), expected, atol=1e-6)
+    assert out["split"].tolist() == [0, 0, 0, 1, 1]
+    # the counter is updated asynchronously by the actor; wait for it briefly
+    for _ in range(50):
+        if teacher_forward_rows() - before == 5:
+            break
+        time.sleep(0.1)
+    assert teacher_forward_rows() - before == 5

@@ -1,0 +1,70 @@
+"""tracking.py against a real SQLite MLflow store: run statuses, nesting, secrets, paths."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
+    return uri, tracking.ensure_experiment(uri, "t")
+
+
+def test_relative_sqlite_uri_made_absolute_and_artifacts_beside_db(store, tmp_path):
+    uri, experiment_id = store
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    location = MlflowClient(uri).get_experiment(experiment_id).artifact_location
+    assert location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_default_uri_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.resolve_tracking_uri(None) == "http://mlflow.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize(("raised", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_run_scope_never_leaves_a_run_running(store, raised, status):
+    uri, experiment_id = store
+    seen = {}
+    with pytest.raises(raised) if raised else contextlib.nullcontext():
+        with tracking.run_scope(uri, experiment_id, "parent") as parent_id:
+            seen["parent"] = parent_id
+            with tracking.run_scope(uri, experiment_id, "child", parent_id=parent_id) as child_id:
+                seen["child"] = child_id
+                if raised:
+                    raise raised()
+    client = MlflowClient(uri)
+    assert client.get_run(seen["parent"]).info.status == status
+    assert client.get_run(seen["child"]).info.status == status
+    assert client.get_run(seen["child"]).data.tags["mlflow.parentRunId"] == seen["parent"]
+
+
+def test_flatten_and_params_drop_secrets(store):
+    uri, experiment_id = store
+    flat = tracking.flatten({"a": {"b": 1, "api_token": "xyz"}, "students": [{"name": "s", "hidden": [8]}], "AWS_SECRET_ACCESS_KEY": "k"})
+    assert flat == {"a.b": "1", "students.0.name": "s", "students.0.hidden": "[8]"}
+    with tracking.run_scope(uri, experiment_id, "p") as run_id:
+        tracking.log_params(uri, run_id, {"lr": 0.1, "mlflow_password": "hunter2"})
+    assert MlflowClient(uri).get_run(run_id).data.params == {"lr": "0.1"}
+
+
+def test_many_params_are_batched(store):
+    uri, experiment_id = store
+    with tracking.run_scope(uri, experiment_id, "p") as run_id:
+        tracking.log_params(uri, run_id, {f"p{i}": i for i in range(250)})
+    assert len(MlflowClient(uri).get_run(run_id).data.params) == 250
+
+
+def test_unreachable_server_fails_fast():
+    with pytest.raises(ConnectionError, match="no MLflow server answers at http://127.0.0.1:9"):
+        tracking.check_reachable("http://127.0.0.1:9", timeout_s=2)
