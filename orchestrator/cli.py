@@ -1,4 +1,4 @@
-"""`distill` command line: run, teacher, soft-targets. Bad input -> one line on stderr, exit code 2."""
+"""`distill` command line: run, teacher, soft-targets, sweep, report. Bad input -> one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "teacher -> soft targets -> students, end to end"),
         ("teacher", "train (or reuse) the teacher(s) only"),
         ("soft-targets", "teachers, then their soft targets into the cache"),
+        ("sweep", "Ray Tune over temperature, alpha, lr, student and teacher-assistant chains"),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("config", nargs="?", help="YAML config (configs/*.yaml)")
@@ -26,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--address", help="Ray address to connect to (default: $RAY_ADDRESS, else a local Ray)")
         if name == "run":
             sub.add_argument("--summary-json", help="also write the results rows to this JSON file")
+        if name == "sweep":
+            sub.add_argument("--resume", action="store_true", help="continue a sweep whose driver was stopped, without redoing finished trials")
+    report = commands.add_parser("report", help="quantize, measure (size, CPU latency, accuracy) and export the models of a finished run")
+    report.add_argument("run_id", help="parent MLflow run id of a `distill run` job")
+    report.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    report.add_argument("--threads", type=int, default=1, help="torch intra-op threads while timing (default 1)")
+    report.add_argument("--no-export", action="store_true", help="skip the TorchScript / ONNX export of the students")
     return parser
 
 
@@ -43,6 +51,8 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "report":  # config-free: everything comes from the MLflow run
+        return _report(args)
     config_path, overrides = _split_config(args)
     ray_was_running = _ray_running()  # a caller's Ray (a driver script, a test session) is not ours to stop
     try:
@@ -54,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.run_job(cfg, summary_json=args.summary_json, ray_address=args.address, prepared=prepared)
         elif args.command == "teacher":
             pipeline.run_teacher_job(cfg, ray_address=args.address)
+        elif args.command == "sweep":
+            from orchestrator.sweep import run_sweep
+
+            run_sweep(cfg, resume=args.resume, ray_address=args.address)
         else:
             pipeline.run_soft_targets_job(cfg, ray_address=args.address)
     except ConfigError as err:
@@ -67,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.shutdown()
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        from orchestrator.compress_report import run_report  # torch and mlflow only when asked for
+
+        run_report(args.run_id, tracking_uri=args.tracking_uri, threads=args.threads, export=not args.no_export)
+    except ConfigError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("distill: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

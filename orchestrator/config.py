@@ -157,6 +157,74 @@ class TrackingConfig(_Strict):
     log_models: bool = True
 
 
+class SearchDim(_Strict):
+    """One dimension of a search space: exactly one of choice, grid, uniform, loguniform."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchDim":
+        given = [k for k in ("choice", "grid", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, grid, uniform, loguniform")
+        values = getattr(self, given[0])
+        if given[0] in ("choice", "grid") and not values:
+            raise ValueError(f"{given[0]} is empty")
+        if given[0] in ("uniform", "loguniform") and not values[0] < values[1]:
+            raise ValueError(f"{given[0]} needs low < high, got {list(values)}")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def values(self) -> list[Any] | None:
+        return self.choice if self.choice is not None else self.grid
+
+
+class SearchSpace(_Strict):
+    """What a sweep varies. Unset dimensions keep the job's value."""
+
+    temperature: SearchDim | None = None
+    alpha: SearchDim | None = None
+    lr: SearchDim | None = None
+    student: SearchDim | None = None  # names from `students`
+    chain: SearchDim | None = None  # lists of assistant model specs between teacher and student; [] = direct KD
+
+
+class SweepConfig(_Strict):
+    num_samples: int = Field(4, ge=1)
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    register_as: str | None = None  # registered model name of the champion; default "<name>-student"
+    space: SearchSpace = Field(default_factory=SearchSpace)
+
+    @model_validator(mode="after")
+    def _space_usable(self) -> "SweepConfig":
+        dims = {k: v for k, v in self.space if v is not None}
+        if not dims:
+            raise ValueError("space: empty search space (set at least one of temperature, alpha, lr, student, chain)")
+        for name in ("temperature", "alpha", "lr"):
+            dim = dims.get(name)
+            for value in (dim.values() or []) if dim else []:
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(f"space.{name}: values must be numbers, got {value!r}")
+        if self.search == "optuna" and any(d.grid is not None for d in dims.values()):
+            raise ValueError("space: grid dimensions need search=random (Optuna samples, it does not enumerate)")
+        return self
+
+    def chains(self) -> list[list[ModelSpec]]:
+        dim = self.space.chain
+        if dim is None:
+            return [[]]
+        return [[ModelSpec.model_validate(spec) for spec in chain] for chain in dim.values() or []]
+
+
 class JobConfig(_Strict):
     name: str = "distill"
     seed: int = 0
@@ -168,6 +236,7 @@ class JobConfig(_Strict):
     soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="after")
     def _names_unique(self) -> "JobConfig":
@@ -184,7 +253,25 @@ class JobConfig(_Strict):
         for i, student in enumerate(self.students):
             if student.loss not in LOSSES:
                 raise ValueError(f"students.{i}.loss: unknown loss {student.loss!r} (known: {', '.join(sorted(LOSSES))})")
+        if self.sweep is not None:
+            self._check_sweep(self.sweep)
         return self
+
+    def _check_sweep(self, sweep: SweepConfig) -> None:
+        names = [s.name for s in self.students]
+        if sweep.space.student is not None:
+            unknown = [v for v in sweep.space.student.values() or [] if v not in names]
+            if unknown:
+                raise ValueError(f"sweep.space.student: {unknown} are not names in students ({names})")
+        if sweep.space.chain is not None:
+            for i, chain in enumerate(sweep.space.chain.values() or []):
+                if not isinstance(chain, list):
+                    raise ValueError(f"sweep.space.chain.{i}: a chain is a list of model specs ([] = direct KD)")
+                for j, spec in enumerate(chain):
+                    try:
+                        ModelSpec.model_validate(spec)
+                    except ValidationError as err:
+                        raise ValueError(f"sweep.space.chain.{i}.{j}: {_format_error(err)}") from None
 
 
 def _format_error(err: ValidationError) -> str:
@@ -269,7 +356,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for text in overrides:
             keys, value = parse_override(text)
             apply_override(tree, keys, value)
-    return validate_config(tree)
+    return absolute_paths(validate_config(tree), Path.cwd())
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    if path is None or "://" in path:  # URIs (s3://, gs://, runs:/...) are not local paths
+        return path
+    return str((base / Path(path).expanduser()).resolve())
+
+
+def absolute_paths(cfg: JobConfig, base: Path) -> JobConfig:
+    """Paths in a config are relative to where the command runs. Resolve them once, in the driver:
+    Ray workers and Tune trials run in other directories."""
+    tree = cfg.model_dump()
+    tree["dataset"]["root"] = _absolute(tree["dataset"]["root"], base)
+    tree["soft_targets"]["cache_dir"] = _absolute(tree["soft_targets"]["cache_dir"], base)
+    tree["train"]["storage_path"] = _absolute(tree["train"]["storage_path"], base)
+    for model in tree["teachers"] + tree["students"]:
+        model["weights"] = _absolute(model["weights"], base)
+    for teacher in tree["teachers"]:
+        teacher["checkpoint"] = _absolute(teacher["checkpoint"], base)
+    return JobConfig.model_validate(tree)
 
 
 def validate_config(tree: dict) -> JobConfig:

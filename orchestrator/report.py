@@ -31,3 +31,34 @@ def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], sof
     source = "cache hit" if soft.cache_hit else "generated"
     console.print(f"soft targets {soft.fingerprint} ({source}, {soft.forward_rows} teacher forward rows): {soft.path}")
     console.print(f"Open MLflow: {ui_command(tracking_uri)}", soft_wrap=True)
+
+
+def print_sweep_summary(summary: Mapping, metric: str, tracking_uri: str) -> None:
+    console = Console(width=None if Console().is_terminal else 120)
+    trials = summary["trials"]
+    table = Table(title="sweep trials (best first)")
+    for header in ("trial", "chain", "student", "T", "alpha", "lr", "epochs", metric, "test acc"):
+        table.add_column(header)
+    if len(trials):
+        for _, row in trials.sort_values(metric, ascending=False, na_position="last").iterrows():
+            table.add_row(
+                str(row["trial_id"]), str(row["chain"]), str(row["student"]), f"{row['temperature']:.2f}", f"{row['alpha']:.2f}",
+                f"{row['lr']:.1e}", str(row["epochs_run"]), _fmt(row[metric]), _fmt(row["test_accuracy"]),
+            )
+    console.print(table)
+    counts = summary["counts"]
+    console.print(
+        f"teacher forward rows {counts['teacher_forward_rows']:,} (naive: {counts['naive_teacher_forward_rows']:,}); "
+        f"chain stages trained {counts['stages_trained']}, reused {counts['stage_reuses']}; "
+        f"trials stopped early {counts['trials_stopped_early']}"
+    )
+    if "champion" in summary:
+        console.print(f"champion: {summary['champion']['uri']} (version {summary['champion']['version']})")
+    console.print(f"Open MLflow: {ui_command(tracking_uri)}", soft_wrap=True)
+
+
+def _fmt(value) -> str:
+    try:
+        return "-" if value != value else f"{float(value):.4f}"  # NaN != NaN
+    except (TypeError, ValueError):
+        return "-"

@@ -78,7 +78,7 @@ def _teacher_cache_file(cfg: JobConfig, key: str) -> Path:
     return Path(cfg.soft_targets.cache_dir).resolve() / "teachers" / f"{key}.pt"
 
 
-def _load_cached_teacher(path: Path) -> dict | None:
+def load_cached_weights(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -89,7 +89,7 @@ def _load_cached_teacher(path: Path) -> dict | None:
         return None
 
 
-def _save_cached_teacher(path: Path, payload: dict) -> None:
+def save_cached_weights(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     torch.save(payload, tmp)
@@ -129,13 +129,13 @@ def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, 
         else:
             key = teacher_training_key(cfg, teacher, data)
             path = _teacher_cache_file(cfg, key)
-            cached = _load_cached_teacher(path)
+            cached = load_cached_weights(path)
             if cached is not None:
                 state_dict, source = cached["state_dict"], "cache"
                 tags = {"cache_file": str(path), "source_run_id": cached.get("run_id", "")}
             else:
                 state_dict, source = train_teacher(cfg, index, data, train_ids, val_ids, track, run_id)
-                _save_cached_teacher(path, {"state_dict": state_dict, "run_id": run_id})
+                save_cached_weights(path, {"state_dict": state_dict, "run_id": run_id})
                 tags = {"cache_file": str(path)}
         model = build_model(teacher, data.input_shape, data.num_classes)
         load_weights(model, state_dict, where=f"teachers.{index}")
@@ -249,10 +249,17 @@ def with_soft_targets(split: Split, ids: np.ndarray, soft: SoftTargets) -> ray.d
     return to_ray_dataset(split, ids).map_batches(attach_soft_targets, fn_kwargs={"columns": train_rows}, batch_format="numpy").materialize()
 
 
+def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext,
+                    members: list[MemberConfig], *, run_name: str, callbacks=()) -> dict[str, dict]:
+    """Distil `members` from `soft` in one Ray Train run; returns their final state dicts."""
+    loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding)
+    datasets = {"train": with_soft_targets(data.train, train_ids, soft), "val": with_soft_targets(data.train, val_ids, soft)}
+    state_dicts, _ = fit_and_load(loop, datasets, run_name=run_name, callbacks=callbacks)
+    return state_dicts
+
+
 def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext, run_ids: dict[str, str]) -> StudentsResult:
     started = time.perf_counter()
     members = student_members(cfg, run_ids)
-    loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding)
-    datasets = {"train": with_soft_targets(data.train, train_ids, soft), "val": with_soft_targets(data.train, val_ids, soft)}
-    state_dicts, _ = fit_and_load(loop, datasets, run_name=f"{cfg.name}-students-{track.parent_id[:8]}")
+    state_dicts = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}")
     return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)

@@ -213,3 +213,41 @@ def load_torch_model(uri: str, model_uri: str) -> Any:
 def download_artifact(uri: str, run_id: str, path: str) -> Path:
     target = tempfile.mkdtemp(prefix="kd-artifact-")
     return Path(client(uri).download_artifacts(run_id, path, target))
+
+
+def register_champion(uri: str, model_uri: str, name: str, *, tags: Mapping[str, str], alias: str = "champion") -> str:
+    """Register a model version, point `alias` at it and tag it with its lineage; returns the version."""
+    mlflow.set_tracking_uri(uri)
+    mlflow_client = client(uri)
+    if not mlflow_client.search_registered_models(filter_string=f"name = '{name}'"):
+        mlflow_client.create_registered_model(name, description="Best student of a kd-orchestrator sweep")
+    run_id = model_uri.split("/")[1] if model_uri.startswith("runs:/") else None
+    version = mlflow_client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    return {
+        "run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status, "experiment_id": run.info.experiment_id,
+        "start_time": run.info.start_time, "tags": dict(run.data.tags), "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+    }  # fmt: skip
+
+
+def get_run(uri: str, run_id: str) -> dict[str, Any] | None:
+    """A run as a plain dict (run_id, name, status, experiment_id, tags, params, metrics); None if the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _run_dict(client(uri).get_run(run_id))
+    except MlflowException:
+        return None
+
+
+def child_runs(uri: str, parent_id: str) -> list[dict[str, Any]]:
+    """The runs whose mlflow.parentRunId is `parent_id`, oldest first, as `get_run` dicts."""
+    mlflow_client = client(uri)
+    experiment_id = mlflow_client.get_run(parent_id).info.experiment_id
+    runs = mlflow_client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
+    return sorted((_run_dict(r) for r in runs), key=lambda r: r["start_time"] or 0)
+

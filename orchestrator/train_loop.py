@@ -262,6 +262,9 @@ def train_loop_per_worker(config: dict) -> None:
             metrics[f"{name}/train_loss"] = loss
             for key, value in val_metrics.get(name, {}).items():
                 metrics[f"{name}/val_{key}"] = value
+        if len(members) == 1:  # one model (a teacher, a sweep trial): plain names, which Tune's metric refers to
+            prefix = members[0].config.name + "/"
+            metrics |= {key[len(prefix) :]: value for key, value in list(metrics.items()) if key.startswith(prefix)}
         if rank == 0:
             _log_epoch(loop, members, metrics, epoch)
             for member in members:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray.data
@@ -20,7 +21,7 @@ from orchestrator.train_loop import LoopConfig, load_state, train_loop_per_worke
 TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str) -> TorchTrainer:
+def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str, callbacks: Sequence = ()) -> TorchTrainer:
     """Train shard per worker, validation whole on rank 0, a checkpoint per epoch, restarts on failure."""
     for key, value in TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -41,13 +42,14 @@ def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, ru
             storage_path=str(Path(optim.storage_path).resolve()) if "://" not in optim.storage_path else optim.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=optim.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
     )
 
 
-def fit_and_load(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str) -> tuple[dict, dict]:
+def fit_and_load(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str, callbacks: Sequence = ()) -> tuple[dict, dict]:
     """Run the stage; returns (final state dicts by member name, last reported metrics)."""
-    result = build_trainer(loop, datasets, run_name=run_name).fit()
+    result = build_trainer(loop, datasets, run_name=run_name, callbacks=callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {loop.stage}: training finished without a checkpoint")
     state = load_state(result.checkpoint)

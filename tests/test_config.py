@@ -112,3 +112,13 @@ def test_empty_file_means_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert load_config(path).name == "empty"
+
+
+def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["soft_targets.cache_dir=cache", "train.storage_path=runs", "teachers.0.checkpoint=t.pt", "dataset.root=~/data"])
+    assert cfg.soft_targets.cache_dir == str(tmp_path / "cache")
+    assert cfg.train.storage_path == str(tmp_path / "runs")
+    assert cfg.teachers[0].checkpoint == str(tmp_path / "t.pt")
+    assert cfg.dataset.root == str(Path("~/data").expanduser())
+    assert load_config(None, ["train.storage_path=s3://bucket/runs"]).train.storage_path == "s3://bucket/runs"

@@ -1,0 +1,279 @@
+"""Ray Tune sweeps over temperature, alpha, learning rate, student and teacher-assistant chain.
+
+The driver resolves the teacher and its soft targets once; every trial is a Tune
+function trainable that runs its chain stage by stage (memoized assistants, see
+chains.py) and distils its student on Ray Train, reporting each epoch to Tune
+through `TuneReportCallback` so ASHA can stop it early.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator import tracking
+from orchestrator.chains import assistant_as_teacher, chain_label, plan_chain, stage_key, stage_registry
+from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of
+from orchestrator.evaluate import classification_metrics, predict_logits
+from orchestrator.models import build_model, count_params, state_dict_fingerprint
+from orchestrator.pipeline import Prepared, init_ray, prepare, teacher_test_logits
+from orchestrator.stages import (
+    SoftTargets,
+    TeacherWeights,
+    TrackingContext,
+    distill_members,
+    load_cached_weights,
+    resolve_teacher,
+    save_cached_weights,
+    soft_target_stage,
+)
+from orchestrator.teachers import teacher_forward_rows
+from orchestrator.train_loop import MemberConfig
+
+STATE_FILE = "kd_sweep.json"
+SHORT_NAMES = {"temperature": "T", "alpha": "a", "lr": "lr", "student": "stud", "chain": "chain"}  # narrow trial table
+
+
+def _dimension(dim: SearchDim) -> Any:
+    if dim.grid is not None:
+        return tune.grid_search(dim.grid)
+    if dim.choice is not None:
+        return tune.choice(dim.choice)
+    if dim.uniform is not None:
+        return tune.uniform(*dim.uniform)
+    return tune.loguniform(*dim.loguniform)
+
+
+def search_space(cfg: JobConfig) -> dict[str, Any]:
+    """Tune's param_space. Chains are sampled by index: Optuna only takes choices of plain values."""
+    space: dict[str, Any] = {}
+    for name, dim in cfg.sweep.space:
+        if dim is None:
+            continue
+        if name == "chain":
+            indices = list(range(len(dim.values())))
+            dim = SearchDim(grid=indices) if dim.grid is not None else SearchDim(choice=indices)
+        space[name] = _dimension(dim)
+    return space
+
+
+def max_concurrent_trials(cfg: JobConfig) -> int:
+    """Trials that fit beside the teacher actor pool, so Ray Data always keeps CPUs to run."""
+    if cfg.sweep.max_concurrent_trials:
+        return cfg.sweep.max_concurrent_trials
+    resources = ray.cluster_resources()
+    if cfg.train.use_gpu:
+        return max(1, int(resources.get("GPU", 0)))
+    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
+    data_cpus = cfg.soft_targets.num_actors * cfg.soft_targets.num_cpus_per_actor
+    return max(1, int((resources.get("CPU", 1) - data_cpus) // per_trial))
+
+
+def trial_config(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
+    """The job config a trial's final stage trains with: one student, the sampled hyperparameters."""
+    student = next((s for s in cfg.students if s.name == params.get("student")), cfg.students[0])
+    kd = cfg.kd.model_copy(update={k: float(params[k]) for k in ("temperature", "alpha") if k in params})
+    train = cfg.train.model_copy(update={"lr": float(params["lr"])} if "lr" in params else {})
+    return JobConfig.model_validate({**cfg.model_dump(), "kd": kd.model_dump(), "train": train.model_dump(), "students": [student.model_dump()], "baseline": False})
+
+
+@dataclass
+class SweepContext:
+    """What every trial needs, shipped once through the object store (tune.with_parameters)."""
+
+    prep: Prepared
+    teachers: list[TeacherWeights]
+    soft: SoftTargets
+    sweep_run_id: str
+
+
+def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets, stage, track: TrackingContext):
+    """Train (or reuse) one assistant of a chain; returns its weights and its soft targets."""
+    prep = ctx.prep
+    key = stage_key(cfg, parent_soft.fingerprint, stage, prep.data.fingerprint("train"))
+    path = Path(cfg.soft_targets.cache_dir).resolve() / "stages" / f"{key}.pt"
+    registry = stage_registry(ctx.sweep_run_id)
+    with tracking.run_scope(track.uri, track.experiment_id, f"stage:{stage.name}", parent_id=track.parent_id,
+                            tags={"role": "assistant", "stage_key": key, "parent_soft_target_fingerprint": parent_soft.fingerprint}) as run_id:
+        tracking.log_params(track.uri, run_id, tracking.flatten(stage.spec.model_dump(mode="json")))
+        stage_track = TrackingContext(track.uri, track.experiment_id, run_id)
+        started = time.perf_counter()
+        while True:
+            cached = load_cached_weights(path)
+            if cached is not None:
+                ray.get(registry.count_reuse.remote())
+                weights = TeacherWeights(assistant_as_teacher(stage), cached["state_dict"], state_dict_fingerprint(cached["state_dict"]), "reused", cached["run_id"], 0.0)
+                tracking.set_tags(track.uri, run_id, {"reused": True, "source_run_id": cached["run_id"]})
+                return weights, soft_target_stage(cfg, [weights], prep.data, stage_track)
+            if ray.get(registry.claim.remote(key)):
+                break
+            ray.get(registry.wait.remote(key))  # another trial is training it: wait, then reuse
+        try:
+            member = MemberConfig(name=stage.name, role="assistant", spec=stage.spec, loss="kd", run_id=run_id)
+            states = distill_members(cfg, prep.data, prep.train_ids, prep.val_ids, parent_soft, track, [member], run_name=f"{cfg.name}-{key[:12]}")
+            state_dict = states[stage.name]
+            weights = TeacherWeights(assistant_as_teacher(stage), state_dict, state_dict_fingerprint(state_dict), "trained", run_id, time.perf_counter() - started)
+            # Soft targets before publishing: a waiting trial then finds them cached, not re-run.
+            soft = soft_target_stage(cfg, [weights], prep.data, stage_track)
+            save_cached_weights(path, {"state_dict": state_dict, "run_id": run_id})
+            tracking.set_tags(track.uri, run_id, {"reused": False})
+        except BaseException:
+            ray.get(registry.publish.remote(key, False))
+            raise
+        ray.get(registry.publish.remote(key, True))
+        return weights, soft
+
+
+def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
+    """One Tune trial: its chain's assistants stage by stage, then its student, reported to Tune per epoch."""
+    # Concurrent trials' ingest progress bars would interleave into noise; Tune's table is the progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    base = ctx.prep.cfg
+    cfg = trial_config(base, params)
+    chain = base.sweep.chains()[int(params.get("chain", 0))]
+    student = cfg.students[0]
+    uri, experiment_id = ctx.prep.tracking_uri, ctx.prep.experiment_id
+    trial_id = tune.get_context().get_trial_id()
+    label = chain_label(chain)
+    with tracking.run_scope(uri, experiment_id, f"trial:{trial_id}", parent_id=ctx.sweep_run_id,
+                            tags={"role": "trial", "trial_id": trial_id, "chain": label, "student": student.name}) as trial_run:
+        tracking.log_params(uri, trial_run, {**{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
+        track = TrackingContext(uri, experiment_id, trial_run)
+        soft, lineage = ctx.soft, [t.run_id for t in ctx.teachers]
+        for stage in plan_chain(chain, student.name, spec_of(student))[:-1]:
+            weights, soft = _assistant_stage(base, ctx, soft, stage, track)
+            lineage.append(weights.run_id)
+        with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
+                                tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
+            member = MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=stage_run)
+            states = distill_members(cfg, ctx.prep.data, ctx.prep.train_ids, ctx.prep.val_ids, soft, track, [member],
+                                     run_name=f"{base.name}-trial-{trial_id}", callbacks=[TuneReportCallback()])
+            model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
+            model.load_state_dict(states[student.name])
+            test = _test_metrics(ctx, model)
+            tracking.log_metrics(uri, stage_run, test | {"params": count_params(model)})
+            tracking.log_metrics(uri, trial_run, test | {"params": count_params(model)})
+            tracking.set_tags(uri, trial_run, {"final_stage_run_id": stage_run, "soft_target_fingerprints": soft.fingerprint, "lineage": ">".join(lineage)})
+            if base.tracking.log_models:
+                example = np.zeros((1, *ctx.prep.data.input_shape), dtype=np.float32)
+                tracking.log_torch_model(uri, stage_run, model, name="model", input_example=example)
+
+
+def _test_metrics(ctx: SweepContext, model: torch.nn.Module) -> dict[str, float]:
+    data = ctx.prep.data
+    logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+    metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test_logits(ctx.prep, ctx.soft))
+    return {f"test_{k}": v for k, v in metrics.items()}
+
+
+def _scheduler(cfg: JobConfig):
+    if cfg.sweep.scheduler == "fifo":
+        return None
+    return tune.schedulers.ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(cfg.sweep.grace_period, cfg.train.epochs), time_attr="training_iteration")
+
+
+def _search_alg(cfg: JobConfig):
+    if cfg.sweep.search == "random":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.seed)
+
+
+def build_tuner(cfg: JobConfig, ctx: SweepContext, *, storage: Path, resume: bool) -> tune.Tuner:
+    # Ray 2.60's default console output ignores progress_reporter and prints every metric of
+    # every trial; the classic reporter prints the compact table configured below.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), {"cpu": 0.01})
+    path = storage / sweep_dir_name(cfg)
+    if resume:
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, restart_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+            scheduler=_scheduler(cfg), search_alg=_search_alg(cfg), max_concurrent_trials=max_concurrent_trials(cfg),
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir_name(cfg), storage_path=str(storage),
+            progress_reporter=tune.CLIReporter(
+                metric_columns={cfg.sweep.metric: "val", "training_iteration": "ep"},
+                parameter_columns={k: v for k, v in SHORT_NAMES.items() if k in search_space(cfg)},
+                max_column_length=12, max_report_frequency=30, sort_by_metric=True,
+            ),
+        ),
+    )
+
+
+def sweep_dir_name(cfg: JobConfig) -> str:
+    return f"{cfg.name}-sweep"
+
+
+def _parent_run(prep: Prepared, state_path: Path, resume: bool) -> str:
+    """The sweep's MLflow parent run; a resumed sweep continues the same one."""
+    if resume and state_path.is_file():
+        run_id = json.loads(state_path.read_text())["mlflow_run_id"]
+        tracking.client(prep.tracking_uri).update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = tracking.create_run(prep.tracking_uri, prep.experiment_id, sweep_dir_name(prep.cfg), tags={"job": "sweep"})
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({"mlflow_run_id": run_id}))
+    return run_id
+
+
+def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None = None) -> dict[str, Any]:
+    if cfg.sweep is None:
+        raise ConfigError("sweep: this config has no sweep section")
+    storage = Path(cfg.train.storage_path).resolve()
+    state_path = storage / sweep_dir_name(cfg) / STATE_FILE
+    if resume and not tune.Tuner.can_restore(str(storage / sweep_dir_name(cfg))):
+        raise ConfigError(f"--resume: no sweep to resume at {storage / sweep_dir_name(cfg)}")
+    prep = prepare(cfg)
+    init_ray(ray_address)
+    uri = prep.tracking_uri
+    rows_before = teacher_forward_rows()
+    parent_id = _parent_run(prep, state_path, resume)
+    try:
+        track = TrackingContext(uri, prep.experiment_id, parent_id)
+        if not resume:
+            tracking.log_params(uri, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
+        teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
+        soft = soft_target_stage(cfg, teachers, prep.data, track)
+        ctx = SweepContext(prep, teachers, soft, parent_id)
+        registry = stage_registry(parent_id)
+        if resume:
+            ray.get(registry.reset_running.remote())
+        results = build_tuner(cfg, ctx, storage=storage, resume=resume).fit()
+        from orchestrator.sweep_report import finish_sweep
+
+        stage_stats = ray.get(registry.stats.remote())
+        summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows() - rows_before, stage_stats=stage_stats)
+        ray.kill(registry)
+    except KeyboardInterrupt:
+        tracking.end_run(uri, parent_id, "KILLED")
+        raise
+    except BaseException:
+        tracking.end_run(uri, parent_id, "FAILED")
+        raise
+    tracking.end_run(uri, parent_id, "FINISHED")
+    return summary
+
+
+def naive_forward_rows(rows: int, trials: int, epochs: int) -> int:
+    """Teacher rows a sweep costs when every trial runs the teacher every epoch (train split only)."""
+    return rows * trials * epochs
+
+
+

@@ -1,0 +1,125 @@
+"""After a sweep: close what ASHA stopped, tabulate trials, plot, register the champion, count reuse."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator import plots, tracking
+from orchestrator.config import JobConfig
+
+TRIAL_COLUMNS = ["trial_id", "chain", "student", "temperature", "alpha", "lr", "epochs_run", "params", "test_accuracy"]
+
+
+def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
+    """One row per trial: sampled parameters (from MLflow), last validation metric (from Tune), test accuracy."""
+    metric = cfg.sweep.metric
+    client = tracking.client(prep.tracking_uri)
+    runs = client.search_runs([prep.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.role = 'trial'", max_results=10_000)
+    by_trial = {run.data.tags["trial_id"]: run for run in runs}
+    rows = []
+    for result in results:
+        trial_id = result.metrics.get("trial_id") if result.metrics else None
+        run = by_trial.get(trial_id)
+        if run is None:
+            continue
+        params = run.data.params
+        rows.append({
+            "trial_id": trial_id,
+            "chain": params.get("chain", "direct"),
+            "student": params.get("student"),
+            "temperature": float(params.get("temperature", cfg.kd.temperature)),
+            "alpha": float(params.get("alpha", cfg.kd.alpha)),
+            "lr": float(params.get("lr", cfg.train.lr)),
+            "epochs_run": int(result.metrics.get("training_iteration", 0)),
+            metric: result.metrics.get(metric),
+            "params": run.data.metrics.get("params"),
+            "test_accuracy": run.data.metrics.get("test_accuracy"),
+            "mlflow_run_id": run.info.run_id,
+            "final_stage_run_id": run.data.tags.get("final_stage_run_id"),
+            "status": run.info.status,
+        })
+    return pd.DataFrame(rows)
+
+
+def close_stopped_trials(prep, parent_id: str) -> int:
+    """Trials that ASHA stopped are killed mid-run: mark their runs KILLED rather than leave them RUNNING."""
+    client = tracking.client(prep.tracking_uri)
+    closed = 0
+    for _ in range(3):  # trial runs nest two levels (trial -> stage -> soft targets)
+        running = client.search_runs([prep.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10_000)
+        stale = [r for r in running if r.info.run_id != parent_id and _descends_from(client, r, parent_id)]
+        for run in stale:
+            tracking.set_tags(prep.tracking_uri, run.info.run_id, {"stopped_early": True})
+            tracking.end_run(prep.tracking_uri, run.info.run_id, "KILLED")
+            closed += 1
+        if not stale:
+            break
+    return closed
+
+
+def _descends_from(client, run, ancestor: str) -> bool:
+    seen = 0
+    while run is not None and seen < 5:
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent == ancestor:
+            return True
+        run = client.get_run(parent) if parent else None
+        seen += 1
+    return False
+
+
+def register_champion(cfg: JobConfig, prep, best: pd.Series, parent_id: str, teachers, soft) -> dict[str, str]:
+    name = cfg.sweep.register_as or f"{cfg.name}-student"
+    tags = {
+        "sweep_run_id": parent_id,
+        "trial_id": best["trial_id"],
+        "teacher_run_ids": ",".join(t.run_id for t in teachers),
+        "teacher_soft_target_fingerprint": soft.fingerprint,
+        "chain": best["chain"],
+    }
+    version = tracking.register_champion(prep.tracking_uri, f"runs:/{best['final_stage_run_id']}/model", name, tags=tags)
+    return {"model": name, "version": version, "alias": "champion", "uri": f"models:/{name}@champion"}
+
+
+def finish_sweep(cfg: JobConfig, prep, results, parent_id: str, teachers, soft, *, forward_rows: int, stage_stats: dict[str, int]) -> dict[str, Any]:
+    from orchestrator.sweep import naive_forward_rows
+
+    uri, metric = prep.tracking_uri, cfg.sweep.metric
+    closed = close_stopped_trials(prep, parent_id)
+    trials = trial_table(cfg, prep, results, parent_id)
+    stats = stage_stats
+    counts = {
+        "trials": len(trials),
+        "trials_stopped_early": closed,
+        "teacher_forward_rows": forward_rows,
+        "naive_teacher_forward_rows": naive_forward_rows(len(prep.train_ids), len(trials), cfg.train.epochs),
+        "stages_trained": stats["produced"],
+        "stage_reuses": stats["reused"],
+        "stage_waits": stats["waited"],
+    }
+    tracking.log_metrics(uri, parent_id, counts)
+    summary: dict[str, Any] = {"counts": counts, "trials": trials}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        trials.to_csv(out / "trials.csv", index=False)
+        tracking.log_artifact(uri, parent_id, out / "trials.csv")
+        finished = trials.dropna(subset=[metric, "test_accuracy"])
+        if len(finished):
+            for path in (
+                plots.accuracy_vs_temperature(finished, metric, out),
+                plots.alpha_temperature_map(finished, metric, out),
+                plots.accuracy_vs_params(finished, out),
+                plots.direct_vs_chain(finished, metric, out),
+            ):
+                tracking.log_artifact(uri, parent_id, path, "plots")
+            best = finished.sort_values(metric, ascending=cfg.sweep.mode == "min").iloc[0]
+            summary["champion"] = register_champion(cfg, prep, best, parent_id, teachers, soft)
+            tracking.set_tags(uri, parent_id, {"champion_trial": best["trial_id"], "champion_model": summary["champion"]["uri"]})
+    from orchestrator.report import print_sweep_summary
+
+    print_sweep_summary(summary, metric, uri)
+    return summary

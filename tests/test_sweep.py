@@ -1,0 +1,118 @@
+"""A real Tune sweep on digits, its driver killed and resumed, read back from MLflow."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import load_config
+from orchestrator.sweep import search_space, trial_config
+from orchestrator.teachers import teacher_forward_rows
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO_ROOT / "configs/digits_sweep.yaml")
+FAST = ["teachers.0.train.epochs=4", "train.epochs=3", "sweep.max_concurrent_trials=1", "tracking.experiment=sweep-it"]
+DIGITS_ROWS = 1797  # train + test: one teacher pass covers both
+
+
+def test_search_space_and_trial_config():
+    cfg = load_config(CONFIG)
+    space = search_space(cfg)
+    assert space["temperature"] == {"grid_search": [2.0, 6.0]}
+    assert space["chain"] == {"grid_search": [0, 1]}  # chains sampled by index
+    trial = trial_config(cfg, {"temperature": 6.0, "alpha": 0.5, "lr": 0.01, "chain": 1})
+    assert (trial.kd.temperature, trial.kd.alpha, trial.train.lr) == (6.0, 0.5, 0.01)
+    assert trial.baseline is False and [s.name for s in trial.students] == ["mlp16"]
+    assert cfg.kd.temperature == 4.0  # the base config is untouched
+
+
+def _sweep(args: list[str], workdir: Path, address: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    log = open(workdir / f"sweep-{len(list(workdir.glob('sweep-*.log')))}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", CONFIG, *FAST, *args, "--address", address],
+                            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finished_trials(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return conn.execute(
+                "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                "where t.key = 'role' and t.value = 'trial' and r.status = 'FINISHED'"
+            ).fetchone()[0]
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_sweep_killed_and_resumed(ray_session, tmp_path):
+    address = ray.get_runtime_context().gcs_address
+    rows_before = teacher_forward_rows()
+
+    first = _sweep([], tmp_path, address)
+    deadline = time.monotonic() + 480
+    while _finished_trials(tmp_path / "mlflow.db") < 1:
+        assert first.poll() is None, (tmp_path / "sweep-0.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(1)
+    first.kill()  # SIGKILL: no cleanup runs in the driver
+    first.wait()
+    killed_at = time.time() * 1000
+
+    second = _sweep(["--resume"], tmp_path, address)
+    assert second.wait(timeout=600) == 0, (tmp_path / "sweep-1.log").read_text()[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep-it")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("job") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the resumed driver continued the same parent run
+    parent = parents[0]
+
+    trials = [r for r in runs if r.data.tags.get("role") == "trial"]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert sorted({r.data.tags["trial_id"] for r in finished}) == sorted(r.data.tags["trial_id"] for r in finished)
+    assert len(finished) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    # The trial that finished before the kill was not run again.
+    done_before_kill = [r for r in finished if r.info.end_time < killed_at]
+    assert len(done_before_kill) == 1
+    assert sum(r.data.tags["trial_id"] == done_before_kill[0].data.tags["trial_id"] for r in trials) == 1
+    # Whatever the kill interrupted is closed, not left RUNNING.
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+    # Stage runs nest under their trial; chain trials have an assistant stage.
+    by_parent: dict[str, list] = {}
+    for run in runs:
+        by_parent.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
+    for trial in finished:
+        stages = {r.info.run_name for r in by_parent[trial.info.run_id]}
+        expected = {"stage:mlp16"} | ({"stage:assistant1"} if trial.data.tags["chain"] != "direct" else set())
+        assert stages == expected, (trial.data.tags["chain"], stages)
+
+    # No repeated work: the teacher ran once and the assistant once (each over train + test),
+    # and the second chain trial reused the assistant instead of training it again.
+    assert teacher_forward_rows() - rows_before == 2 * DIGITS_ROWS
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["trials"] == 4
+    assert metrics["stages_trained"] == 1 and metrics["stage_reuses"] >= 1
+    assistant_runs = [r for r in runs if r.info.run_name == "stage:assistant1" and r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["reused"] for r in assistant_runs) == ["False", "True"]
+
+    # Artifacts and the champion.
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"trials.csv", "plots/direct_vs_chain.png", "plots/accuracy_vs_params.png"} <= artifacts
+    champion = client.get_model_version_by_alias("digits_sweep-student", "champion")
+    assert champion.tags["sweep_run_id"] == parent.info.run_id
+    assert champion.tags["trial_id"] == parent.data.tags["champion_trial"]
