@@ -58,6 +58,10 @@ def accuracy_vs_params(trials: pd.DataFrame, out: Path) -> Path:
 def direct_vs_chain(trials: pd.DataFrame, metric: str, out: Path) -> Path:
     best = trials.groupby("chain")[metric].max().sort_values()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.barh(best.index, best.values)
+    bars = ax.barh(best.index, best.values)
+    ax.bar_label(bars, fmt="%.4f", fontsize=8)
+    low, high = float(best.min()), float(best.max())
+    margin = max(high - low, 0.01)  # zoom in: the differences that matter are small
+    ax.set_xlim(low - margin, high + margin)
     ax.set(xlabel=f"best {metric}", title="direct KD vs teacher-assistant chains")
     return _save(fig, out / "direct_vs_chain.png")
