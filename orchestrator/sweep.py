@@ -145,6 +145,8 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     student = cfg.students[0]
     uri, experiment_id = ctx.prep.tracking_uri, ctx.prep.experiment_id
     trial_id = tune.get_context().get_trial_id()
+    if _replay_finished_trial(ctx, trial_id):
+        return
     label = chain_label(chain)
     with tracking.run_scope(uri, experiment_id, f"trial:{trial_id}", parent_id=ctx.sweep_run_id,
                             tags={"role": "trial", "trial_id": trial_id, "chain": label, "student": student.name}) as trial_run:
@@ -168,6 +170,18 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             if base.tracking.log_models:
                 example = np.zeros((1, *ctx.prep.data.input_shape), dtype=np.float32)
                 tracking.log_torch_model(uri, stage_run, model, name="model", input_example=example)
+
+
+def _replay_finished_trial(ctx: SweepContext, trial_id: str) -> bool:
+    """A driver killed after a trial finished but before Tune saved that fact restarts the trial
+    on --resume. Its MLflow run says it is done: report the recorded epochs to Tune instead of training again."""
+    uri, metric = ctx.prep.tracking_uri, ctx.prep.cfg.sweep.metric
+    done = tracking.finished_child(uri, ctx.prep.experiment_id, ctx.sweep_run_id, "trial_id", trial_id)
+    if done is None or "final_stage_run_id" not in done.data.tags:
+        return False
+    for _, value in tracking.metric_history(uri, done.data.tags["final_stage_run_id"], metric):
+        tune.report({metric: value, "replayed": 1})
+    return True
 
 
 def _test_metrics(ctx: SweepContext, model: torch.nn.Module) -> dict[str, float]:
@@ -195,6 +209,8 @@ def build_tuner(cfg: JobConfig, ctx: SweepContext, *, storage: Path, resume: boo
     # Ray 2.60's default console output ignores progress_reporter and prints every metric of
     # every trial; the classic reporter prints the compact table configured below.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Save the experiment state every few seconds, so a killed driver loses little on --resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, ctx=ctx), {"cpu": 0.01})
     path = storage / sweep_dir_name(cfg)
     if resume:

@@ -251,3 +251,17 @@ def child_runs(uri: str, parent_id: str) -> list[dict[str, Any]]:
     runs = mlflow_client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
     return sorted((_run_dict(r) for r in runs), key=lambda r: r["start_time"] or 0)
 
+
+
+def finished_child(uri: str, experiment_id: str, parent_id: str, tag: str, value: str):
+    """A FINISHED direct child of `parent_id` whose `tag` equals `value`, or None."""
+    runs = client(uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.{tag} = '{value}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
