@@ -19,7 +19,8 @@ state dict loads into the same architecture after the same quantize call), and
 `size_mb_torchscript` is the self-contained TorchScript file (code + weights).
 Latency is the median wall time of a forward pass at batch 1, throughput 256 / the median
 time of a batch of 256, warm-up passes excluded, with torch's intra-op threads fixed
-(`threads`, default 1: shared machines make multi-thread timings noisy).
+(`threads`, default 1: shared machines make multi-thread timings noisy); models compared
+in one report are timed interleaved, round by round (`timing`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -42,7 +45,9 @@ TORCHSCRIPT_ATOL = 1e-5  # same kernels, same order: a traced model must reprodu
 ONNX_ATOL = 1e-4  # onnxruntime's float32 kernels sum in another order than torch's
 ONNX_RTOL = 1e-4
 LATENCY_REPEATS, LATENCY_WARMUP = 200, 20  # batch 1
-THROUGHPUT_BATCH, THROUGHPUT_REPEATS, THROUGHPUT_WARMUP = 256, 20, 3
+THROUGHPUT_BATCH, THROUGHPUT_REPEATS, THROUGHPUT_WARMUP = 256, 20, 3  # warm-up per round
+TIMING_ROUNDS = 5
+K = TypeVar("K")
 
 
 @contextlib.contextmanager
@@ -53,6 +58,7 @@ def _quiet():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
         yield
 
 
@@ -144,20 +150,35 @@ def forward_times(model: nn.Module, x: torch.Tensor, *, repeats: int, warmup: in
     return times
 
 
-def timing(model: nn.Module, images: torch.Tensor, *, threads: int = 1) -> dict[str, float]:
-    """latency_ms_b1, latency_ms_b256 (one batch) and throughput_b256 (images/s): medians, warm-up excluded."""
+def timing(models: Mapping[K, nn.Module], images: torch.Tensor, *, threads: int = 1, rounds: int = TIMING_ROUNDS) -> dict[K, dict[str, float]]:
+    """Per model: latency_ms_b1, latency_ms_b256 (one batch) and throughput_b256 (images/s), medians, warm-up excluded.
+
+    Interleaved: each of `rounds` rounds times every model in turn (LATENCY_REPEATS / rounds
+    batch-1 passes, THROUGHPUT_REPEATS / rounds batch-256 passes, each after its own short
+    warm-up), so a burst of load on a shared machine lands on all models alike instead of
+    on whichever one was being timed. Medians are over all rounds.
+    """
     batch = images[:THROUGHPUT_BATCH]
     if len(batch) < THROUGHPUT_BATCH:  # small test sets: cycle the images up to a full batch
         batch = batch.repeat((THROUGHPUT_BATCH + len(batch) - 1) // len(batch), 1, 1, 1)[:THROUGHPUT_BATCH]
+    one: dict[K, list[float]] = {name: [] for name in models}
+    full: dict[K, list[float]] = {name: [] for name in models}
     with torch_threads(threads):
-        one = statistics.median(forward_times(model, images[:1], repeats=LATENCY_REPEATS, warmup=LATENCY_WARMUP))
-        full = statistics.median(forward_times(model, batch, repeats=THROUGHPUT_REPEATS, warmup=THROUGHPUT_WARMUP))
-    return {"latency_ms_b1": one * 1e3, "latency_ms_b256": full * 1e3, "throughput_b256": THROUGHPUT_BATCH / full}
+        for _ in range(rounds):
+            for name, model in models.items():
+                one[name] += forward_times(model, images[:1], repeats=max(1, LATENCY_REPEATS // rounds), warmup=max(1, LATENCY_WARMUP // rounds))
+                full[name] += forward_times(model, batch, repeats=max(1, THROUGHPUT_REPEATS // rounds), warmup=THROUGHPUT_WARMUP)
+    result = {}
+    for name in models:
+        b1, b256 = statistics.median(one[name]), statistics.median(full[name])
+        result[name] = {"latency_ms_b1": b1 * 1e3, "latency_ms_b256": b256 * 1e3, "throughput_b256": THROUGHPUT_BATCH / b256}
+    return result
 
 
 def measure(model: nn.Module, test_inputs: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-            *, params: int, example: torch.Tensor, threads: int = 1, eval_batch: int = 2048) -> dict[str, float]:  # fmt: skip
-    """Every figure of one model, measured now: sizes on disk, timing, test accuracy, agreement with the teacher.
+            *, params: int, example: torch.Tensor, threads: int = 1, timed: bool = True, eval_batch: int = 2048) -> dict[str, float]:  # fmt: skip
+    """Every figure of one model, measured now: sizes on disk, test accuracy, agreement with the teacher, and
+    (unless `timed` is False, for callers that time several models together with `timing`) latency and throughput.
 
     `test_inputs` are normalised float images; `params` is passed in because a quantized
     model's packed weights are not nn.Parameters (the count of its float source is used).
@@ -171,7 +192,8 @@ def measure(model: nn.Module, test_inputs: torch.Tensor, labels: torch.Tensor, t
     with tempfile.TemporaryDirectory(prefix="kd-size-") as tmp:
         figures["size_mb_disk"] = save_state_dict(model, Path(tmp) / "state_dict.pt")
         figures["size_mb_torchscript"] = save_torchscript(model, example, Path(tmp) / "model.torchscript.pt")
-    figures |= timing(model, test_inputs, threads=threads)
+    if timed:
+        figures |= timing({"model": model}, test_inputs, threads=threads)["model"]
     return figures
 
 
@@ -206,7 +228,7 @@ def _importable(name: str) -> bool:
 
 
 def export_onnx(model: nn.Module, check: torch.Tensor, path: str | Path) -> dict:
-    """torch.onnx.export (the torch.export-based exporter, dynamic batch axis) to `path`, reload it
+    """torch.onnx.export (the torch.export-based exporter, dynamic batch axis, weights inside the file) to `path`, reload it
     with onnxruntime (CPU) and compare with eager output on `check`: |ort - torch| <= atol + rtol * |torch|."""
     skipped = onnx_available()
     if skipped:
@@ -219,7 +241,7 @@ def export_onnx(model: nn.Module, check: torch.Tensor, path: str | Path) -> dict
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
         torch.onnx.export(
             model, (check[:1],), str(path), input_names=["images"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,  # one self-contained file
         )  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": check.numpy()})[0])

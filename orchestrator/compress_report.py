@@ -56,18 +56,19 @@ def _job(uri: str, run_id: str) -> tuple[dict, JobConfig]:
 
 def _load_model(uri: str, run: dict, cfg: JobConfig, data: DatasetArrays) -> torch.nn.Module:
     """The run's logged model; a teacher reused from the cache points at the run that logged it (or at the cache file)."""
+    failure = "no model"
     for run_id in filter(None, (run["run_id"], run["tags"].get("source_run_id"))):
         try:
             return tracking.load_torch_model(uri, f"runs:/{run_id}/model").eval()
-        except Exception:
-            continue
+        except Exception as exc:  # not logged (tracking.log_models false), or its class no longer imports
+            failure = type(exc).__name__
     cache, name = run["tags"].get("cache_file"), run["name"].split(":", 1)[1]
     specs = {t.name: t for t in cfg.teachers}
     if run["tags"].get("role") == "teacher" and name in specs and cache and Path(cache).is_file():
         model = build_model(specs[name], data.input_shape, data.num_classes)
         load_weights(model, torch.load(cache, map_location="cpu", weights_only=True)["state_dict"], where=f"teacher {name} cache")
         return model.eval()
-    raise ConfigError(f"run {run['run_id']} ({run['name']}) has no loadable model at runs:/{run['run_id']}/model (tracking.log_models false?)")
+    raise ConfigError(f"run {run['run_id']} ({run['name']}): cannot load runs:/{run['run_id']}/model ({failure}; was tracking.log_models false?)")
 
 
 def _calibration(cfg: JobConfig, data: DatasetArrays) -> torch.Tensor:
@@ -105,6 +106,7 @@ def _mark_pareto(rows: list[dict]) -> None:
 def tradeoff_plot(rows: list[dict], path: Path) -> Path:
     """Accuracy vs batch-1 latency and accuracy vs size on disk, every model, Pareto fronts marked."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     from orchestrator.plots import pareto_front
 
@@ -114,16 +116,19 @@ def tradeoff_plot(rows: list[dict], path: Path) -> Path:
         for r in rows:
             marker = "s" if r["precision"] == "int8" else "o"
             ax.scatter(r[x], r["test_accuracy"], c=colors.get(r["role"], "gray"), marker=marker, s=45, zorder=3)
-            ax.annotate(f"{r['name']} {r['precision']}", (r[x], r["test_accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(f"{r['name']} {r['precision']}", (r[x], r["test_accuracy"]), fontsize=6, xytext=(4, 3), textcoords="offset points")
         front = pareto_front([(r[x], r["test_accuracy"]) for r in rows])
         ax.plot([p[0] for p in front], [p[1] for p in front], "r--", lw=1, zorder=2, label="Pareto front")
         ax.set(xscale="log", xlabel=label, ylabel="test accuracy")
+        values = [r[x] for r in rows]  # five labelled ticks across the data: default log ticks crowd or vanish within a decade
+        ax.set_xticks(np.geomspace(min(values), max(values), 5), [f"{v:.2g}" for v in np.geomspace(min(values), max(values), 5)])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], ls="", marker="o", c=c, label=role) for role, c in colors.items()]
     handles += [plt.Line2D([], [], ls="", marker=m, c="gray", label=p) for m, p in (("o", "fp32"), ("s", "int8"))]
     handles.append(plt.Line2D([], [], ls="--", c="r", label="Pareto front"))
     axes[1].legend(handles=handles, fontsize=7, loc="lower right")
-    fig.suptitle("accuracy vs cost after distillation (lower-left is cheaper, higher is better)", fontsize=10)
+    fig.suptitle("accuracy vs cost after distillation (further left = cheaper, higher = more accurate)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,6 +139,7 @@ def run_report(parent_run_id: str, *, tracking_uri: str | None = None, threads: 
     """Measure, quantize and export every model of a `distill run` job; log the results; return report.json's content."""
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model download otherwise
     uri = resolve_store(tracking_uri)
     parent, cfg = _job(uri, parent_run_id)
     children = [r for r in tracking.child_runs(uri, parent_run_id) if r["tags"].get("role") in ("teacher", "student", "baseline")]
@@ -151,34 +157,41 @@ def run_report(parent_run_id: str, *, tracking_uri: str | None = None, threads: 
         per_teacher, [weights.get(r["name"].split(":", 1)[1], 1.0) for r in teachers], rule=cfg.soft_targets.ensemble)
     calibration = _calibration(cfg, data)
 
-    rows, exports = [], {}
+    load_before = round(os.getloadavg()[0], 2)
+    rows, exports, timed = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="kd-report-") as tmp:
         for run in children:
             role, name, model = run["tags"]["role"], run["name"].split(":", 1)[1], models[run["run_id"]]
             params = count_params(model)
             base = {"role": role, "name": name, "mlflow_run_id": run["run_id"], "logged_test_accuracy": run["metrics"].get("test_accuracy")}
-            fp32 = compress.measure(model, test_inputs, labels, teacher_logits, params=params, example=example, threads=threads)
-            rows.append(base | {"precision": "fp32", "quantization": "-"} | fp32)
-            logged = {k: fp32[k] for k in FLOAT_METRICS}
+            variants = [("fp32", "-", model)]
             if role != "teacher":
                 quantized, method = compress.quantize_int8(model, calibration)
-                int8 = compress.measure(quantized, test_inputs, labels, teacher_logits, params=params, example=example, threads=threads)
-                rows.append(base | {"precision": "int8", "quantization": method} | int8)
-                logged |= {f"int8_{k}": int8[k] for k in (*FLOAT_METRICS, "test_accuracy", "agreement")}
+                variants.append(("int8", method, quantized))
                 tracking.set_tags(uri, run["run_id"], {"int8_method": method})
                 if export and role == "student":
-                    checks = _export(model, quantized, check, Path(tmp) / run["run_id"] / "export")
-                    exports[name] = checks
                     folder = Path(tmp) / run["run_id"] / "export"
+                    exports[name] = checks = _export(model, quantized, check, folder)
                     for c in checks:
                         if c.get("ok"):
                             tracking.log_artifact(uri, run["run_id"], folder / c["file"], "export")
                     tracking.log_dict(uri, run["run_id"], checks, "export/export_check.json")
+            for precision, method, variant in variants:
+                figures = compress.measure(variant, test_inputs, labels, teacher_logits, params=params, example=example, timed=False)
+                rows.append(base | {"precision": precision, "quantization": method} | figures)
+                timed[len(rows) - 1] = variant
+        for index, figures in compress.timing(timed, test_inputs, threads=threads).items():
+            rows[index] |= figures
+        for run in children:
+            own = {r["precision"]: r for r in rows if r["mlflow_run_id"] == run["run_id"]}
+            logged = {k: own["fp32"][k] for k in FLOAT_METRICS}
+            if "int8" in own:
+                logged |= {f"int8_{k}": own["int8"][k] for k in (*FLOAT_METRICS, "test_accuracy", "agreement")}
             tracking.log_metrics(uri, run["run_id"], logged)
         _mark_pareto(rows)
         report = {
             "parent_run_id": parent_run_id, "job": parent["name"], "dataset": data.name, "test_rows": len(labels),
-            "settings": _settings(threads, len(calibration)), "rows": rows, "exports": exports,
+            "settings": _settings(threads, len(calibration), load_before), "rows": rows, "exports": exports,
         }  # fmt: skip
         tracking.log_dict(uri, parent_run_id, report, "report.json")
         tracking.log_artifact(uri, parent_run_id, tradeoff_plot(rows, Path(tmp) / "tradeoff.png"))
@@ -186,10 +199,10 @@ def run_report(parent_run_id: str, *, tracking_uri: str | None = None, threads: 
     return report
 
 
-def _settings(threads: int, calibration_rows: int) -> dict:
+def _settings(threads: int, calibration_rows: int, load_before: float) -> dict:
     return {
-        "torch": torch.__version__, "quant_engine": compress.QUANT_ENGINE, "threads": threads, "cpu": platform.processor() or platform.machine(),
-        "load_avg_1m": round(os.getloadavg()[0], 2), "latency_repeats": compress.LATENCY_REPEATS, "latency_warmup": compress.LATENCY_WARMUP,
+        "torch": torch.__version__, "quant_engine": compress.QUANT_ENGINE, "threads": threads, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "load_avg_1m": [load_before, round(os.getloadavg()[0], 2)], "timing_rounds": compress.TIMING_ROUNDS, "latency_repeats": compress.LATENCY_REPEATS, "latency_warmup": compress.LATENCY_WARMUP,
         "throughput_batch": compress.THROUGHPUT_BATCH, "throughput_repeats": compress.THROUGHPUT_REPEATS,
         "throughput_warmup": compress.THROUGHPUT_WARMUP, "calibration_rows": calibration_rows,
         "size_mb_disk": "torch.save(state_dict) file", "size_mb_torchscript": "torch.jit.trace + torch.jit.save file",
@@ -197,16 +210,26 @@ def _settings(threads: int, calibration_rows: int) -> dict:
     }  # fmt: skip
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def print_report(report: dict, tracking_uri: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if Console().is_terminal else 140)
+    # Piped output would otherwise be cut to 80 columns and the names truncated.
+    console = Console(width=None if Console().is_terminal else 180)
     s = report["settings"]
     table = Table(title=f"kd-orchestrator compression report: {report['job']} on {report['dataset']} (test set, CPU, {s['threads']} thread(s))")
     headers = ("role", "name", "precision", "quantization", "params", "size MB", "TorchScript MB", "latency ms b1", "img/s b256", "test acc", "agreement", "Pareto")
     for header in headers:
-        table.add_column(header, justify="left" if header in ("role", "name", "precision", "quantization", "Pareto") else "right")
+        left = header in ("role", "name", "precision", "quantization", "Pareto")
+        table.add_column(header, justify="left" if left else "right", overflow="fold")
     for r in report["rows"]:
         pareto = " ".join(tag for tag, key in (("latency", "pareto_latency"), ("size", "pareto_size")) if r[key]) or "-"
         table.add_row(
@@ -215,8 +238,9 @@ def print_report(report: dict, tracking_uri: str) -> None:
         )  # fmt: skip
     console.print(table)
     console.print(
-        f"medians: batch 1 over {s['latency_repeats']} runs, batch {s['throughput_batch']} over {s['throughput_repeats']} "
-        f"(warm-up excluded); torch {s['torch']}, engine {s['quant_engine']}, load average {s['load_avg_1m']}; "
+        f"medians: batch 1 over {s['latency_repeats']} runs, batch {s['throughput_batch']} over {s['throughput_repeats']}, "
+        f"models interleaved in {s['timing_rounds']} rounds (warm-up excluded); torch {s['torch']}, engine {s['quant_engine']}, "
+        f"{s['cpu']} ({s['cpu_count']} cores), load average {s['load_avg_1m'][0]} -> {s['load_avg_1m'][1]}; "
         "size MB = torch.save(state_dict) on disk"
     )
     for r in report["rows"]:
