@@ -52,50 +52,52 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":  # config-free: everything comes from the MLflow run
-        return _report(args)
-    config_path, overrides = _split_config(args)
+        return _guarded(lambda: _report(args))
     ray_was_running = _ray_running()  # a caller's Ray (a driver script, a test session) is not ours to stop
     try:
-        cfg = load_config(config_path, overrides)
-        from orchestrator import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
+        return _guarded(lambda: _run(args))
+    finally:
+        if not ray_was_running and _ray_running():
+            import ray
 
-        if args.command == "run":
-            prepared = pipeline.prepare(cfg)
-            pipeline.run_job(cfg, summary_json=args.summary_json, ray_address=args.address, prepared=prepared)
-        elif args.command == "teacher":
-            pipeline.run_teacher_job(cfg, ray_address=args.address)
-        elif args.command == "sweep":
-            from orchestrator.sweep import run_sweep
+            ray.shutdown()
 
-            run_sweep(cfg, resume=args.resume, ray_address=args.address)
-        else:
-            pipeline.run_soft_targets_job(cfg, ray_address=args.address)
+
+def _guarded(action) -> int:
+    """Bad input: one line on stderr, exit 2. Ctrl-C: exit 130 (runs in flight were ended KILLED by their scopes)."""
+    try:
+        action()
     except ConfigError as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("distill: interrupted; MLflow runs marked KILLED", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if not ray_was_running and _ray_running():
-            import ray
-
-            ray.shutdown()
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    try:
-        from orchestrator.compress_report import run_report  # torch and mlflow only when asked for
+def _run(args: argparse.Namespace) -> None:
+    config_path, overrides = _split_config(args)
+    cfg = load_config(config_path, overrides)
+    from orchestrator import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
 
-        run_report(args.run_id, tracking_uri=args.tracking_uri, threads=args.threads, export=not args.no_export)
-    except ConfigError as err:
-        print(f"distill: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("distill: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    if args.command == "run":
+        prepared = pipeline.prepare(cfg)
+        pipeline.run_job(cfg, summary_json=args.summary_json, ray_address=args.address, prepared=prepared)
+    elif args.command == "teacher":
+        pipeline.run_teacher_job(cfg, ray_address=args.address)
+    elif args.command == "sweep":
+        from orchestrator.sweep import run_sweep
+
+        run_sweep(cfg, resume=args.resume, ray_address=args.address)
+    else:
+        pipeline.run_soft_targets_job(cfg, ray_address=args.address)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from orchestrator.compress_report import run_report  # torch and mlflow only when asked for
+
+    run_report(args.run_id, tracking_uri=args.tracking_uri, threads=args.threads, export=not args.no_export)
 
 
 def _ray_running() -> bool:
