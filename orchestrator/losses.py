@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from orchestrator.config import ConfigError
+from orchestrator.loss_common import check_alpha as _check_alpha
+from orchestrator.loss_common import check_logits as _check_logits
+from orchestrator.loss_common import check_temperature as _check_temperature
+from orchestrator.loss_common import soft_kl as _soft_kl
+from orchestrator.logit_losses import dkd_ls_mixed, dkd_mixed, kd_ls_mixed
 
 __all__ = [
     "LOSSES",
@@ -32,41 +37,6 @@ __all__ = [
     "kl_to_teacher",
     "top1_agreement",
 ]
-
-
-def _check_logits(student_logits: Tensor, teacher_logits: Tensor, *, what: str) -> None:
-    """Shape checks that turn silent broadcasting bugs into one-line errors."""
-    if student_logits.ndim != 2:
-        raise ValueError(f"{what}: student logits must be (N, C), got shape {tuple(student_logits.shape)}")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"{what}: teacher logits shape {tuple(teacher_logits.shape)} "
-            f"does not match student logits shape {tuple(student_logits.shape)}"
-        )
-    if student_logits.shape[0] == 0:
-        raise ValueError(f"{what}: empty batch")
-
-
-def _check_temperature(temperature: float, *, what: str) -> None:
-    # `not (t > 0)` also rejects NaN.
-    if not (temperature > 0) or temperature == float("inf"):
-        raise ValueError(f"{what}: temperature must be a finite number > 0, got {temperature!r}")
-
-
-def _soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """KL(p_t^T || p_s^T) averaged over the batch, without the T^2 factor.
-
-    The teacher is detached so no gradient can ever reach it (it may be a live
-    model in feature-distillation setups). The target is given to `F.kl_div` as
-    probabilities, not log-probabilities: kl_div then uses xlogy(p, p), which is
-    0 where p == 0, so classes a top-k encoding dropped (teacher logit -inf,
-    probability exactly 0) contribute 0 instead of 0 * -inf = NaN.
-    """
-    teacher = teacher_logits.detach().to(student_logits.dtype)
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    p_teacher = F.softmax(teacher / temperature, dim=1)
-    # "batchmean" = sum over classes, mean over rows: the true KL per example.
-    return F.kl_div(log_p_student, p_teacher, reduction="batchmean")
 
 
 def cross_entropy(
@@ -113,8 +83,7 @@ def hinton_kd(
         raise ValueError("kd loss: teacher logits are required")
     _check_logits(student_logits, teacher_logits, what="kd loss")
     _check_temperature(temperature, what="kd loss")
-    if not (0.0 <= alpha <= 1.0):
-        raise ValueError(f"kd loss: alpha must be in [0, 1], got {alpha!r}")
+    _check_alpha(alpha, what="kd loss")
 
     # Skip a term whose weight is 0, so alpha = 0 / 1 give the other term exactly
     # (0 * x is not x-free when x is inf or NaN, and it saves a softmax).
@@ -128,10 +97,18 @@ def hinton_kd(
 
 # A plain literal: config validation imports this, so importing must not register
 # anything or depend on import order.
-LOSSES: dict[str, Callable[..., Tensor]] = {"ce": cross_entropy, "kd": hinton_kd}
+# The string form of `students[].loss`; each mixes its soft term with CE by kd.alpha.
+# Weighted lists of terms (ce + kd + fitnet ...) are `orchestrator.objectives.TERMS`.
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "ce": cross_entropy,
+    "kd": hinton_kd,
+    "dkd": dkd_mixed,
+    "kd_ls": kd_ls_mixed,
+    "dkd_ls": dkd_ls_mixed,
+}
 
 # Losses that read teacher logits; students with any other loss need no soft targets.
-NEEDS_TEACHER: frozenset[str] = frozenset({"kd"})
+NEEDS_TEACHER: frozenset[str] = frozenset({"kd", "dkd", "kd_ls", "dkd_ls"})
 
 
 def get_loss(name: str) -> Callable[..., Tensor]:
