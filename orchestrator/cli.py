@@ -1,4 +1,4 @@
-"""`distill` command line: run, teacher, soft-targets, sweep, report. Bad input -> one line on stderr, exit code 2."""
+"""`distill` command line: run, teacher, soft-targets, sweep, report; submit, jobs, logs, stop, mlflow-server. Bad input -> one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
@@ -34,7 +34,37 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     report.add_argument("--threads", type=int, default=1, help="torch intra-op threads while timing (default 1)")
     report.add_argument("--no-export", action="store_true", help="skip the TorchScript / ONNX export of the students")
+    _cluster_commands(commands)
     return parser
+
+
+def _cluster_commands(commands) -> None:
+    """submit / jobs / logs / stop against a running Ray cluster's job API, and the MLflow server for it."""
+    address_help = "Ray job API address, e.g. http://<head>:8265 (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)"
+    submit = commands.add_parser("submit", help="submit a job to a Ray cluster, stream its logs, exit with its status")
+    submit.add_argument("config", help="YAML config inside the working directory (uploaded with it)")
+    submit.add_argument("overrides", nargs="*", help="dotted overrides, passed on to the job")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--job", choices=["run", "sweep", "teacher", "soft-targets"], default="run", help="which jobs/*.py script (default run)")
+    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: here)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable for the job (repeatable)")
+    submit.add_argument("--submission-id", help="job id to use (default: Ray's raysubmit_...)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    jobs = commands.add_parser("jobs", help="list the cluster's jobs")
+    jobs.add_argument("--address", help=address_help)
+    logs = commands.add_parser("logs", help="print a job's logs")
+    logs.add_argument("job_id")
+    logs.add_argument("--address", help=address_help)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep streaming until the job ends; exit with its status")
+    stop = commands.add_parser("stop", help="stop a running job")
+    stop.add_argument("job_id")
+    stop.add_argument("--address", help=address_help)
+    server = commands.add_parser("mlflow-server", help="run an MLflow tracking server (SQLite backend, served artifacts) for cluster jobs")
+    server.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; a head node's private IP on a cluster)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--backend-store-uri", help="default: sqlite:///<here>/mlflow.db")
+    server.add_argument("--artifacts-destination", help="where served artifacts go: a folder, an NFS path or s3://... (default: <here>/mlartifacts)")
+    server.add_argument("--workers", type=int, default=1)
 
 
 def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -53,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":  # config-free: everything comes from the MLflow run
         return _guarded(lambda: _report(args))
+    if args.command in CLUSTER_COMMANDS:  # talk to a cluster (or start a server); no Ray in this process
+        return _guarded(lambda: _cluster(args))
     ray_was_running = _ray_running()  # a caller's Ray (a driver script, a test session) is not ours to stop
     try:
         return _guarded(lambda: _run(args))
@@ -66,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 def _guarded(action) -> int:
     """Bad input: one line on stderr, exit 2. Ctrl-C: exit 130 (runs in flight were ended KILLED by their scopes)."""
     try:
-        action()
+        code = action()
     except ConfigError as err:
         print(f"distill: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("distill: interrupted; MLflow runs marked KILLED", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
+    return code or 0
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -98,6 +130,35 @@ def _report(args: argparse.Namespace) -> None:
     from orchestrator.compress_report import run_report  # torch and mlflow only when asked for
 
     run_report(args.run_id, tracking_uri=args.tracking_uri, threads=args.threads, export=not args.no_export)
+
+
+CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "mlflow-server")
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from orchestrator import submit
+
+    if args.command == "submit":
+        env = dict(_key_value(item) for item in args.env)
+        return submit.submit(args.config, list(args.overrides), address=args.address, command=args.job, working_dir=args.working_dir,
+                             env=env, wait=not args.no_wait, submission_id=args.submission_id)
+    if args.command == "jobs":
+        return submit.list_jobs(args.address)
+    if args.command == "logs":
+        return submit.show_logs(args.job_id, address=args.address, follow_logs=args.follow)
+    if args.command == "stop":
+        return submit.stop(args.job_id, address=args.address)
+    from orchestrator.mlflow_server import serve
+
+    return serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
+                 artifacts_destination=args.artifacts_destination, workers=args.workers)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+    return key, value
 
 
 def _ray_running() -> bool:

@@ -13,7 +13,8 @@ import numpy as np
 import ray
 import torch
 
-from orchestrator import tracking
+from orchestrator import preflight, tracking
+from orchestrator.cluster import check_cluster
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.evaluate import classification_metrics, predict_logits
@@ -55,6 +56,7 @@ def _load_given_teacher(cfg: JobConfig, index: int, data: DatasetArrays, uri: st
             raise ConfigError(f"{where}.mlflow_model: cannot load {teacher.mlflow_model} ({type(exc).__name__})") from None
     else:
         return None
+    preflight.check_finite_weights(state_dict, where)
     load_weights(build_model(teacher, data.input_shape, data.num_classes), state_dict, where=where)
     return state_dict
 
@@ -81,14 +83,26 @@ def prepare(cfg: JobConfig) -> Prepared:
     return Prepared(cfg, data, train_ids, val_ids, given, uri, experiment_id)
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to the cluster this job runs in, else start a local Ray for the user."""
+def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
+    """Connect to the cluster this job runs in, else start a local Ray for the user.
+
+    Bad input costs no Ray start: a remote address must answer first, and a local start
+    must be able to meet `cfg`'s resource requests.
+    """
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
+    address, where = preflight.ray_address(address)
+    if address and address != "local":
+        preflight.check_ray_address(address, where)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{where}: cannot connect to Ray at {address} ({reason})") from None
     else:
+        if cfg is not None:
+            preflight.check_local_resources(cfg)
+        # The dashboard (it can submit jobs) listens on loopback only; see README "Security".
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
@@ -128,7 +142,8 @@ def teacher_test_logits(prep: Prepared, soft: SoftTargets) -> torch.Tensor:
 def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_address: str | None = None, prepared: Prepared | None = None) -> list[dict]:
     """The whole distillation: teachers -> soft targets -> students -> test evaluation -> summary rows."""
     prep = prepared or prepare(cfg)
-    init_ray(ray_address)
+    init_ray(ray_address, cfg)
+    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     uri, data = prep.tracking_uri, prep.data
     with tracking.run_scope(uri, prep.experiment_id, cfg.name, tags={"job": "distill", "dataset": data.name}) as parent_id:
         track = TrackingContext(uri, prep.experiment_id, parent_id)
@@ -191,7 +206,8 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
 def run_teacher_job(cfg: JobConfig, *, ray_address: str | None = None) -> list[TeacherWeights]:
     """Only the teacher stage (train, or reuse a cached / given teacher), under its own parent run."""
     prep = prepare(cfg)
-    init_ray(ray_address)
+    init_ray(ray_address, cfg)
+    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:teacher", tags={"job": "teacher"}) as parent_id:
         track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id)
         return [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
@@ -200,7 +216,8 @@ def run_teacher_job(cfg: JobConfig, *, ray_address: str | None = None) -> list[T
 def run_soft_targets_job(cfg: JobConfig, *, ray_address: str | None = None) -> SoftTargets:
     """Teachers, then their soft targets into the fingerprinted cache."""
     prep = prepare(cfg)
-    init_ray(ray_address)
+    init_ray(ray_address, cfg)
+    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:soft-targets", tags={"job": "soft_targets"}) as parent_id:
         track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id)
         teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]

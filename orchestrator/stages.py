@@ -21,6 +21,7 @@ import ray.data
 import torch
 
 from orchestrator import tracking
+from orchestrator.cluster import teacher_gpus
 from orchestrator.config import JobConfig, TeacherConfig, spec_of
 from orchestrator.data import DatasetArrays, Split, to_ray_dataset
 from orchestrator.models import build_model, load_weights, state_dict_fingerprint
@@ -170,6 +171,7 @@ def _all_images(data: DatasetArrays) -> Split:
 
 def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> ray.data.Dataset:
     st = cfg.soft_targets
+    gpus = teacher_gpus(st.num_gpus_per_actor)  # GPUs when the cluster has them, else the CPU
     predictor_kwargs: dict[str, Any] = {
         "teachers": [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "state_dict": t.state_dict, "weight": t.config.weight} for t in teachers],
         "input_shape": data.input_shape,
@@ -181,7 +183,7 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
         "top_k": st.top_k,
         "ensemble": st.ensemble,
         "threads": max(1, int(st.num_cpus_per_actor)),
-        "use_gpu": st.num_gpus_per_actor > 0,
+        "use_gpu": gpus > 0,
     }
     return to_ray_dataset(_all_images(data)).map_batches(
         TeacherPredictor,
@@ -191,7 +193,7 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
         batch_format="numpy",
         zero_copy_batch=True,
         num_cpus=st.num_cpus_per_actor,
-        num_gpus=st.num_gpus_per_actor,
+        num_gpus=gpus,
     )
 
 

@@ -24,6 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
 from orchestrator.chains import assistant_as_teacher, chain_label, plan_chain, stage_key, stage_registry
+from orchestrator.cluster import check_cluster
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
@@ -257,7 +258,8 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     if resume and not tune.Tuner.can_restore(str(storage / sweep_dir_name(cfg))):
         raise ConfigError(f"--resume: no sweep to resume at {storage / sweep_dir_name(cfg)}")
     prep = prepare(cfg)
-    init_ray(ray_address)
+    init_ray(ray_address, cfg)
+    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     uri = prep.tracking_uri
     rows_before = teacher_forward_rows()
     parent_id = _parent_run(prep, state_path, resume)
