@@ -111,6 +111,9 @@ def attention_transfer_loss(student_features: Tensor, teacher_features: Tensor, 
     maps differ in size the larger one is average-pooled to the smaller (RepDistiller).
     """
     _check_batch(student_features, teacher_features, what="attention transfer")
+    for features in (student_features, teacher_features):
+        if features.ndim != 4:
+            raise ValueError(f"attention transfer: needs (N, C, H, W) feature maps, got shape {tuple(features.shape)}")
     teacher = teacher_features.detach().to(student_features.dtype)
     s_side, t_side = student_features.shape[-2:], teacher.shape[-2:]
     if s_side != t_side:
