@@ -95,6 +95,10 @@ class TeacherConfig(ModelSpec):
     checkpoint: str | None = None
     mlflow_model: str | None = None
     train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=8))
+    # Magnitude pruning of the teacher's weights before it makes soft targets (0 = off); the
+    # trained teacher is cached unpruned, so trying several amounts trains it once.
+    prune_amount: float = Field(0.0, ge=0.0, lt=1.0)
+    prune_structured: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":

@@ -23,7 +23,9 @@ import torch
 from orchestrator import tracking
 from orchestrator.cluster import teacher_gpus
 from orchestrator.config import JobConfig, TeacherConfig, spec_of
+from orchestrator.compress import prune_model, sparsity
 from orchestrator.data import DatasetArrays, Split, to_ray_dataset
+from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, load_weights, state_dict_fingerprint
 from orchestrator.soft_targets import column_to_numpy, fingerprint, load_table, logit_columns, read_cache, write_cache
 from orchestrator.teachers import TeacherPredictor, attach_soft_targets, forward_row_counter
@@ -71,7 +73,7 @@ class StudentsResult:
 
 
 def teacher_training_key(cfg: JobConfig, teacher: TeacherConfig, data: DatasetArrays) -> str:
-    spec = teacher.model_dump(exclude={"name", "weight", "checkpoint", "mlflow_model"})
+    spec = teacher.model_dump(exclude={"name", "weight", "checkpoint", "mlflow_model", "prune_amount", "prune_structured"})
     return fingerprint({"teacher": spec, "dataset": data.fingerprint("train"), "val_fraction": cfg.dataset.val_fraction, "seed": cfg.seed})
 
 
@@ -140,14 +142,33 @@ def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, 
                 tags = {"cache_file": str(path)}
         model = build_model(teacher, data.input_shape, data.num_classes)
         load_weights(model, state_dict, where=f"teachers.{index}")
+        if teacher.prune_amount > 0:
+            state_dict = _prune_teacher(model, teacher, data, track.uri, run_id)
         weights_fp = state_dict_fingerprint(state_dict)
         tracking.set_tags(track.uri, run_id, {"source": source, "teacher_fingerprint": weights_fp, "dataset": data.name, **tags})
-        if source != "cache" and cfg.tracking.log_models:
+        if (source != "cache" or teacher.prune_amount > 0) and cfg.tracking.log_models:
             example = np.zeros((1, *data.input_shape), dtype=np.float32)
             tracking.log_torch_model(track.uri, run_id, model, name="model", input_example=example)
         wall = time.perf_counter() - started
         tracking.log_metrics(track.uri, run_id, {"wall_s": wall})
     return TeacherWeights(teacher, state_dict, weights_fp, source, run_id, wall)
+
+
+def _prune_teacher(model: torch.nn.Module, teacher: TeacherConfig, data: DatasetArrays, uri: str, run_id: str) -> dict:
+    """Prune `model` in place and log the teacher's test accuracy before and after; returns the pruned weights.
+
+    The test split is only reported here, never used to choose anything.
+    """
+    labels = torch.from_numpy(data.test.labels)
+    before = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels)
+    prune_model(model, teacher.prune_amount, structured=teacher.prune_structured)
+    after = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels)
+    metrics = {"prune_sparsity": sparsity(model), "unpruned_test_accuracy": before["accuracy"], "pruned_test_accuracy": after["accuracy"]}
+    tracking.log_metrics(uri, run_id, metrics)
+    kind = "structured (filters/rows)" if teacher.prune_structured else "unstructured"
+    print(f"teacher {teacher.name}: pruned {kind} {teacher.prune_amount:.0%} -> sparsity {metrics['prune_sparsity']:.1%}, "
+          f"test accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}", flush=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def soft_target_key(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> str:

@@ -59,6 +59,7 @@ def test_config_is_frozen():
         (["bogus=1"], "bogus: unknown key"),
         (["train.epochs=zero"], "train.epochs: Input should be a valid integer"),
         (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
+        (["teachers.0.prune_amount=1"], "teachers.0.prune_amount: Input should be less than 1"),
         (["train.batch_size=[1]"], "train.batch_size: Input should be a valid integer"),
         (["students.0.hidden=[0]"], "students.0.hidden: widths must be positive integers"),
         (["students.0.family=transformer"], "students.0.family: unknown model family 'transformer'"),

@@ -121,6 +121,21 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     assert teacher_forward_rows() == rows_before
     assert all(r.info.status == "FINISHED" for group in runs.values() for r in group)
 
+    # Pruning the teacher before soft targets: the trained teacher comes from the cache (not
+    # retrained), its accuracy before and after is logged, and the pruned weights make new soft targets.
+    assert cli_main(["soft-targets", str(REPO_ROOT / "configs/digits_kd.yaml"), *FAST, "teachers.0.prune_amount=0.5"]) == 0
+    runs = _runs_by_name(client, "it")
+    pruned = max(runs["teacher:cnn"], key=lambda r: r.info.start_time)
+    assert pruned.data.tags["source"] == "cache"
+    assert pruned.data.metrics["unpruned_test_accuracy"] == pytest.approx(teacher["test_accuracy"], abs=1e-6)
+    assert 0.45 < pruned.data.metrics["prune_sparsity"] <= 0.5  # half of every layer but the logits layer
+    assert pruned.data.tags["teacher_fingerprint"] != second_teacher.data.tags["teacher_fingerprint"]
+    assert max(runs["soft-targets"], key=lambda r: r.info.start_time).data.tags["cache_hit"] == "False"
+    assert teacher_forward_rows() == rows_before + 1797
+    pruned_model = mlflow.pytorch.load_model(f"runs:/{pruned.info.run_id}/model", map_location="cpu")
+    zeros = sum(int((m.weight == 0).sum()) for m in pruned_model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert zeros > 0  # the logged model is the pruned one
+
 
 def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, mlflow_uri):
     """Two teachers given as state-dict files (a weighted ensemble), students on 2 data-parallel workers, via the CLI."""
