@@ -486,7 +486,7 @@ def write_reports(report: dict) -> None:
     ]
     for label in ("60k", "300k"):
         e = st[label]
-        rows.append((f"soft targets, {e['rows']:,} rows, rows/s end to end: later calls (workers warm)",
+        rows.append((f"soft targets, {e['rows']:,} rows, rows/s end to end: later calls (Ray up; the actors still start anew each call)",
                      f"{e['plain_rows_per_s']:,.0f}", f"{e['ray_rows_per_s']:,.0f}", e["ratio"], f"soft_targets_{label}",
                      f"median of {len(e['runs'])}; foreign <= {e['max_foreign_cpu_share']:.2f}"))
     one = se["1_worker"]
