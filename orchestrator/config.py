@@ -8,6 +8,7 @@ typed object with `JobConfig.model_validate(d)` in their first line.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,9 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     # Unknown keys are typos, never silently ignored; frozen so a config cannot
-    # drift after it was logged to MLflow.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # drift after it was logged to MLflow. No float field means anything at inf or NaN
+    # (lr=.inf trains to NaN, cpus_per_worker=.inf never schedules).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatasetConfig(_Strict):
@@ -115,6 +117,8 @@ class StudentConfig(ModelSpec):
 class KDConfig(_Strict):
     """Hinton KD: loss = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(y, student)."""
 
+    # inf/NaN reach the validators below, whose messages name the valid range.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
     temperature: float = 4.0
     alpha: float = 0.9
 
@@ -197,6 +201,22 @@ class SearchSpace(_Strict):
     chain: SearchDim | None = None  # lists of assistant model specs between teacher and student; [] = direct KD
 
 
+# What a sampled value must satisfy: the same ranges KDConfig and TrainConfig enforce on fixed values.
+_SAMPLED_RANGES = {
+    "temperature": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lr": (lambda v: 0 < v < math.inf, "finite and > 0"),
+}
+
+
+def _check_sampled_range(name: str, dim: SearchDim) -> None:
+    ok, wanted = _SAMPLED_RANGES[name]
+    bounds = dim.values() or list(dim.uniform or dim.loguniform or ())
+    bad = [v for v in bounds if not ok(v)]  # NaN fails every comparison, so it lands here too
+    if bad:
+        raise ValueError(f"space.{name}: values must be {wanted}, got {bad[0]!r}")
+
+
 class SweepConfig(_Strict):
     num_samples: int = Field(4, ge=1)
     metric: str = "val_accuracy"
@@ -218,6 +238,8 @@ class SweepConfig(_Strict):
             for value in (dim.values() or []) if dim else []:
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise ValueError(f"space.{name}: values must be numbers, got {value!r}")
+            if dim is not None:
+                _check_sampled_range(name, dim)
         if self.search == "optuna" and any(d.grid is not None for d in dims.values()):
             raise ValueError("space: grid dimensions need search=random (Optuna samples, it does not enumerate)")
         return self
@@ -229,9 +251,12 @@ class SweepConfig(_Strict):
         return [[ModelSpec.model_validate(spec) for spec in chain] for chain in dim.values() or []]
 
 
+_JOB_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
 class JobConfig(_Strict):
     name: str = "distill"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators refuse negative seeds
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()])
     students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()])
@@ -241,6 +266,15 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_plain_word(cls, name: str) -> str:
+        # The name becomes a Ray Train run directory and an MLflow experiment: no path
+        # separators, no leading dot (a hidden or parent directory), nothing empty.
+        if not _JOB_NAME.fullmatch(name):
+            raise ValueError(f"must be letters, digits, '.', '_' or '-' and not start with '.', got {name!r}")
+        return name
 
     @model_validator(mode="after")
     def _names_unique(self) -> "JobConfig":

@@ -57,6 +57,7 @@ def _load_given_teacher(cfg: JobConfig, index: int, data: DatasetArrays, uri: st
     else:
         return None
     preflight.check_finite_weights(state_dict, where)
+    preflight.check_finite_weights(state_dict, where)
     load_weights(build_model(teacher, data.input_shape, data.num_classes), state_dict, where=where)
     return state_dict
 
@@ -75,7 +76,8 @@ def prepare(cfg: JobConfig) -> Prepared:
     try:
         experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name)
     except Exception as exc:
-        raise ConfigError(f"tracking.tracking_uri: cannot use MLflow store {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        problem = f"cannot use MLflow store {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        raise ConfigError(f"tracking.tracking_uri: {tracking.redact(problem)}") from None  # no password in the terminal
     given = [g if g is not None else _load_given_teacher(cfg, i, data, uri) for i, g in enumerate(given)]
     train_ids, val_ids = split_train_val(len(data.train.labels), cfg.dataset.val_fraction, cfg.seed)
     if len(val_ids) == 0:

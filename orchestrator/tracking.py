@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +27,8 @@ _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
 # Secrets must never become params, tags or logged config.
 _SECRET_MARKERS = ("token", "secret", "password", "passwd", "api_key", "apikey", "access_key", "credential")
+# The user-info part of a URI (`https://user:password@host`, `https://<token>@host`) is a secret too.
+_URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -41,7 +44,21 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 
 
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1 --port 5000"
+
+
+def redact(text: str) -> str:
+    """Credentials inside URIs replaced by `***`: safe to print, log or store as a param."""
+    return _URI_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def scrub(tree: Any) -> Any:
+    """A JSON-like tree with secret-looking keys dropped and URI credentials redacted (for logged dicts)."""
+    if isinstance(tree, Mapping):
+        return {k: scrub(v) for k, v in tree.items() if not is_secret_key(str(k))}
+    if isinstance(tree, (list, tuple)):
+        return [scrub(v) for v in tree]
+    return redact(tree) if isinstance(tree, str) else tree
 
 
 def client(uri: str) -> MlflowClient:
@@ -66,7 +83,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             for i, item in enumerate(value):
                 flat.update(flatten(item, f"{name}.{i}."))
         else:
-            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            text = json.dumps(scrub(value)) if isinstance(value, (list, dict)) else redact(str(value))
             flat[name] = text[:_MAX_PARAM_CHARS]
     return flat
 
@@ -82,7 +99,7 @@ def check_reachable(uri: str, *, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ConnectionError(f"no MLflow server answers at {uri} ({reason})") from None
+        raise ConnectionError(f"no MLflow server answers at {redact(uri)} ({reason})") from None
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -133,14 +150,14 @@ def run_scope(uri: str, experiment_id: str, name: str, *, parent_id: str | None 
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items() if not is_secret_key(k)]
+    items = [Param(k, redact(str(v))[:_MAX_PARAM_CHARS]) for k, v in params.items() if not is_secret_key(k)]
     mlflow_client = client(uri)
     for start in range(0, len(items), _BATCH):
         mlflow_client.log_batch(run_id, params=items[start : start + _BATCH])
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
-    client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client(uri).log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items() if not is_secret_key(k)])
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
@@ -153,7 +170,7 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], *, step: in
 
 
 def log_dict(uri: str, run_id: str, data: Any, artifact_file: str) -> None:
-    client(uri).log_dict(run_id, data, artifact_file)
+    client(uri).log_dict(run_id, scrub(data), artifact_file)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
