@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.term_config import LossTerm, check_students, parse_loss
+
 
 class ConfigError(ValueError):
     """A bad configuration or input, reported as one line (exit code 2 in the CLI)."""
@@ -111,7 +113,12 @@ class TeacherConfig(ModelSpec):
 
 class StudentConfig(ModelSpec):
     name: str = "student"
-    loss: str = "kd"
+    loss: str | list[LossTerm] = "kd"  # a name from losses.LOSSES, or weighted terms (term_config.py)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_name_or_terms(cls, value: Any) -> Any:
+        return parse_loss(value)
 
 
 class KDConfig(_Strict):
@@ -266,6 +273,9 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: SweepConfig | None = None
+    # cached: students read the soft-target cache. online: the teachers also run inside the
+    # train workers, on the student's own (possibly jittered) batch; feature terms need it.
+    teacher_mode: Literal["cached", "online"] = "cached"
 
     @field_validator("name")
     @classmethod
@@ -289,8 +299,9 @@ class JobConfig(_Strict):
         from orchestrator.losses import LOSSES  # local: losses imports torch
 
         for i, student in enumerate(self.students):
-            if student.loss not in LOSSES:
+            if isinstance(student.loss, str) and student.loss not in LOSSES:
                 raise ValueError(f"students.{i}.loss: unknown loss {student.loss!r} (known: {', '.join(sorted(LOSSES))})")
+        check_students(self)
         if self.sweep is not None:
             self._check_sweep(self.sweep)
         return self

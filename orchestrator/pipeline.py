@@ -19,6 +19,8 @@ from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
+from orchestrator.online import check_feature_layers
+from orchestrator.term_config import describe_loss
 from orchestrator.soft_targets import decode_logits
 from orchestrator.stages import (
     SoftTargets,
@@ -67,9 +69,8 @@ def prepare(cfg: JobConfig) -> Prepared:
     for group, items in (("teachers", cfg.teachers), ("students", cfg.students)):
         for i, spec in enumerate(items):
             check_output_size(build_model(spec, data.input_shape, data.num_classes), data.input_shape, data.num_classes, where=f"{group}.{i}")
-    if cfg.train.input_jitter and any(s.loss != "ce" for s in cfg.students):
-        # Cached soft targets were computed on the un-augmented image; a shifted student input would no longer match them.
-        raise ConfigError("train.input_jitter: random augmentation does not match cached soft targets; use it for teachers (teachers.N.train.input_jitter)")
+    # train.input_jitter with cached soft targets is refused by the config itself (term_config.check_students).
+    check_feature_layers(cfg, data)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     # Files first (nothing written yet), then the tracking store, then MLflow-hosted teachers.
     given = [_load_given_teacher(cfg, i, data, uri) if not cfg.teachers[i].mlflow_model else None for i in range(len(cfg.teachers))]
@@ -187,11 +188,11 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
             for m in members
         }
         for m in members:
-            params = {**tracking.flatten(m.spec.model_dump(mode="json")), "loss": m.loss, **tracking.flatten(cfg.train.model_dump(mode="json"), "train.")}
+            params = {**tracking.flatten(m.spec.model_dump(mode="json")), "loss": describe_loss(m.loss), **tracking.flatten(cfg.train.model_dump(mode="json"), "train.")}
             if m.loss != "ce":
                 params |= {"kd.temperature": cfg.kd.temperature, "kd.alpha": cfg.kd.alpha}
             tracking.log_params(uri, run_ids[m.name], params)
-        result = student_stage(cfg, data, prep.train_ids, prep.val_ids, soft, track, run_ids)
+        result = student_stage(cfg, data, prep.train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
         labels = torch.from_numpy(data.test.labels)
         for m in result.members:
             model = build_model(m.spec, data.input_shape, data.num_classes)

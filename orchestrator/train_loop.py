@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray.data
 import ray.train
@@ -26,11 +26,16 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.config import KDConfig, ModelSpec, TrainConfig
 from orchestrator.data import normalize_images
 from orchestrator.evaluate import classification_metrics
-from orchestrator.losses import get_loss
 from orchestrator.models import build_model
+from orchestrator.objectives import build_objective, step_members
+from orchestrator.online import OnlineTeacher
 from orchestrator.soft_targets import decode_logits, logit_columns
+from orchestrator.term_config import LossTerm
 
 STATE_FILE = "state.pt"
+# Key of the train_loop_config entry holding Ray object refs (online teachers' weights): popped
+# before the typed LoopConfig is rebuilt, since weights are not JSON.
+OBJECTS_KEY = "_objects"
 
 
 class MemberConfig(BaseModel):
@@ -38,7 +43,7 @@ class MemberConfig(BaseModel):
     name: str
     role: str  # teacher | baseline | student
     spec: ModelSpec
-    loss: str
+    loss: str | list[LossTerm]
     run_id: str | None = None
 
 
@@ -57,6 +62,10 @@ class LoopConfig(BaseModel):
     encoding: str | None  # soft-target encoding; None when no teacher logits are present
     seed: int
     tracking_uri: str | None = None
+    # online: these teachers (name, spec, weight; weights via OBJECTS_KEY) run in the worker on every batch.
+    teacher_mode: Literal["cached", "online"] = "cached"
+    online_teachers: list[dict[str, Any]] = []
+    ensemble: str = "logits"
 
 
 @dataclass
@@ -142,7 +151,8 @@ def teacher_logits_of(batch: dict[str, torch.Tensor], loop: LoopConfig) -> torch
     return decode_logits(columns, num_classes=loop.num_classes)
 
 
-def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, device, generator: torch.Generator) -> dict[str, float]:
+def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, device, generator: torch.Generator,
+                    teacher_model: OnlineTeacher | None = None) -> dict[str, float]:
     """One pass over `batches`, every member stepping on every batch. Returns mean train loss per member."""
     for member in members:
         member.model.train()
@@ -154,12 +164,10 @@ def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, device,
         labels = batch["label"].long().to(device)
         teacher = teacher_logits_of(batch, loop)
         teacher = teacher.to(device) if teacher is not None else None
-        for member in members:
-            loss = member.loss_fn(member.model(images), labels, teacher, temperature=loop.kd.temperature, alpha=loop.kd.alpha)
-            member.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            member.optimizer.step()
-            totals[member.config.name] += loss.detach().double().cpu() * len(labels)
+        online = teacher_model  # the online teacher (or None) sees the same, possibly jittered, images
+        losses = step_members(members, images, labels, teacher, online, temperature=loop.kd.temperature, alpha=loop.kd.alpha)
+        for name, loss in losses.items():
+            totals[name] += loss.double().cpu() * len(labels)
         rows += len(labels)
     for member in members:
         member.scheduler.step()
@@ -188,6 +196,7 @@ def save_state(members: list[Member], epoch: int, directory: Path) -> None:
             "models": {m.config.name: m.plain_model.state_dict() for m in members},
             "optimizers": {m.config.name: m.optimizer.state_dict() for m in members},
             "schedulers": {m.config.name: m.scheduler.state_dict() for m in members},
+            "objectives": {m.config.name: m.loss_fn.state_dict() for m in members if isinstance(m.loss_fn, torch.nn.Module)},
         },
         directory / STATE_FILE,
     )
@@ -198,21 +207,32 @@ def load_state(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def build_members(loop: LoopConfig, state: dict | None) -> list[Member]:
+def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher | None = None) -> list[Member]:
     members = []
     for config in loop.members:
         torch.manual_seed(loop.seed)  # identical initial weights on every rank and every run
         model = build_model(config.spec, loop.input_shape, loop.num_classes)
+        # After the model, so its initial weights do not depend on the loss; adapters are seeded by this order too.
+        objective = build_objective(config.loss, loop.kd, model, loop.input_shape, teacher)
         if state is not None:
             model.load_state_dict(state["models"][config.name])
+            if config.name in state.get("objectives", {}):
+                objective.load_state_dict(state["objectives"][config.name])
         model = ray.train.torch.prepare_model(model)
-        optimizer = build_optimizer(model.parameters(), loop.optim)
+        objective.to(ray.train.torch.get_device())
+        optimizer = build_optimizer([*model.parameters(), *objective.parameters()], loop.optim)
         scheduler = build_scheduler(optimizer, loop.optim)
         if state is not None:
             optimizer.load_state_dict(state["optimizers"][config.name])
             scheduler.load_state_dict(state["schedulers"][config.name])
-        members.append(Member(config, model, optimizer, scheduler, get_loss(config.loss)))
+        members.append(Member(config, model, optimizer, scheduler, objective))
     return members
+
+
+def _teacher_layers(loss) -> list[str]:
+    from orchestrator.online import layer_pairs
+
+    return [teacher_layer for _, teacher_layer in layer_pairs(loss)]
 
 
 def _format_line(stage: str, name: str, epoch: int, epochs: int, train_loss: float, val: dict[str, float], seconds: float) -> str:
@@ -234,6 +254,8 @@ def _quiet_worker_logs() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    config = dict(config)
+    objects = config.pop(OBJECTS_KEY, {})
     loop = LoopConfig.model_validate(config)
     _quiet_worker_logs()
     context = ray.train.get_context()
@@ -244,7 +266,12 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     state = load_state(checkpoint) if checkpoint else None
     start_epoch = state["epoch"] + 1 if state else 0
-    members = build_members(loop, state)
+    teacher_model = None
+    if loop.teacher_mode == "online":
+        layers = [layer for m in loop.members for layer in _teacher_layers(m.loss)]
+        teacher_model = OnlineTeacher(loop.online_teachers, ray.get(objects["teacher_states"]), input_shape=loop.input_shape,
+                                      num_classes=loop.num_classes, ensemble=loop.ensemble, layers=layers, device=device)
+    members = build_members(loop, state, teacher_model)
 
     train = ShardBatches(
         ray.train.get_dataset_shard("train"), batch_size=loop.optim.batch_size, in_memory=loop.optim.cache_shard_in_memory, seed=loop.seed + 7919 * rank
@@ -254,7 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, loop.optim.epochs):
         started = time.perf_counter()
-        train_loss = train_one_epoch(members, train.epoch(epoch), loop, device=device, generator=generator)
+        train_loss = train_one_epoch(members, train.epoch(epoch), loop, device=device, generator=generator, teacher_model=teacher_model)
         val_metrics = validate(members, val.collect(), loop, device=device) if val is not None and len(val.collect()) else {}
         seconds = time.perf_counter() - started
         metrics: dict[str, float] = {"epoch": epoch, "epoch_s": seconds}

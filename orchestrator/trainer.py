@@ -11,7 +11,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import TrainConfig
-from orchestrator.train_loop import LoopConfig, load_state, train_loop_per_worker
+from orchestrator.train_loop import OBJECTS_KEY, LoopConfig, load_state, train_loop_per_worker
 
 
 # Ray Train V2 workers hand each report to a queue of size 1 that the controller drains
@@ -21,14 +21,18 @@ from orchestrator.train_loop import LoopConfig, load_state, train_loop_per_worke
 TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str, callbacks: Sequence = ()) -> TorchTrainer:
-    """Train shard per worker, validation whole on rank 0, a checkpoint per epoch, restarts on failure."""
+def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str, callbacks: Sequence = (),
+                  objects: dict | None = None) -> TorchTrainer:
+    """Train shard per worker, validation whole on rank 0, a checkpoint per epoch, restarts on failure.
+
+    `objects`: Ray object refs the workers fetch themselves (online teachers' weights), kept out of the JSON config.
+    """
     for key, value in TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     optim: TrainConfig = loop.optim
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop.model_dump(mode="json"),
+        train_loop_config={**loop.model_dump(mode="json"), **({OBJECTS_KEY: objects} if objects else {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=optim.num_workers,
             use_gpu=optim.use_gpu,
@@ -47,9 +51,10 @@ def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, ru
     )
 
 
-def fit_and_load(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str, callbacks: Sequence = ()) -> tuple[dict, dict]:
+def fit_and_load(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str, callbacks: Sequence = (),
+                 objects: dict | None = None) -> tuple[dict, dict]:
     """Run the stage; returns (final state dicts by member name, last reported metrics)."""
-    result = build_trainer(loop, datasets, run_name=run_name, callbacks=callbacks).fit()
+    result = build_trainer(loop, datasets, run_name=run_name, callbacks=callbacks, objects=objects).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage {loop.stage}: training finished without a checkpoint")
     state = load_state(result.checkpoint)

@@ -1,0 +1,146 @@
+"""Composed loss terms, the online teacher, forward hooks and DML steps, in-process (no Ray)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.config import ConfigError, KDConfig, ModelSpec, StudentConfig, TeacherConfig, TrainConfig, validate_config
+from orchestrator.feature_losses import attention_transfer_loss, fitnet_loss, rkd_loss
+from orchestrator.logit_losses import dkd_loss, kd_soft_loss, mutual_learning_loss
+from orchestrator.losses import hinton_kd
+from orchestrator.models import build_model
+from orchestrator.objectives import Objective, StepInputs, build_objective, step_members
+from orchestrator.online import OnlineTeacher, check_feature_layers, feature_shapes, tap_features
+from orchestrator.term_config import parse_loss
+from orchestrator.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
+
+SHAPE = (1, 8, 8)
+TEACHER = ModelSpec(family="cnn", channels=[8, 16], hidden=[32])
+STUDENT = ModelSpec(family="cnn", channels=[4, 8], hidden=[16])
+KD = KDConfig(temperature=4.0, alpha=0.9)
+
+
+def _batch(n: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _logits(n: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=g) * 2, torch.randint(0, 10, (n,), generator=g), torch.randn(n, 10, generator=g) * 3
+
+
+def _teacher() -> OnlineTeacher:
+    torch.manual_seed(1)
+    state = build_model(TEACHER, SHAPE, 10).state_dict()
+    return OnlineTeacher([{"name": "t", "spec": TEACHER.model_dump(), "weight": 1.0}], [state], input_shape=SHAPE, num_classes=10,
+                         ensemble="logits", layers=["features.relu1", "features.relu2", "classifier.relu1"], device="cpu")
+
+
+def _member(name: str, loss, teacher: OnlineTeacher | None, spec: ModelSpec = STUDENT) -> Member:
+    torch.manual_seed(0)
+    model = build_model(spec, SHAPE, 10)
+    objective = build_objective(parse_loss(loss), KD, model, SHAPE, teacher)
+    optimizer = build_optimizer([*model.parameters(), *objective.parameters()], TrainConfig(lr=0.01))
+    return Member(MemberConfig(name=name, role="student", spec=spec, loss=parse_loss(loss)), model, optimizer, build_scheduler(optimizer, TrainConfig()), objective)
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_string_and_term_forms_agree_with_the_pure_losses():
+    s, y, t = _logits()
+    x = StepInputs(s, y, t)
+    assert torch.equal(Objective("kd", KD)(x), hinton_kd(s, y, t, temperature=4.0, alpha=0.9))
+    composed = Objective(parse_loss([{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}]), KD)(x)
+    assert composed.item() == pytest.approx(hinton_kd(s, y, t, temperature=4.0, alpha=0.9).item(), rel=1e-6)
+    terms = parse_loss([{"name": "kd", "weight": 2.0, "temperature": 2.0, "standardize": True},
+                        {"name": "dkd", "weight": 0.5, "tckd_weight": 2.0, "nckd_weight": 3.0}, {"name": "rkd", "weight": 0.25}])
+    expected = (2.0 * kd_soft_loss(s, t, temperature=2.0, standardize=True) + 0.5 * dkd_loss(s, y, t, temperature=4.0, tckd_weight=2.0, nckd_weight=3.0)
+                + 0.25 * rkd_loss(s, t))
+    assert Objective(terms, KD)(x).item() == pytest.approx(expected.item(), rel=1e-6)
+    # A zero weight skips its term entirely, even when that term could not be computed.
+    assert torch.equal(Objective(parse_loss([{"name": "ce"}, {"name": "kd", "weight": 0.0}]), KD)(StepInputs(s, y, None)), nn.functional.cross_entropy(s, y))
+    with pytest.raises(ValueError, match="no teacher logits"):
+        Objective(parse_loss(["ce", "kd"]), KD)(StepInputs(s, y, None))
+
+
+def test_tap_features_captures_named_layers_and_always_removes_hooks():
+    model = build_model(STUDENT, SHAPE, 10)
+    with tap_features(model, ["features.relu2", "classifier.fc1"]) as features:
+        model(torch.zeros(3, *SHAPE))
+        assert _hooks(model) == 2
+    assert features["features.relu2"].shape == (3, 8, 4, 4) and features["classifier.fc1"].shape == (3, 16)
+    assert _hooks(model) == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with tap_features(model, ["features.relu1"]):
+            raise RuntimeError("boom")
+    assert _hooks(model) == 0
+    with pytest.raises(ConfigError, match="no module 'features.nope'"):
+        with tap_features(model, ["features.nope"]):
+            pass
+    assert feature_shapes(model, ["features.relu1"], SHAPE) == {"features.relu1": (4, 8, 8)} and model.training
+
+
+def test_online_feature_step_trains_student_and_adapters_never_the_teacher():
+    teacher = _teacher()
+    before = [p.clone() for p in teacher.models[0].parameters()]
+    loss = [{"name": "ce"}, {"name": "fitnet", "weight": 1.0, "layers": {"features.relu2": "features.relu2"}},
+            {"name": "at", "weight": 100.0, "layers": {"features.relu1": "features.relu1"}},
+            {"name": "rkd", "layers": {"classifier.relu1": "classifier.relu1"}}]
+    member = _member("s", loss, teacher)
+    adapter = member.loss_fn.adapters["1_0"]
+    assert isinstance(adapter.proj, nn.Conv2d) and (adapter.proj.in_channels, adapter.proj.out_channels) == (8, 16)
+    adapter_before, student_before = adapter.proj.weight.clone(), member.model.features.conv1.weight.clone()
+    images, labels = _batch()
+    losses = step_members([member], images, labels, None, teacher, temperature=4.0, alpha=0.9)
+    assert torch.isfinite(losses["s"]) and losses["s"].requires_grad is False
+    assert not torch.equal(adapter.proj.weight, adapter_before) and not torch.equal(member.model.features.conv1.weight, student_before)
+    assert all(torch.equal(a, b) and not a.requires_grad and a.grad is None for a, b in zip(teacher.models[0].parameters(), before))
+    assert _hooks(member.model) == 0 and _hooks(teacher.models[0]) == 0
+    # The composed value is the sum of the pure losses on the same features.
+    with torch.no_grad():
+        t_logits, t_feats = teacher(images)
+        with tap_features(member.model, ["features.relu1", "features.relu2", "classifier.relu1"]) as f:
+            logits = member.model(images)
+        expected = (nn.functional.cross_entropy(logits, labels) + fitnet_loss(adapter(f["features.relu2"]), t_feats["features.relu2"])
+                    + 100.0 * attention_transfer_loss(f["features.relu1"], t_feats["features.relu1"])
+                    + rkd_loss(f["classifier.relu1"], t_feats["classifier.relu1"]))
+        got = member.loss_fn(StepInputs(logits, labels, t_logits, dict(f), t_feats))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    # MLP student guided by a conv hint: a Linear adapter on the flattened features.
+    mlp = _member("m", [{"name": "fitnet", "layers": {"fc1": "features.relu2"}}], teacher, spec=ModelSpec(family="mlp", hidden=[24]))
+    assert isinstance(mlp.loss_fn.adapters["0_0"].proj, nn.Linear) and mlp.loss_fn.adapters["0_0"].proj.out_features == 16 * 4 * 4
+
+
+def test_dml_members_learn_from_each_others_detached_predictions():
+    a, b = _member("a", ["ce", "dml"], None), _member("b", ["ce", "dml"], None)
+    base = _member("base", "ce", None)
+    images, labels = _batch()
+    with torch.no_grad():
+        la, lb = a.model(images), b.model(images)
+    expected_a = nn.functional.cross_entropy(la, labels) + mutual_learning_loss(la, [lb])
+    losses = step_members([a, b, base], images, labels, None, None, temperature=4.0, alpha=0.9)
+    assert losses["a"].item() == pytest.approx(expected_a.item(), rel=1e-6)
+    assert losses["base"].item() == pytest.approx(nn.functional.cross_entropy(la, labels).item(), rel=1e-6)  # same init, plain ce
+
+
+def test_config_checks_layers_before_ray():
+    data = SimpleNamespace(input_shape=SHAPE, num_classes=10)
+
+    def job(loss, student=STUDENT):
+        return validate_config({"teachers": [TeacherConfig(**TEACHER.model_dump()).model_dump()], "teacher_mode": "online",
+                                "students": [StudentConfig(**student.model_dump(), loss=loss).model_dump()]})
+
+    check_feature_layers(job([{"name": "at", "layers": {"features.relu1": "features.relu2"}}]), data)
+    with pytest.raises(ConfigError, match=r"^students.0.loss.0 student: no module 'features.relu9' \(modules: features, "):
+        check_feature_layers(job([{"name": "fitnet", "layers": {"features.relu9": "features.relu2"}}]), data)
+    with pytest.raises(ConfigError, match=r"^students.0.loss.1 teacher: no module 'x'"):
+        check_feature_layers(job(["ce", {"name": "rkd", "layers": {"fc1": "x"}}], ModelSpec(family="mlp", hidden=[8])), data)
+    with pytest.raises(ConfigError, match=r"^students.0.loss.0: attention transfer needs \(C, H, W\) feature maps on both sides"):
+        check_feature_layers(job([{"name": "at", "layers": {"fc1": "features.relu2"}}], ModelSpec(family="mlp", hidden=[8])), data)
