@@ -114,6 +114,9 @@ class TeacherConfig(ModelSpec):
 class StudentConfig(ModelSpec):
     name: str = "student"
     loss: str | list[LossTerm] = "kd"  # a name from losses.LOSSES, or weighted terms (term_config.py)
+    # Born-again self-distillation (Furlanello et al. 2018): generation 1 learns from the
+    # teachers, generation k from generation k - 1; the last one is the student reported.
+    generations: int = Field(1, ge=1)
 
     @field_validator("loss", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
+from orchestrator.born_again import later_generations
 from orchestrator.online import check_feature_layers
 from orchestrator.term_config import describe_loss
 from orchestrator.soft_targets import decode_logits
@@ -193,6 +194,7 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
                 params |= {"kd.temperature": cfg.kd.temperature, "kd.alpha": cfg.kd.alpha}
             tracking.log_params(uri, run_ids[m.name], params)
         result = student_stage(cfg, data, prep.train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
+        result = later_generations(prep, result, track, run_ids)  # born-again students: generations 2..k
         labels = torch.from_numpy(data.test.labels)
         for m in result.members:
             model = build_model(m.spec, data.input_shape, data.num_classes)
