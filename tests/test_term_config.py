@@ -1,0 +1,73 @@
+"""students[].loss as a string or as weighted terms, teacher_mode and the augmentation policy: one-line errors before Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config, validate_config
+from orchestrator.term_config import LossTerm, describe_loss, needs_online_teacher, reads_cached_teacher
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DIGITS = REPO_ROOT / "configs/digits_kd.yaml"
+
+
+def _load(*overrides: str):
+    return load_config(DIGITS, list(overrides))
+
+
+def test_string_form_unchanged_and_list_form_parsed():
+    cfg = _load()
+    assert cfg.students[0].loss == "kd" and cfg.teacher_mode == "cached" and cfg.students[0].generations == 1
+    cfg = _load("students.0.loss=[{name: ce, weight: 0.1}, {name: kd, weight: 0.9}]", "students.1.loss=dkd")
+    terms = cfg.students[0].loss
+    assert [(t.name, t.weight) for t in terms] == [("ce", 0.1), ("kd", 0.9)] and cfg.students[1].loss == "dkd"
+    assert describe_loss(terms) == "0.1*ce+0.9*kd"
+    # A dumped config (every term field written out) validates again to the same thing: workers rebuild it so.
+    assert validate_config(cfg.model_dump(mode="json")) == cfg
+    assert _load("students.0.loss=[ce, dml]", "students.1.loss=[ce, dml]").students[1].loss[1].name == "dml"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["students.0.loss=[{name: kdd}]"], "students.0.loss: term 0: unknown term 'kdd' (known: ce, kd, dkd, fitnet, at, rkd, dml)"),
+        (["students.0.loss=[ce, {name: kd, bogus: 1}]"], "students.0.loss: term 1 bogus: unknown key"),
+        (["students.0.loss=[{name: ce, temperature: 2}]"], "students.0.loss: term 0: ce does not take 'temperature' (it takes nothing but weight)"),
+        (["students.0.loss=[{name: kd, layers: {a: b}}]"], "students.0.loss: term 0: kd does not take 'layers' (it takes standardize, temperature)"),
+        (["students.0.loss=[{name: kd, weight: -1}]"], "students.0.loss: term 0 weight: Input should be greater than or equal to 0"),
+        (["students.0.loss=[ce, ce]"], "students.0.loss: each term at most once, got ['ce', 'ce']"),
+        (["students.0.loss=[]"], "students.0.loss: must be a loss name (ce, kd, dkd, ...) or a non-empty list of {name, weight, ...} terms"),
+        (["students.0.loss=[{name: at}]"], "students.0.loss: term 0: at needs layers: {student_module: teacher_module}"),
+        (["students.0.loss=[{name: rkd, layers: {a: b, c: d}}]"], "students.0.loss: term 0: rkd takes one layer pair (or none: on the logits)"),
+        (["students.0.loss=[ce, {name: fitnet, layers: {fc1: features.relu2}}]"],
+         "students.0.loss.1: fitnet needs the teacher's features for the student's own input; set teacher_mode: online"),
+        (["students.0.loss=[{name: kd, standardize: true}]", "soft_targets.encoding=topk"],
+         "students.0.loss.0: standardize needs every teacher logit; soft_targets.encoding topk drops them (use fp16 or fp32)"),
+        (["students.0.loss=[ce, dml]"], "students: dml needs two or more students with a dml term, only 'mlp32' has one"),
+        (["students.0.generations=0"], "students.0.generations: Input should be greater than or equal to 1"),
+        (["teacher_mode=live"], "teacher_mode: Input should be 'cached' or 'online'"),
+        (["train.input_jitter=1"], "train.input_jitter: random augmentation does not match cached soft targets; use teacher_mode: online"),
+    ],
+)
+def test_bad_terms_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        _load(*overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_augmentation_policy():
+    # Cached soft targets belong to the unshifted image: refused above. Online, the teacher sees the same
+    # shifted batch; and students that never read the teacher (ce, dml) may always jitter.
+    assert _load("train.input_jitter=1", "teacher_mode=online").train.input_jitter == 1
+    assert _load("train.input_jitter=1", "students.0.loss=ce", "students.1.loss=ce").train.input_jitter == 1
+    assert _load("train.input_jitter=1", "students.0.loss=[ce, dml]", "students.1.loss=[ce, dml]").train.input_jitter == 1
+
+
+def test_term_predicates():
+    fit = LossTerm(name="fitnet", layers={"a": "b"})
+    assert needs_online_teacher([fit]) and not reads_cached_teacher([fit], frozenset({"kd"}))
+    assert reads_cached_teacher([LossTerm(name="rkd")], frozenset()) and not needs_online_teacher([LossTerm(name="rkd")])
+    assert needs_online_teacher([LossTerm(name="rkd", layers={"a": "b"})])
+    assert reads_cached_teacher("dkd", frozenset({"dkd"})) and not reads_cached_teacher("ce", frozenset({"kd"}))
