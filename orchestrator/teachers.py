@@ -25,7 +25,7 @@ def ensemble_logits(per_teacher: Sequence[torch.Tensor], weights: Sequence[float
     rule "logits": weighted mean of logits. rule "probs": log of the weighted mean of
     probabilities, which is itself a valid logit vector (softmax gives the mean back).
     """
-    w = torch.tensor(list(weights), dtype=torch.float32)
+    w = torch.tensor(list(weights), dtype=torch.float32, device=per_teacher[0].device)  # online mode runs on the GPU too
     w = w / w.sum()
     stacked = torch.stack([t.float() for t in per_teacher])  # (M, B, K)
     if rule == "logits":
