@@ -12,7 +12,9 @@ cluster, or a shared filesystem), because Ray Data writes from the workers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -376,6 +378,29 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def build_lock(directory: str | Path, name: str) -> Iterator[float]:
+    """Hold an exclusive lock on building `name` under `directory`; yields the seconds spent waiting for it.
+
+    Two jobs that need the same cache entry (or trained teacher) at once: the first builds, the second
+    waits here and then finds the finished entry instead of repeating the work. `flock` is released by
+    the kernel when its holder dies, even by SIGKILL, so a crashed builder never blocks the next one;
+    lock files are left in place (removing one that another process waits on would break the lock).
+    On a shared filesystem this relies on its flock support (NFSv4 and Lustre have it).
+    """
+    if not _FP_PATTERN.fullmatch(name):
+        raise ValueError(f"invalid lock name {name!r}")
+    folder = Path(directory).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(folder / f".lock-{name}", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield time.monotonic() - started
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def clean_stale_tmp(root: str | Path, *, older_than_s: float = 3600) -> int:

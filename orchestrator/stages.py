@@ -27,7 +27,7 @@ from orchestrator.compress import prune_model, sparsity
 from orchestrator.data import DatasetArrays, Split, to_ray_dataset
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, load_weights, state_dict_fingerprint
-from orchestrator.soft_targets import column_to_numpy, fingerprint, load_table, logit_columns, read_cache, write_cache
+from orchestrator.soft_targets import build_lock, column_to_numpy, fingerprint, load_table, logit_columns, read_cache, write_cache
 from orchestrator.teachers import TeacherPredictor, attach_soft_targets, forward_row_counter
 from orchestrator.train_loop import LoopConfig, MemberConfig
 from orchestrator.trainer import fit_and_load
@@ -95,8 +95,11 @@ def load_cached_weights(path: Path) -> dict | None:
 def save_cached_weights(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    finally:
+        tmp.unlink(missing_ok=True)  # interrupted (Ctrl-C) before the rename: leave no stray file
 
 
 def materialized_images(split: Split, ids: np.ndarray) -> ray.data.Dataset:
@@ -132,14 +135,15 @@ def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, 
         else:
             key = teacher_training_key(cfg, teacher, data)
             path = _teacher_cache_file(cfg, key)
-            cached = load_cached_weights(path)
-            if cached is not None:
-                state_dict, source = cached["state_dict"], "cache"
-                tags = {"cache_file": str(path), "source_run_id": cached.get("run_id", "")}
-            else:
-                state_dict, source = train_teacher(cfg, index, data, train_ids, val_ids, track, run_id)
-                save_cached_weights(path, {"state_dict": state_dict, "run_id": run_id})
-                tags = {"cache_file": str(path)}
+            with build_lock(path.parent, key):  # a job training the same teacher right now: wait and reuse it
+                cached = load_cached_weights(path)
+                if cached is not None:
+                    state_dict, source = cached["state_dict"], "cache"
+                    tags = {"cache_file": str(path), "source_run_id": cached.get("run_id", "")}
+                else:
+                    state_dict, source = train_teacher(cfg, index, data, train_ids, val_ids, track, run_id)
+                    save_cached_weights(path, {"state_dict": state_dict, "run_id": run_id})
+                    tags = {"cache_file": str(path)}
         model = build_model(teacher, data.input_shape, data.num_classes)
         load_weights(model, state_dict, where=f"teachers.{index}")
         if teacher.prune_amount > 0:
@@ -235,16 +239,18 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
     rows_before = ray.get(counter.total.remote())
     with tracking.run_scope(track.uri, track.experiment_id, "soft-targets", parent_id=track.parent_id, tags={"role": "soft_targets"}) as run_id:
         tracking.log_params(track.uri, run_id, tracking.flatten(st.model_dump()))
-        entry = read_cache(st.cache_dir, key)
-        cache_hit = entry is not None
-        if cache_hit:
-            by_id = _columns_by_id(load_table(entry, columns), logit_columns(st.encoding))
-        else:
-            generated = generate_soft_targets(cfg, teachers, data).materialize()
-            entry = write_cache(generated, Path(st.cache_dir).resolve(), key, columns=columns, extra_manifest={"dataset": data.name, "n_train": len(data.train.labels)})
-            # Training gets the logits from the object store, not from the parquet just written.
-            table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
-            by_id = _columns_by_id(table, logit_columns(st.encoding))
+        # One builder per fingerprint: a concurrent job waits here, then reads what the first one wrote.
+        with build_lock(st.cache_dir, key) as lock_wait_s:
+            entry = read_cache(st.cache_dir, key)
+            cache_hit = entry is not None
+            if cache_hit:
+                by_id = _columns_by_id(load_table(entry, columns), logit_columns(st.encoding))
+            else:
+                generated = generate_soft_targets(cfg, teachers, data).materialize()
+                entry = write_cache(generated, Path(st.cache_dir).resolve(), key, columns=columns, extra_manifest={"dataset": data.name, "n_train": len(data.train.labels)})
+                # Training gets the logits from the object store, not from the parquet just written.
+                table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
+                by_id = _columns_by_id(table, logit_columns(st.encoding))
         forward_rows = ray.get(counter.total.remote()) - rows_before
         wall = time.perf_counter() - started
         rows = len(next(iter(by_id.values())))
@@ -252,7 +258,9 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
             "soft_target_fingerprint": key, "cache_hit": cache_hit, "cache_path": str(entry.path),
             "teacher_run_ids": ",".join(t.run_id for t in teachers), "dataset": data.name,
         })
-        tracking.log_metrics(track.uri, run_id, {"rows": rows, "teacher_forward_rows": forward_rows, "wall_s": wall, "rows_per_s": rows / wall})
+        tracking.log_metrics(track.uri, run_id, {
+            "rows": rows, "teacher_forward_rows": forward_rows, "wall_s": wall, "rows_per_s": rows / wall, "cache_lock_wait_s": lock_wait_s,
+        })
     return SoftTargets(key, by_id, len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id)
 
 
