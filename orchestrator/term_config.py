@@ -139,8 +139,15 @@ def check_students(cfg: Any) -> None:
     dml = [s.name for s in cfg.students if uses_dml(s.loss)]
     if len(dml) == 1:
         raise ValueError(f"students: dml needs two or more students with a dml term, only {dml[0]!r} has one")
-    if cfg.teacher_mode == "online" and cfg.sweep is not None:
-        raise ValueError("teacher_mode: online is not supported in sweeps yet (use cached)")
+    if cfg.sweep is not None:
+        # A trial trains one student from cached soft targets: no peers, no later generations, no online teacher.
+        if cfg.teacher_mode == "online":
+            raise ValueError("teacher_mode: online is not supported in sweeps yet (use cached)")
+        for i, student in enumerate(cfg.students):
+            if uses_dml(student.loss):
+                raise ValueError(f"students.{i}.loss: dml needs peers trained together; a sweep trial trains one student")
+            if student.generations > 1:
+                raise ValueError(f"students.{i}.generations: born-again generations are not supported in sweeps yet")
     if cfg.train.input_jitter and cfg.teacher_mode == "cached" and any(reads_cached_teacher(s.loss, NEEDS_TEACHER) for s in cfg.students):
         # Cached soft targets were computed on the unshifted image; a shifted student input would no longer match them.
         raise ValueError(

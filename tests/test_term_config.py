@@ -71,3 +71,18 @@ def test_term_predicates():
     assert reads_cached_teacher([LossTerm(name="rkd")], frozenset()) and not needs_online_teacher([LossTerm(name="rkd")])
     assert needs_online_teacher([LossTerm(name="rkd", layers={"a": "b"})])
     assert reads_cached_teacher("dkd", frozenset({"dkd"})) and not reads_cached_teacher("ce", frozenset({"kd"}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["teacher_mode=online"], "teacher_mode: online is not supported in sweeps yet"),
+        (["students=[{name: mlp16, loss: [ce, dml]}, {name: peer, loss: [ce, dml]}]"], "students.0.loss: dml needs peers trained together"),
+        (["students.0.generations=2"], "students.0.generations: born-again generations are not supported in sweeps yet"),
+    ],
+)
+def test_sweeps_refuse_what_a_single_student_trial_cannot_do(overrides, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config(REPO_ROOT / "configs/digits_sweep.yaml", list(overrides))
+    # Term lists themselves are fine in a sweep.
+    assert load_config(REPO_ROOT / "configs/digits_sweep.yaml", ["students.0.loss=[ce, {name: dkd, standardize: true}]"]).sweep is not None
