@@ -144,3 +144,21 @@ def test_config_checks_layers_before_ray():
         check_feature_layers(job(["ce", {"name": "rkd", "layers": {"fc1": "x"}}], ModelSpec(family="mlp", hidden=[8])), data)
     with pytest.raises(ConfigError, match=r"^students.0.loss.0: attention transfer needs \(C, H, W\) feature maps on both sides"):
         check_feature_layers(job([{"name": "at", "layers": {"fc1": "features.relu2"}}], ModelSpec(family="mlp", hidden=[8])), data)
+
+
+def test_checkpoint_keeps_adapters_apart_from_the_student(tmp_path):
+    """A restarted worker resumes the FitNets adapters too; the saved student itself carries none."""
+    from orchestrator.train_loop import STATE_FILE, save_state
+
+    teacher = _teacher()
+    member = _member("s", ["ce", {"name": "fitnet", "layers": {"features.relu2": "features.relu2"}}], teacher)
+    images, labels = _batch()
+    step_members([member], images, labels, None, teacher, temperature=4.0, alpha=0.9)
+    save_state([member], 0, tmp_path)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert not any("adapter" in key for key in state["models"]["s"])
+    assert set(state["objectives"]["s"]) == {"adapters.1_0.proj.weight"}
+    fresh = _member("s", ["ce", {"name": "fitnet", "layers": {"features.relu2": "features.relu2"}}], teacher)
+    fresh.loss_fn.load_state_dict(state["objectives"]["s"])
+    fresh.optimizer.load_state_dict(state["optimizers"]["s"])  # same parameter list: student, then adapters
+    assert torch.equal(fresh.loss_fn.adapters["1_0"].proj.weight, member.loss_fn.adapters["1_0"].proj.weight)
