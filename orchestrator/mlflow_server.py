@@ -69,7 +69,9 @@ def serve(*, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str |
         raise ConfigError(f"--backend-store-uri {backend}: use a database URI (sqlite:///..., postgresql://...); MLflow 3 refuses file stores")
     command = build_command(host=host, port=port, backend_store_uri=backend,
                             artifacts_destination=artifacts_destination or default_artifacts, workers=workers)
-    proc = subprocess.Popen(command, start_new_session=True)
+    # MLflow's server-side job runner (GenAI evaluation jobs, a pool of huey workers) is not needed here.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    proc = subprocess.Popen(command, start_new_session=True, env=env)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:

@@ -1,0 +1,104 @@
+"""A real two-node Ray cluster (`ray start --head` + `ray start --address`, on 127.0.0.1) and a real
+`distill mlflow-server`; jobs go in through `distill submit` and the runs come back from the server.
+
+Everything talks to the cluster from separate processes (`python -m orchestrator.cli ...`): this pytest
+process may hold its own local Ray (the `ray_session` fixture of other test files), and Ray's client
+state (address, auth token) is per process. The job's driver runs inside the started cluster, with
+RAY_ADDRESS set by Ray's job supervisor to that cluster's GCS address, so it never picks up another
+Ray on this host. Everything started here is stopped by PID (tests/local_cluster.py), never by `ray stop`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import pytest
+
+from local_cluster import LocalCluster
+from orchestrator import tracking
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+
+SMALL_JOB = ["teachers.0.train.epochs=2", "train.epochs=2", "train.num_workers=2", "soft_targets.num_actors=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # 1 CPU per node: the job's two Ray Train workers must land on different nodes.
+    c = LocalCluster(head_cpus=1, worker_cpus=1)
+    try:
+        c.start_mlflow(wait=False)  # both start at once: each takes tens of seconds on this machine
+        c.start_ray()
+        c.wait_mlflow()
+        yield c
+    finally:
+        c.stop()
+        left = c.leftover_pids()
+        shutil.rmtree(c.root, ignore_errors=True)
+        assert not left, f"processes of the test cluster still alive: {left}"
+
+
+def _readable(done, chars: int = 6000) -> str:
+    """The end of a `distill` run's output without Ray Data's progress bars, for assertion messages."""
+    lines = [line for line in (done.stdout + done.stderr).replace("\r", "\n").splitlines() if "row/s" not in line and line.strip()]
+    return "\n".join(lines)[-chars:]
+
+
+def _runs(c: LocalCluster, experiment: str) -> list:
+    client = tracking.client(c.mlflow_url)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_node_local_storage_is_refused_on_two_nodes(cluster):
+    job_id = f"kd-it-refused-{uuid.uuid4().hex[:6]}"
+    # Default train.storage_path / cache_dir: relative, i.e. inside the job's working dir on the head's disk.
+    done = cluster.distill("submit", "configs/digits_kd.yaml", *SMALL_JOB, "tracking.experiment=cluster-refused", "--submission-id", job_id)
+    assert done.returncode == 1, _readable(done)
+    errors = [line for line in done.stdout.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 1, _readable(done)
+    assert "train.storage_path:" in errors[0] and "is local to one node, but this Ray cluster has 2 nodes" in errors[0]
+    assert f"job {job_id} FAILED" in done.stderr
+    assert _runs(cluster, "cluster-refused") == []  # refused before any MLflow run
+
+
+def test_submit_distillation_and_read_runs_from_the_server(cluster):
+    job_id = f"kd-it-ok-{uuid.uuid4().hex[:6]}"
+    shared = cluster.shared
+    done = cluster.distill(
+        "submit", "configs/digits_kd.yaml", *SMALL_JOB, "tracking.experiment=cluster-it",
+        f"soft_targets.cache_dir={shared / 'kd_cache'}", f"train.storage_path={shared / 'ray_results'}",
+        "--submission-id", job_id, "--env", f"DISTILL_SHARED_STORAGE={shared}",
+    )
+    assert done.returncode == 0, _readable(done)
+    assert f"job {job_id} SUCCEEDED" in done.stderr
+    assert "mlp32" in done.stdout and "baseline" in done.stdout  # the summary table, streamed from the job's logs
+
+    runs = _runs(cluster, "cluster-it")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert {"soft-targets", "student:mlp32", "student:mlp16", "baseline:mlp32-baseline", "baseline:mlp16-baseline"} <= set(children)
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert children["student:mlp32"].data.metrics["test_accuracy"] > 0.5
+    client = tracking.client(cluster.mlflow_url)
+    assert {"config.json", "summary.json"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    # Served artifacts: the files went over HTTP to the server's --artifacts-destination.
+    assert list((cluster.root / "mlartifacts").rglob("summary.json"))
+    assert list((shared / "kd_cache").iterdir()) and list((shared / "ray_results").iterdir())
+
+    listed = cluster.distill("jobs")
+    assert listed.returncode == 0 and any(job_id in line and "SUCCEEDED" in line for line in listed.stdout.splitlines())
+    logs = cluster.distill("logs", job_id)
+    assert logs.returncode == 0 and "mlp16" in logs.stdout
+
+
+def test_stop_a_running_job(cluster):
+    job_id = f"kd-it-stop-{uuid.uuid4().hex[:6]}"
+    submitted = cluster.distill("submit", "configs/digits_kd.yaml", "tracking.experiment=cluster-stop", "--no-wait", "--submission-id", job_id)
+    assert submitted.returncode == 0 and submitted.stdout.strip() == job_id
+    stopped = cluster.distill("stop", job_id)
+    assert stopped.returncode == 0 and f"job {job_id} STOPPED" in stopped.stderr, stopped.stderr[-2000:]
+    unknown = cluster.distill("logs", "no-such-job")
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "distill: error: no job 'no-such-job' on this cluster (distill jobs lists them)"
