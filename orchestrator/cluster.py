@@ -6,6 +6,8 @@
   a cluster without any fall back to the CPU (with a warning); `train.use_gpu` without GPUs is an error.
   On an autoscaling cluster, set DISTILL_RESOURCE_WAIT_S to ask the autoscaler for the resources
   and wait that long for them before refusing.
+- URIs: `train.storage_path` may be any URI pyarrow opens (s3://, gs://, hdfs://...); the soft-target
+  cache (and a sweep's state) need a file system path, local or a network mount.
 - Storage: on more than one node, every location that several nodes write must be shared: a
   remote URI (s3://, gs://, hdfs://, abfs://...), a path on a network file system (NFS, CIFS,
   Lustre, CephFS, ...), or a path under one of the prefixes listed in DISTILL_SHARED_STORAGE
@@ -101,6 +103,17 @@ def check_storage(cfg: JobConfig, tracking_uri: str, num_nodes: int) -> None:
         )
 
 
+def check_uris(cfg: JobConfig) -> None:
+    """Which locations take a URI. `train.storage_path`: any pyarrow file system (Ray Train writes through
+    pyarrow), for `distill run`. The soft-target cache publishes by renaming a directory, which object
+    stores cannot do atomically: it needs a file system path (local, or NFS on a cluster)."""
+    cache = cfg.soft_targets.cache_dir
+    if uri_scheme(cache) is not None:
+        raise ConfigError(f"soft_targets.cache_dir: {cache} is a URI; the cache needs a file system path (an NFS mount on a cluster)")
+    if cfg.sweep is not None and uri_scheme(cfg.train.storage_path) not in (None, "file"):
+        raise ConfigError(f"train.storage_path: {cfg.train.storage_path} is a URI; sweeps keep their state in a file system path (an NFS mount on a cluster)")
+
+
 def _demands(cfg: JobConfig) -> list[tuple[str, dict[str, float], int]]:
     """(config field, resources of one actor/worker, how many) for each stage that runs on the cluster."""
     st, train = cfg.soft_targets, cfg.train
@@ -159,5 +172,6 @@ def check_resources(cfg: JobConfig) -> None:
 
 def check_cluster(cfg: JobConfig, tracking_uri: str) -> None:
     """Everything about the cluster that would make the job hang or lose data, before it starts work."""
+    check_uris(cfg)
     check_storage(cfg, tracking_uri, len(alive_nodes()))
     check_resources(cfg)

@@ -97,6 +97,16 @@ def test_multi_node_storage_rules(tmp_path, monkeypatch):
     cluster.check_storage(cfg, "http://127.0.0.1:5000", num_nodes=2)
 
 
+def test_which_locations_take_uris():
+    cluster.check_uris(_cfg("train.storage_path=s3://bucket/ray_results"))  # Ray Train writes through pyarrow
+    cluster.check_uris(_cfg("soft_targets.cache_dir=/mnt/shared/kd_cache"))
+    with pytest.raises(ConfigError, match=r"^soft_targets\.cache_dir: s3://bucket/kd_cache is a URI; the cache needs a file system path"):
+        cluster.check_uris(_cfg("soft_targets.cache_dir=s3://bucket/kd_cache"))
+    sweep = load_config(REPO_ROOT / "configs" / "digits_sweep.yaml", ["train.storage_path=gs://bucket/rr"])
+    with pytest.raises(ConfigError, match=r"^train\.storage_path: gs://bucket/rr is a URI; sweeps keep their state"):
+        cluster.check_uris(sweep)
+
+
 # --- job submission helpers --------------------------------------------------------------------
 
 
