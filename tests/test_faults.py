@@ -41,6 +41,7 @@ class Killer(threading.Thread):
         self.ready, self.find_pid, self.timeout_s = ready, find_pid, timeout_s
         self.killed_pid: int | None = None
         self.error: BaseException | None = None
+        self.run_id: str | None = None  # what `ready` may watch, set before start()
 
     def run(self) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -181,3 +182,147 @@ def test_second_job_waits_for_the_builder_and_reuses_its_cache(soft_setup):
     assert run.data.metrics["cache_lock_wait_s"] >= 0.5
     assert_same_soft_targets(got, s["clean"])
     assert sorted(p.name for p in Path(cfg.soft_targets.cache_dir).iterdir() if not p.name.startswith(".lock-")) == [fp]
+
+
+# ----------------------------------------------------------------------------- Ray Train workers
+
+EPOCHS = 6
+
+
+def _train_digits(cfg, data, train_ids, val_ids, track, name: str, killer: Killer | None = None):
+    from orchestrator.stages import train_teacher
+
+    run_id = tracking.create_run(track.uri, track.experiment_id, name, parent_id=track.parent_id)
+    if killer is not None:
+        killer.run_id = run_id
+        killer.start()
+    state_dict, _ = train_teacher(cfg, 0, data, train_ids, val_ids, track, run_id)
+    tracking.end_run(track.uri, run_id)
+    model = build_model(cfg.teachers[0], data.input_shape, data.num_classes)
+    model.load_state_dict(state_dict)
+    from orchestrator.evaluate import classification_metrics, predict_logits
+
+    logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+    return run_id, classification_metrics(logits, torch.from_numpy(data.test.labels))["accuracy"]
+
+
+def test_train_worker_killed_mid_run_resumes_from_its_checkpoint(ray_session, tmp_path):
+    from orchestrator.data import load_arrays, split_train_val
+
+    cfg = load_config(None, [
+        "name=worker-kill", "dataset.name=digits", "train.max_failures=2", f"train.storage_path={tmp_path / 'ray_results'}",
+        f"teachers=[{{name: mlp, family: mlp, hidden: [256, 256], train: {{epochs: {EPOCHS}, batch_size: 32, lr: 0.003, lr_schedule: constant}}}}]",
+    ])
+    data = load_arrays(cfg.dataset)
+    train_ids, val_ids = split_train_val(len(data.train.labels), cfg.dataset.val_fraction, cfg.seed)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = tracking.ensure_experiment(uri, "worker-kill")
+    track = TrackingContext(uri, experiment_id, tracking.create_run(uri, experiment_id, "parent"))
+    client = MlflowClient(uri)
+
+    def epochs_logged(run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "val_accuracy"))
+
+    # SIGKILL the (only) train worker once two epochs are logged: it dies inside a later epoch.
+    seen: list[int] = []
+
+    def two_epochs_logged() -> bool:
+        seen[:] = epochs_logged(killer.run_id)
+        return len(seen) >= 2
+
+    killer = Killer(ready=two_epochs_logged, find_pid=lambda: alive_actor_pid("RayTrainWorker"))
+    killed_run, killed_acc = _train_digits(cfg, data, train_ids, val_ids, track, "killed", killer)
+    killer.join(timeout=5)
+    assert killer.error is None and killer.killed_pid is not None, "no train worker was killed"
+    assert not pid_alive(killer.killed_pid)
+
+    steps = epochs_logged(killed_run)
+    assert sorted(set(steps)) == list(range(EPOCHS))  # the expected epochs, all of them
+    # Resumed from the last checkpoint, not from scratch: epochs logged before the kill ran once, except
+    # perhaps the last, when the worker died after logging it to MLflow but before its checkpoint was saved.
+    assert all(steps.count(step) == 1 for step in range(max(seen))), (seen, steps)
+    assert len(steps) <= EPOCHS + 1, steps
+
+    clean_run, clean_acc = _train_digits(cfg, data, train_ids, val_ids, track, "undisturbed")
+    assert len(epochs_logged(clean_run)) == EPOCHS
+    assert abs(killed_acc - clean_acc) <= 0.03, (killed_acc, clean_acc)
+    assert clean_acc > 0.9
+    # One MLflow run per training, whatever happened to its workers: the parent and the two we made.
+    runs = client.search_runs([experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["killed", "parent", "undisturbed"]
+    assert all(r.info.status == "FINISHED" for r in runs if r.info.run_name != "parent")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+SENTINEL = "kd-sentinel-5d1f0c"  # an environment secret that must not reach MLflow or the logs
+
+
+def _runs_by_status(db: Path) -> dict[str, str]:
+    import sqlite3
+
+    if not db.exists():
+        return {}
+    with sqlite3.connect(db) as conn:
+        try:
+            return dict(conn.execute("select name, status from runs").fetchall())
+        except sqlite3.OperationalError:  # schema not created yet
+            return {}
+
+
+def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tmp_path):
+    import tempfile
+
+    import psutil
+
+    torch.manual_seed(0)
+    torch.save(build_model(load_config(None).teachers[0].model_copy(update={"hidden": [64]}), (1, 8, 8), 10).state_dict(), tmp_path / "t.pt")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kdray"))  # this run's Ray only: its processes name it on their command lines
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_TMPDIR": str(ray_tmp),
+           "AWS_SECRET_ACCESS_KEY": SENTINEL, "KD_API_TOKEN": SENTINEL}
+    env.pop("RAY_ADDRESS", None)
+    argv = [sys.executable, "-m", "orchestrator.cli", "run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.family=mlp", "teachers.0.hidden=[64]",
+            f"teachers.0.checkpoint={tmp_path / 't.pt'}", "tracking.experiment=ctrl-c"]
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        # Its own process group, as a shell gives a foreground job: Ctrl-C signals the whole group.
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while _runs_by_status(tmp_path / "mlflow.db").get("soft-targets") != "RUNNING":
+                assert proc.poll() is None, (tmp_path / "err.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the soft-target stage never started"
+                time.sleep(0.2)
+            time.sleep(1.0)  # into the actor pool's work
+            ours = psutil.Process(proc.pid).children(recursive=True)
+            assert any("raylet" in p.name() for p in ours), [p.name() for p in ours]
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stderr = (tmp_path / "err.log").read_text()
+    assert code == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "distill: interrupted; MLflow runs marked KILLED"
+
+    runs = _runs_by_status(tmp_path / "mlflow.db")
+    assert runs["digits_kd"] == "KILLED" and runs["soft-targets"] == "KILLED" and runs["teacher:cnn"] == "FINISHED", runs
+    assert "RUNNING" not in runs.values()
+
+    # Ray shut down: every process it started is gone (found by PID: children, or naming its temp dir).
+    deadline = time.monotonic() + 60
+    while (left := [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [(p.pid, p.name()) for p in left]
+    strays = [p.pid for p in psutil.process_iter(["cmdline"]) if any(str(ray_tmp) in part for part in p.info["cmdline"] or [])]
+    assert not strays
+
+    # The cache: nothing half-written that looks valid. Committed entries validate; no temporary dirs remain.
+    cache = tmp_path / ".kd_cache"
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".")] if cache.exists() else []
+    assert all(read_cache(cache, p.name) is not None for p in entries if p.name != "teachers")
+    assert not [p for p in cache.iterdir() if p.name.startswith((".tmp-", ".trash-"))] if cache.exists() else True
+
+    # Environment secrets reached neither the MLflow store nor the output.
+    assert SENTINEL not in stderr + (tmp_path / "out.log").read_text()
+    stored = [tmp_path / "mlflow.db", *(p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file())]
+    assert not [p for p in stored if SENTINEL.encode() in p.read_bytes()]

@@ -68,3 +68,20 @@ def test_many_params_are_batched(store):
 def test_unreachable_server_fails_fast():
     with pytest.raises(ConnectionError, match="no MLflow server answers at http://127.0.0.1:9"):
         tracking.check_reachable("http://127.0.0.1:9", timeout_s=2)
+
+
+def test_uri_credentials_and_secret_keys_never_reach_the_store(store, tmp_path):
+    uri, experiment_id = store
+    assert tracking.redact("http://alice:pw@host:5000/x and https://ghp_tok@github.com") == "http://***@host:5000/x and https://***@github.com"
+    assert tracking.redact("runs:/abc/model models:/name@champion s3://bucket/a@b") == "runs:/abc/model models:/name@champion s3://bucket/a@b"
+    config = {"tracking": {"tracking_uri": "http://alice:pw-123@mlflow:5000"}, "students": [{"kwargs": {"api_key": "pw-123", "depth": 2}}]}
+    with tracking.run_scope(uri, experiment_id, "p") as run_id:
+        tracking.log_params(uri, run_id, tracking.flatten(config))
+        tracking.set_tags(uri, run_id, {"source": "https://tok-pw-123@host/x", "hf_token": "pw-123"})
+        tracking.log_dict(uri, run_id, config, "config.json")
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {"tracking.tracking_uri": "http://***@mlflow:5000", "students.0.kwargs.depth": "2"}
+    assert run.data.tags["source"] == "https://***@host/x" and "hf_token" not in run.data.tags
+    assert "pw-123" not in tracking.download_artifact(uri, run_id, "config.json").read_text()
+    assert b"pw-123" not in (tmp_path / "mlflow.db").read_bytes()
+    assert "pw" not in tracking.ui_command("https://alice:pw@host")
