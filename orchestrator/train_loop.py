@@ -28,7 +28,7 @@ from orchestrator.data import normalize_images
 from orchestrator.evaluate import classification_metrics
 from orchestrator.models import build_model
 from orchestrator.objectives import build_objective, step_members
-from orchestrator.online import OnlineTeacher
+from orchestrator.online import OnlineTeacher, layer_pairs
 from orchestrator.soft_targets import decode_logits, logit_columns
 from orchestrator.term_config import LossTerm
 
@@ -74,7 +74,7 @@ class Member:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loss_fn: Any
+    loss_fn: Any  # an objectives.Objective (with any adapters), or a bare LOSSES function
 
     @property
     def plain_model(self) -> torch.nn.Module:
@@ -164,8 +164,8 @@ def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, device,
         labels = batch["label"].long().to(device)
         teacher = teacher_logits_of(batch, loop)
         teacher = teacher.to(device) if teacher is not None else None
-        online = teacher_model  # the online teacher (or None) sees the same, possibly jittered, images
-        losses = step_members(members, images, labels, teacher, online, temperature=loop.kd.temperature, alpha=loop.kd.alpha)
+        # The online teacher (or None) sees the same, possibly jittered, images as the students.
+        losses = step_members(members, images, labels, teacher, teacher_model, temperature=loop.kd.temperature, alpha=loop.kd.alpha)
         for name, loss in losses.items():
             totals[name] += loss.double().cpu() * len(labels)
         rows += len(labels)
@@ -230,8 +230,6 @@ def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher |
 
 
 def _teacher_layers(loss) -> list[str]:
-    from orchestrator.online import layer_pairs
-
     return [teacher_layer for _, teacher_layer in layer_pairs(loss)]
 
 
