@@ -258,6 +258,49 @@ def test_train_worker_killed_mid_run_resumes_from_its_checkpoint(ray_session, tm
 SENTINEL = "kd-sentinel-5d1f0c"  # an environment secret that must not reach MLflow or the logs
 
 
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) from /proc, or None once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def descendants(pid: int) -> list[int]:
+    parents = {int(p.name): stat[1] for p in Path("/proc").iterdir() if p.name.isdigit() and (stat := _proc_stat(int(p.name)))}
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def running(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def listening_hosts(port: int) -> set[str]:
+    """Local addresses with a TCP socket listening on `port` (from /proc/net/tcp and tcp6)."""
+    hosts = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                hosts.add("127.0.0.1" if address == "0100007F" else "0.0.0.0" if set(address) == {"0"} else address)
+    return hosts
+
+
 def _runs_by_status(db: Path) -> dict[str, str]:
     import sqlite3
 
@@ -270,14 +313,20 @@ def _runs_by_status(db: Path) -> dict[str, str]:
             return {}
 
 
-def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tmp_path):
+@pytest.fixture
+def ray_tmp():
+    """This run's Ray temp dir, short (Ray's socket paths have a length limit): its processes name it on their command lines."""
     import tempfile
 
-    import psutil
+    with tempfile.TemporaryDirectory(prefix="kdray") as folder:
+        yield Path(folder)
+
+
+def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tmp_path, ray_tmp):
+    import re
 
     torch.manual_seed(0)
     torch.save(build_model(load_config(None).teachers[0].model_copy(update={"hidden": [64]}), (1, 8, 8), 10).state_dict(), tmp_path / "t.pt")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="kdray"))  # this run's Ray only: its processes name it on their command lines
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_TMPDIR": str(ray_tmp),
            "AWS_SECRET_ACCESS_KEY": SENTINEL, "KD_API_TOKEN": SENTINEL}
     env.pop("RAY_ADDRESS", None)
@@ -293,8 +342,11 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
                 assert time.monotonic() < deadline, "the soft-target stage never started"
                 time.sleep(0.2)
             time.sleep(1.0)  # into the actor pool's work
-            ours = psutil.Process(proc.pid).children(recursive=True)
-            assert any("raylet" in p.name() for p in ours), [p.name() for p in ours]
+            ours = descendants(proc.pid)
+            assert any("raylet" in command_line(pid) for pid in ours), [command_line(pid)[:80] for pid in ours]
+            # The dashboard (it can submit jobs) listens on loopback only.
+            port = int(re.search(r"dashboard at \S*?127\.0\.0\.1:(\d+)", (tmp_path / "err.log").read_text()).group(1))
+            assert listening_hosts(port) == {"127.0.0.1"}, listening_hosts(port)
             os.killpg(proc.pid, signal.SIGINT)
             code = proc.wait(timeout=180)
         finally:
@@ -310,11 +362,11 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
 
     # Ray shut down: every process it started is gone (found by PID: children, or naming its temp dir).
     deadline = time.monotonic() + 60
-    while (left := [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) and time.monotonic() < deadline:
+    while (left := [pid for pid in ours if running(pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not left, [(p.pid, p.name()) for p in left]
-    strays = [p.pid for p in psutil.process_iter(["cmdline"]) if any(str(ray_tmp) in part for part in p.info["cmdline"] or [])]
-    assert not strays
+    assert not left, [command_line(pid)[:80] for pid in left]
+    strays = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and str(ray_tmp) in command_line(int(p.name))]
+    assert not strays, strays
 
     # The cache: nothing half-written that looks valid. Committed entries validate; no temporary dirs remain.
     cache = tmp_path / ".kd_cache"
