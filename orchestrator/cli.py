@@ -50,6 +50,7 @@ def _cluster_commands(commands) -> None:
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable for the job (repeatable)")
     submit.add_argument("--submission-id", help="job id to use (default: Ray's raysubmit_...)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    submit.add_argument("--resume", action="store_true", help="with --job sweep: continue the sweep stored under train.storage_path")
     jobs = commands.add_parser("jobs", help="list the cluster's jobs")
     jobs.add_argument("--address", help=address_help)
     logs = commands.add_parser("logs", help="print a job's logs")
@@ -139,9 +140,12 @@ def _cluster(args: argparse.Namespace) -> int:
     from orchestrator import submit
 
     if args.command == "submit":
+        if args.resume and args.job != "sweep":
+            raise ConfigError("--resume: only with --job sweep")
         env = dict(_key_value(item) for item in args.env)
         return submit.submit(args.config, list(args.overrides), address=args.address, command=args.job, working_dir=args.working_dir,
-                             env=env, wait=not args.no_wait, submission_id=args.submission_id)
+                             env=env, wait=not args.no_wait, submission_id=args.submission_id,
+                             script_flags=["--resume"] if args.resume else [])
     if args.command == "jobs":
         return submit.list_jobs(args.address)
     if args.command == "logs":

@@ -27,7 +27,7 @@ EXCLUDES = [
 # Forwarded into the job's environment when set here.
 FORWARDED_VARIABLES = ("MLFLOW_TRACKING_URI", "DISTILL_SHARED_STORAGE", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 SCRIPTS = {"run": "jobs/distill.py", "sweep": "jobs/sweep.py", "teacher": "jobs/train_teacher.py", "soft-targets": "jobs/generate_soft_targets.py"}
-EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}  # FAILED with a driver exit code: that code
 
 
 def resolve_address(flag: str | None) -> str:
@@ -82,13 +82,13 @@ def build_entrypoint(command: str, config: Path, overrides: list[str], working_d
 
 
 def submit(config: str, overrides: list[str], *, address: str | None = None, command: str = "run", working_dir: str = ".",
-           env: dict[str, str] | None = None, wait: bool = True, submission_id: str | None = None) -> int:
+           env: dict[str, str] | None = None, wait: bool = True, submission_id: str | None = None, script_flags: list[str] = ()) -> int:
     """Validate the config here, submit it, stream the logs; the exit code follows the job's final status."""
     load_config(config, overrides)  # bad input is refused here, not minutes later on the cluster
     root = Path(working_dir).resolve()
     if not (root / SCRIPTS[command]).is_file():
         raise ConfigError(f"--working-dir {root}: no {SCRIPTS[command]} there (run from the repository root)")
-    entrypoint = build_entrypoint(command, Path(config), overrides, root)
+    entrypoint = build_entrypoint(command, Path(config), [*overrides, *script_flags], root)
     client = build_client(address)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=build_runtime_env(root, env), submission_id=submission_id)
     print(f"distill: submitted {job_id}: {entrypoint}", file=sys.stderr, flush=True)
@@ -117,6 +117,8 @@ def follow(client, job_id: str, *, poll_s: float = 1.0) -> int:
     info = client.get_job_info(job_id)
     detail = f": {info.message}" if status.value != "SUCCEEDED" and info.message else ""
     print(f"distill: job {job_id} {status.value}{detail}", file=sys.stderr)
+    if status.value == "FAILED" and info.driver_exit_code:
+        return info.driver_exit_code  # 2: the job refused its input (one line in the logs), 130: interrupted
     return EXIT_CODES.get(status.value, 1)
 
 

@@ -126,6 +126,7 @@ def test_entrypoint_and_runtime_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     entry = submit.build_entrypoint("run", DIGITS, ["kd.alpha=0.5", "students.0.hidden=[8, 4]"], REPO_ROOT)
     assert shlex.split(entry) == ["python", "jobs/distill.py", "--config", "configs/digits_kd.yaml", "kd.alpha=0.5", "students.0.hidden=[8, 4]"]
+    assert submit.build_entrypoint("sweep", DIGITS, ["--resume"], REPO_ROOT).endswith("--config configs/digits_kd.yaml --resume")
     outside = tmp_path / "x.yaml"
     with pytest.raises(ConfigError, match="outside the working directory"):
         submit.build_entrypoint("run", outside, [], REPO_ROOT)

@@ -55,7 +55,7 @@ def test_node_local_storage_is_refused_on_two_nodes(cluster):
     job_id = f"kd-it-refused-{uuid.uuid4().hex[:6]}"
     # Default train.storage_path / cache_dir: relative, i.e. inside the job's working dir on the head's disk.
     done = cluster.distill("submit", "configs/digits_kd.yaml", *SMALL_JOB, "tracking.experiment=cluster-refused", "--submission-id", job_id)
-    assert done.returncode == 1, _readable(done)
+    assert done.returncode == 2, _readable(done)  # the driver's exit code: bad input
     errors = [line for line in done.stdout.splitlines() if line.startswith("distill: error:")]
     assert len(errors) == 1, _readable(done)
     assert "train.storage_path:" in errors[0] and "is local to one node, but this Ray cluster has 2 nodes" in errors[0]
