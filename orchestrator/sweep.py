@@ -27,6 +27,7 @@ from orchestrator.chains import assistant_as_teacher, chain_label, plan_chain, s
 from orchestrator.cluster import check_cluster
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of
 from orchestrator.evaluate import classification_metrics, predict_logits
+from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
 from orchestrator.pipeline import Prepared, init_ray, prepare, teacher_test_logits
 from orchestrator.stages import (
@@ -273,13 +274,14 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
         registry = stage_registry(parent_id)
         if resume:
             ray.get(registry.reset_running.remote())
-        results = build_tuner(cfg, ctx, storage=storage, resume=resume).fit()
+        results = fit_noticing_ctrl_c(build_tuner(cfg, ctx, storage=storage, resume=resume))
         from orchestrator.sweep_report import finish_sweep
 
         stage_stats = ray.get(registry.stats.remote())
         summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows() - rows_before, stage_stats=stage_stats)
         ray.kill(registry)
     except KeyboardInterrupt:
+        tracking.end_running_descendants(uri, prep.experiment_id, parent_id)  # trials and stages Tune stopped mid-run
         tracking.end_run(uri, parent_id, "KILLED")
         raise
     except BaseException:

@@ -378,3 +378,38 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
     assert SENTINEL not in stderr + (tmp_path / "out.log").read_text()
     stored = [tmp_path / "mlflow.db", *(p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file())]
     assert not [p for p in stored if SENTINEL.encode() in p.read_bytes()]
+
+
+def test_ctrl_c_during_a_tune_run_is_a_keyboard_interrupt(ray_session, tmp_path):
+    """Tune's own SIGINT handler turns the first Ctrl-C into a graceful stop and a normal return from fit();
+    `distill sweep` must see the Ctrl-C (runs KILLED, exit 130), not a finished sweep."""
+    from ray import tune
+
+    from orchestrator.interrupts import fit_noticing_ctrl_c
+
+    started = tmp_path / "started"
+
+    def trainable(config):  # local, so Tune ships it by value
+        import pathlib
+        import time as clock
+
+        pathlib.Path(config["started"]).touch()
+        for step in range(3000):
+            clock.sleep(0.1)
+            tune.report({"step": step})
+
+    def ctrl_c_once_running() -> None:
+        deadline = time.monotonic() + 300
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C delivers to the driver
+
+    ours = signal.getsignal(signal.SIGINT)
+    tuner = tune.Tuner(trainable, param_space={"started": str(started)}, run_config=tune.RunConfig(storage_path=str(tmp_path), name="ctrl-c"))
+    threading.Thread(target=ctrl_c_once_running, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fit_noticing_ctrl_c(tuner)
+    assert started.exists() and time.monotonic() - began < 200  # stopped early, not after the trial's 300 s
+    assert signal.getsignal(signal.SIGINT) is ours  # a later Ctrl-C is not swallowed by Tune's handler
+    assert tune.Tuner.can_restore(str(tmp_path / "ctrl-c"))  # Tune's state was saved: --resume can continue

@@ -85,3 +85,16 @@ def test_uri_credentials_and_secret_keys_never_reach_the_store(store, tmp_path):
     assert "pw-123" not in tracking.download_artifact(uri, run_id, "config.json").read_text()
     assert b"pw-123" not in (tmp_path / "mlflow.db").read_bytes()
     assert "pw" not in tracking.ui_command("https://alice:pw@host")
+
+
+def test_running_descendants_of_a_killed_parent_are_ended(store):
+    uri, experiment_id = store
+    parent = tracking.create_run(uri, experiment_id, "sweep")
+    trial = tracking.create_run(uri, experiment_id, "trial", parent_id=parent)
+    stage = tracking.create_run(uri, experiment_id, "stage", parent_id=trial)
+    done = tracking.create_run(uri, experiment_id, "done", parent_id=trial)
+    tracking.end_run(uri, done, "FINISHED")
+    other = tracking.create_run(uri, experiment_id, "another job")
+    assert tracking.end_running_descendants(uri, experiment_id, parent) == 2
+    status = {run_id: MlflowClient(uri).get_run(run_id).info.status for run_id in (parent, trial, stage, done, other)}
+    assert status == {parent: "RUNNING", trial: "KILLED", stage: "KILLED", done: "FINISHED", other: "RUNNING"}
