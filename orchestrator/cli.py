@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from orchestrator.config import ConfigError, load_config
+from orchestrator.redact import redact
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -101,7 +102,7 @@ def _guarded(action) -> int:
     try:
         code = action()
     except ConfigError as err:
-        print(f"distill: error: {err}", file=sys.stderr)
+        print(f"distill: error: {redact(str(err))}", file=sys.stderr)  # a password in a URI never reaches the terminal
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("distill: interrupted; MLflow runs marked KILLED", file=sys.stderr)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,14 +20,14 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator.redact import redact  # noqa: F401  (also tracking.redact for callers)
+
 DEFAULT_DB = "mlflow.db"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
 
 # Secrets must never become params, tags or logged config.
 _SECRET_MARKERS = ("token", "secret", "password", "passwd", "api_key", "apikey", "access_key", "credential")
-# The user-info part of a URI (`https://user:password@host`, `https://<token>@host`) is a secret too.
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -47,11 +46,6 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
         return f"open {redact(uri)} in a browser"
     return f"mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1 --port 5000"
-
-
-def redact(text: str) -> str:
-    """Credentials inside URIs replaced by `***`: safe to print, log or store as a param."""
-    return _URI_USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def scrub(tree: Any) -> Any:
