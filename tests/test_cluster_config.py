@@ -36,6 +36,11 @@ def test_launcher_configs_pass_ray_validation(path):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("--plasma-directory=/dev/shm" in c for c in prepared[key]), key
     assert {".venv", ".kd_cache", "mlflow.db", "ray_results", "mlartifacts"} <= set(prepared["rsync_exclude"])
+    # Ray 2.60 token auth: the launcher does not distribute a token, so every node gets the same file.
+    assert prepared["file_mounts"]["~/.ray/auth_token"] == "~/.ray/kd-cluster-token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in prepared[key] if " ray start " in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
 
 
 def test_cloud_shape_is_cpu_head_and_autoscaling_gpu_workers():
@@ -83,7 +88,12 @@ def test_kuberay_rayjob_manifest_shape():
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    for pod in (cluster["headGroupSpec"]["template"]["spec"], group["template"]["spec"]):
+    pods = (cluster["headGroupSpec"]["template"]["spec"], group["template"]["spec"], spec["submitterPodTemplate"]["spec"])
+    for pod in pods:  # one token for every pod (Ray 2.60 token auth)
+        env = {e["name"]: e for c in pod["containers"] for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "kd-ray-token"
+    for pod in pods[:2]:
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
