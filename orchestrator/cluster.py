@@ -162,6 +162,7 @@ def check_resources(cfg: JobConfig) -> None:
         while problem and time.monotonic() < deadline:
             time.sleep(5)
             problem = unmet(cfg, alive_nodes())
+        request_resources(bundles=[])  # a standing request would keep the nodes up after the job; its own tasks hold them now
     if problem:
         raise ConfigError(problem)
     st = cfg.soft_targets

@@ -163,3 +163,17 @@ def test_mlflow_server_command(tmp_path):
         from orchestrator.mlflow_server import serve
 
         serve(backend_store_uri=str(tmp_path / "mlruns"))
+
+
+@pytest.mark.integration
+def test_checks_against_a_real_ray(ray_session, capsys, monkeypatch):
+    """The session's local Ray: one node, 2 CPUs, no GPU."""
+    monkeypatch.delenv(cluster.WAIT_ENV, raising=False)
+    cluster.check_cluster(_cfg(), "sqlite:////tmp/x.db")  # one node: a SQLite store is fine
+    with pytest.raises(ConfigError, match=r"^soft_targets\.num_actors / .*: 3 x 1 CPU requested, the cluster has 2 CPU on 1 node\(s\)$"):
+        cluster.check_cluster(_cfg("soft_targets.num_actors=3"), "sqlite:////tmp/x.db")
+    with pytest.raises(ConfigError, match=r"^train\.num_workers / .*: 1 x 1 GPU requested, the cluster has 0 GPU"):
+        cluster.check_cluster(_cfg("train.use_gpu=true"), "sqlite:////tmp/x.db")
+    cluster.check_cluster(_cfg("soft_targets.num_gpus_per_actor=1"), "sqlite:////tmp/x.db")
+    assert "teacher actors run on the CPU" in capsys.readouterr().err
+    assert cluster.teacher_gpus(1.0) == 0.0 and cluster.teacher_gpus(0.0) == 0.0
