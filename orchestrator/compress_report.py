@@ -1,10 +1,12 @@
-"""`distill report RUN_ID`: quantize, measure and export the models of a finished `distill run` job.
+"""`distill report RUN_ID`: quantize, measure and export the models of a finished `distill run` job or sweep.
 
 Reads everything back from MLflow (the parent's `config.json`, each child's logged model),
 reloads the dataset the job named, then for the teacher(s) and every student and baseline:
 measures the float model, quantizes it to int8 (`orchestrator.compress`), measures that too,
 exports each KD student (TorchScript, ONNX, int8 TorchScript; each checked by reloading),
 logs the figures to the child runs and `report.json` + `tradeoff.png` to the parent.
+Given a sweep's parent run instead, the rows are its teacher and every finished trial's
+final student, so the plot shows accuracy against latency and size across the sweep's trials.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def _job(uri: str, run_id: str) -> tuple[dict, JobConfig]:
     parent = tracking.get_run(uri, run_id)
     if parent is None:
         raise ConfigError(f"no MLflow run {run_id!r} in {uri}")
-    if parent["tags"].get("job") != "distill":
-        raise ConfigError(f"run {run_id} ({parent['name']}) is not the parent run of a `distill run` job")
+    if parent["tags"].get("job") not in ("distill", "sweep"):
+        raise ConfigError(f"run {run_id} ({parent['name']}) is not the parent run of a `distill run` job or a sweep")
     try:
         tree = json.loads(tracking.download_artifact(uri, run_id, "config.json").read_text())
     except Exception as exc:
@@ -69,6 +71,27 @@ def _load_model(uri: str, run: dict, cfg: JobConfig, data: DatasetArrays) -> tor
         load_weights(model, torch.load(cache, map_location="cpu", weights_only=True)["state_dict"], where=f"teacher {name} cache")
         return model.eval()
     raise ConfigError(f"run {run['run_id']} ({run['name']}): cannot load runs:/{run['run_id']}/model ({failure}; was tracking.log_models false?)")
+
+
+def _sweep_models(uri: str, sweep_run_id: str) -> list[dict]:
+    """A sweep's teacher run(s) and, per finished trial, its final-stage run renamed after the trial.
+
+    Trials that ASHA stopped (KILLED) were never tested and are left out. Trials are reported
+    with role "trial": quantized and measured like students, not exported (the champion is
+    registered by the sweep; `distill report` on a job exports).
+    """
+    runs = tracking.child_runs(uri, sweep_run_id)
+    # A resumed sweep resolved its teacher again (from the cache): one row per teacher, the newest.
+    teachers = {r["name"]: r for r in runs if r["tags"].get("role") == "teacher" and r["status"] == "FINISHED"}
+    models = list(teachers.values())
+    for trial in runs:
+        stage_id = trial["tags"].get("final_stage_run_id")
+        if trial["tags"].get("role") != "trial" or trial["status"] != "FINISHED" or not stage_id:
+            continue
+        stage = tracking.get_run(uri, stage_id)
+        label = f"{trial['tags'].get('trial_id', trial['run_id'][:8])} {trial['tags'].get('chain', '')}".strip()
+        models.append(stage | {"name": f"trial:{label}", "tags": stage["tags"] | {"role": "trial"}})
+    return models
 
 
 def _calibration(cfg: JobConfig, data: DatasetArrays) -> torch.Tensor:
@@ -111,7 +134,8 @@ def tradeoff_plot(rows: list[dict], path: Path) -> Path:
     from orchestrator.plots import pareto_front
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colors = {"teacher": "tab:blue", "student": "tab:green", "baseline": "tab:orange"}
+    colors = {"teacher": "tab:blue", "student": "tab:green", "baseline": "tab:orange", "trial": "tab:purple"}
+    colors = {role: c for role, c in colors.items() if any(r["role"] == role for r in rows)}
     for ax, x, label in ((axes[0], "latency_ms_b1", "CPU latency, batch 1 (ms, median)"), (axes[1], "size_mb_disk", "state dict on disk (MB)")):
         for r in rows:
             marker = "s" if r["precision"] == "int8" else "o"
@@ -142,7 +166,8 @@ def run_report(parent_run_id: str, *, tracking_uri: str | None = None, threads: 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model download otherwise
     uri = resolve_store(tracking_uri)
     parent, cfg = _job(uri, parent_run_id)
-    children = [r for r in tracking.child_runs(uri, parent_run_id) if r["tags"].get("role") in ("teacher", "student", "baseline")]
+    children = _sweep_models(uri, parent_run_id) if parent["tags"]["job"] == "sweep" else [
+        r for r in tracking.child_runs(uri, parent_run_id) if r["tags"].get("role") in ("teacher", "student", "baseline")]
     if not any(r["tags"]["role"] == "teacher" for r in children) or not any(r["tags"]["role"] != "teacher" for r in children):
         raise ConfigError(f"run {parent_run_id} has no teacher and student child runs (did the job finish?)")
     data = load_arrays(cfg.dataset)

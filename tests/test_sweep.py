@@ -116,3 +116,19 @@ def test_sweep_killed_and_resumed(ray_session, tmp_path):
     champion = client.get_model_version_by_alias("digits_sweep-student", "champion")
     assert champion.tags["sweep_run_id"] == parent.info.run_id
     assert champion.tags["trial_id"] == parent.data.tags["champion_trial"]
+
+    # `distill report` on the sweep: teacher plus every finished trial's final student, fp32 and
+    # int8, measured; the accuracy-vs-latency/size plot with Pareto fronts logged to the sweep run.
+    from orchestrator.compress_report import run_report
+
+    report = run_report(parent.info.run_id, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", export=False)
+    trial_rows = [r for r in report["rows"] if r["role"] == "trial"]
+    assert [r["role"] for r in report["rows"]].count("teacher") == 1
+    assert sorted(r["precision"] for r in trial_rows) == ["fp32"] * 4 + ["int8"] * 4
+    by_trial = {r.data.tags["final_stage_run_id"]: r for r in finished}
+    for row in trial_rows:
+        assert row["latency_ms_b1"] > 0 and row["size_mb_disk"] > 0
+        if row["precision"] == "fp32":  # measured again on the test set: the trial's own logged figure
+            assert row["test_accuracy"] == pytest.approx(by_trial[row["mlflow_run_id"]].data.metrics["test_accuracy"], abs=1e-6)
+    assert any(r["pareto_latency"] for r in report["rows"]) and any(r["pareto_size"] for r in report["rows"])
+    assert {"report.json", "tradeoff.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
