@@ -20,7 +20,8 @@ from orchestrator import tracking
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-SMALL_JOB = ["teachers.0.train.epochs=2", "train.epochs=2", "train.num_workers=2", "soft_targets.num_actors=1"]
+# No model logging: MLflow infers each model's pip requirements in a subprocess, tens of seconds per model here.
+SMALL_JOB = ["teachers.0.train.epochs=2", "train.epochs=2", "train.num_workers=2", "soft_targets.num_actors=1", "tracking.log_models=false"]
 
 
 @pytest.fixture(scope="module")
