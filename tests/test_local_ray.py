@@ -1,0 +1,46 @@
+"""The embedded local Ray tells its own workers where it is, even with another Ray on the host."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Inside a worker, resolve the cluster the way Ray Train's PlacementGroupCleaner does (address
+# "auto"-style lookup). Without RAY_ADDRESS this fails once two Ray instances run on one host.
+SCRIPT = """
+import ray
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from orchestrator.local_ray import start_local_ray
+
+address = start_local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+def resolve():
+    return canonicalize_bootstrap_address_or_die(None)
+
+@ray.remote(num_cpus=0)
+class Nested:  # actors started by actors (the Train controller starts the cleaner) inherit it
+    def resolve(self):
+        return ray.get(resolve.remote())
+
+print("RESOLVED", address, ray.get(resolve.remote()), ray.get(Nested.remote().resolve.remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.integration
+def test_workers_resolve_their_own_cluster_beside_another(ray_session):
+    # ray_session is a second Ray instance on this host while the script's cluster runs.
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESOLVED")), None)
+    assert line is not None, out.stderr[-3000:]
+    _, address, from_task, from_nested_actor = line.split()
+    assert from_task == address and from_nested_actor == address
