@@ -61,7 +61,6 @@ def _load_given_teacher(cfg: JobConfig, index: int, data: DatasetArrays, uri: st
     else:
         return None
     preflight.check_finite_weights(state_dict, where)
-    preflight.check_finite_weights(state_dict, where)
     load_weights(build_model(teacher, data.input_shape, data.num_classes), state_dict, where=where)
     return state_dict
 
