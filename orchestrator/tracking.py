@@ -169,30 +169,6 @@ def end_running_descendants(uri: str, experiment_id: str, ancestor_id: str, stat
     return len(stale)
 
 
-def end_running_descendants(uri: str, experiment_id: str, ancestor_id: str, status: str = "KILLED") -> int:
-    """End every RUNNING run nested (at any depth) under `ancestor_id`; returns how many.
-
-    For runs whose own process was stopped from outside (a Tune trial on Ctrl-C) and so cannot end them.
-    """
-    mlflow_client = client(uri)
-    runs = mlflow_client.search_runs([experiment_id], max_results=10_000)
-    parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
-
-    def descends(run_id: str) -> bool:
-        for _ in range(len(parent_of)):  # bounded: a corrupt parent cycle cannot loop forever
-            run_id = parent_of.get(run_id)
-            if run_id is None:
-                return False
-            if run_id == ancestor_id:
-                return True
-        return False
-
-    stale = [r.info.run_id for r in runs if r.info.status == "RUNNING" and descends(r.info.run_id)]
-    for run_id in stale:
-        end_run(uri, run_id, status)
-    return len(stale)
-
-
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
     items = [Param(k, redact(str(v))[:_MAX_PARAM_CHARS]) for k, v in params.items() if not is_secret_key(k)]
     mlflow_client = client(uri)
