@@ -1,0 +1,94 @@
+"""Large capacity gap on Fashion-MNIST: baseline vs direct KD (default and tuned T/alpha) vs the best TA chain.
+
+Reads finished runs back from the MLflow store (nothing typed in), so run the two jobs first,
+in one directory so the sweep reuses the job's cached teacher:
+
+    distill run configs/fashion_kd.yaml          # teacher, baseline student, direct KD at T=4, alpha=0.9
+    distill sweep configs/fashion_sweep.yaml     # Optuna + ASHA over T, alpha and assistant chains
+    python benchmarks/fashion_gap.py             # -> benchmarks/results/fashion_gap.{json,md}
+
+"Tuned" rows are chosen by validation accuracy (the sweep's metric); their test accuracy is
+only reported. Trials that ASHA stopped have no test accuracy and cannot be chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator import tracking
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def latest_parent(client, experiment: str, job: str):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        sys.exit(f"no MLflow experiment {experiment!r} in this store: run its job first")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.job = '{job}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        sys.exit(f"no finished {experiment!r} parent run in this store")
+    return runs[0]
+
+
+def artifact(client, run_id: str, path: str) -> Path:
+    return Path(client.download_artifacts(run_id, path, tempfile.mkdtemp()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    args = parser.parse_args()
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    client = tracking.client(uri)
+
+    job = latest_parent(client, "fashion_kd", "distill")
+    summary = json.loads(artifact(client, job.info.run_id, "summary.json").read_text())
+    by_role = {row["role"]: row for row in summary}
+    sweep = latest_parent(client, "fashion_sweep", "sweep")
+    trials = pd.read_csv(artifact(client, sweep.info.run_id, "trials.csv"))
+    finished = trials.dropna(subset=["val_accuracy", "test_accuracy"])
+    direct = finished[finished["chain"] == "direct"].sort_values("val_accuracy", ascending=False)
+    chains = finished[finished["chain"] != "direct"].sort_values("val_accuracy", ascending=False)
+
+    rows = [
+        {"row": "teacher", "how": by_role["teacher"]["name"], "test_accuracy": by_role["teacher"]["test_accuracy"], "params": by_role["teacher"]["params"]},
+        {"row": "baseline student (CE only)", "how": by_role["baseline"]["name"], "test_accuracy": by_role["baseline"]["test_accuracy"], "params": by_role["baseline"]["params"]},
+        {"row": "direct KD, default T/alpha", "how": f"T={job.data.params['kd.temperature']}, alpha={job.data.params['kd.alpha']}",
+         "test_accuracy": by_role["student"]["test_accuracy"], "params": by_role["student"]["params"]},
+    ]
+    for label, best in (("direct KD, tuned T/alpha", direct), ("best teacher-assistant chain", chains)):
+        if len(best):
+            b = best.iloc[0]
+            rows.append({"row": label, "how": f"chain {b['chain']}, T={b['temperature']:.2f}, alpha={b['alpha']:.2f} (trial {b['trial_id']}, val {b['val_accuracy']:.4f})",
+                         "test_accuracy": float(b["test_accuracy"]), "params": int(b["params"])})
+        else:
+            rows.append({"row": label, "how": "no finished trial of this kind", "test_accuracy": None, "params": None})
+    counts = {k: int(v) for k, v in sweep.data.metrics.items()
+              if k in {"trials", "trials_stopped_early", "teacher_forward_rows", "naive_teacher_forward_rows", "stages_trained", "stage_reuses", "stage_waits"}}
+    report = {"job_run_id": job.info.run_id, "sweep_run_id": sweep.info.run_id, "tracking_uri": uri, "rows": rows, "sweep_counts": counts,
+              "trials": trials.drop(columns=[c for c in ("mlflow_run_id", "final_stage_run_id") if c in trials]).to_dict(orient="records")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fashion_gap.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+    lines = ["| model | how | test accuracy | params |", "|---|---|---|---|"]
+    for r in rows:
+        acc = f"{r['test_accuracy']:.2%}" if r["test_accuracy"] is not None else "-"
+        lines.append(f"| {r['row']} | {r['how']} | {acc} | {r['params'] if r['params'] is not None else '-'} |")
+    lines += ["", f"Sweep: {counts.get('trials')} trials ({counts.get('trials_stopped_early')} stopped early by ASHA), "
+              f"{counts.get('stages_trained')} chain stages trained, {counts.get('stage_reuses')} reused; teacher forward rows "
+              f"{counts.get('teacher_forward_rows'):,} against {counts.get('naive_teacher_forward_rows'):,} for the naive sweep "
+              "(every trial runs the teacher every epoch)."]
+    (RESULTS / "fashion_gap.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
