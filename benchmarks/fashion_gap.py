@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -37,10 +36,6 @@ def latest_parent(client, experiment: str, job: str):
     return runs[0]
 
 
-def artifact(client, run_id: str, path: str) -> Path:
-    return Path(client.download_artifacts(run_id, path, tempfile.mkdtemp()))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
@@ -49,10 +44,10 @@ def main() -> int:
     client = tracking.client(uri)
 
     job = latest_parent(client, "fashion_kd", "distill")
-    summary = json.loads(artifact(client, job.info.run_id, "summary.json").read_text())
+    summary = json.loads(tracking.download_artifact(uri, job.info.run_id, "summary.json").read_text())
     by_role = {row["role"]: row for row in summary}
     sweep = latest_parent(client, "fashion_sweep", "sweep")
-    trials = pd.read_csv(artifact(client, sweep.info.run_id, "trials.csv"))
+    trials = pd.read_csv(tracking.download_artifact(uri, sweep.info.run_id, "trials.csv"))
     finished = trials.dropna(subset=["val_accuracy", "test_accuracy"])
     direct = finished[finished["chain"] == "direct"].sort_values("val_accuracy", ascending=False)
     chains = finished[finished["chain"] != "direct"].sort_values("val_accuracy", ascending=False)
@@ -81,7 +76,7 @@ def main() -> int:
     for r in rows:
         acc = f"{r['test_accuracy']:.2%}" if r["test_accuracy"] is not None else "-"
         lines.append(f"| {r['row']} | {r['how']} | {acc} | {r['params'] if r['params'] is not None else '-'} |")
-    lines += ["", f"Sweep: {counts.get('trials')} trials ({counts.get('trials_stopped_early')} stopped early by ASHA), "
+    lines += ["", f"Sweep: {counts.get('trials')} trials ({counts.get('trials_stopped_early')} trial and stage runs closed KILLED after the sweep), "
               f"{counts.get('stages_trained')} chain stages trained, {counts.get('stage_reuses')} reused; teacher forward rows "
               f"{counts.get('teacher_forward_rows'):,} against {counts.get('naive_teacher_forward_rows'):,} for the naive sweep "
               "(every trial runs the teacher every epoch)."]

@@ -267,8 +267,9 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     try:
         track = TrackingContext(uri, prep.experiment_id, parent_id)
         if not resume:
-            tracking.log_params(uri, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
-            tracking.log_dict(uri, parent_id, cfg.model_dump(mode="json"), "config.json")  # `distill report` rebuilds the config from it
+            tree = cfg.model_dump(mode="json")
+            tracking.log_params(uri, parent_id, tracking.flatten(tree))
+            tracking.log_dict(uri, parent_id, tree, "config.json")  # `distill report` rebuilds the config from it
         teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
         soft = soft_target_stage(cfg, teachers, prep.data, track)
         ctx = SweepContext(prep, teachers, soft, parent_id)
