@@ -44,8 +44,8 @@ def later_generations(prep: Any, result: StudentsResult, track: TrackingContext,
                 gen_track = TrackingContext(track.uri, track.experiment_id, run_id)
                 soft = soft_target_stage(cfg, [teacher], data, gen_track)
                 member = MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=run_id)
-                states = distill_members(cfg, data, prep.train_ids, prep.val_ids, soft, gen_track, [member],
-                                         run_name=f"{cfg.name}-{student.name}-gen{generation}-{run_id[:8]}", teachers=[teacher])
+                states, _ = distill_members(cfg, data, prep.train_ids, prep.val_ids, soft, gen_track, [member],
+                                            run_name=f"{cfg.name}-{student.name}-gen{generation}-{run_id[:8]}", teachers=[teacher])
                 state = states[student.name]
                 lineage.append(run_id)
         state_dicts[student.name] = state

@@ -6,10 +6,12 @@ import argparse
 import sys
 
 from orchestrator.config import ConfigError, load_config
+from orchestrator.interrupts import Terminated, sigterm_as_ctrl_c
 from orchestrator.redact import redact
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: _cluster(args))
     ray_was_running = _ray_running()  # a caller's Ray (a driver script, a test session) is not ours to stop
     try:
-        return _guarded(lambda: _run(args))
+        with sigterm_as_ctrl_c():
+            return _guarded(lambda: _run(args))
     finally:
         if not ray_was_running and _ray_running():
             import ray
@@ -98,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(action) -> int:
-    """Bad input: one line on stderr, exit 2. Ctrl-C: exit 130 (runs in flight were ended KILLED by their scopes)."""
+    """Bad input: one line on stderr, exit 2. Ctrl-C: exit 130, SIGTERM: 143 (runs in flight were ended KILLED by their scopes)."""
     try:
         code = action()
     except ConfigError as err:
         print(f"distill: error: {redact(str(err))}", file=sys.stderr)  # a password in a URI never reaches the terminal
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("distill: interrupted; MLflow runs marked KILLED", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"distill: {'terminated' if Terminated.seen else 'interrupted'}; MLflow runs marked KILLED", file=sys.stderr)
+        return EXIT_TERMINATED if Terminated.seen else EXIT_INTERRUPTED
     return code or 0
 
 

@@ -1,4 +1,4 @@
-"""Ctrl-C through Ray Tune: make it mean what it means everywhere else (KeyboardInterrupt).
+"""Ctrl-C through Ray Tune: make it mean what it means everywhere else (KeyboardInterrupt); SIGTERM alike.
 
 `Tuner.fit()` swaps in its own SIGINT handler: the first Ctrl-C stops the experiment gracefully
 (its state is saved, so `distill sweep --resume` can continue) and `fit()` then *returns* as if the
@@ -9,9 +9,11 @@ the handler in place after `fit()` tells which happened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -30,3 +32,31 @@ def fit_noticing_ctrl_c(tuner: Any) -> Any:
     if interrupted:
         raise KeyboardInterrupt
     return results
+
+
+class Terminated:
+    """Whether SIGTERM arrived while `sigterm_as_ctrl_c` was in force (the exit code then says 143, not 130)."""
+
+    seen = False
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Make SIGTERM (`ray job stop`, Kubernetes, a batch scheduler) do what Ctrl-C does.
+
+    It is turned into a SIGINT to this process, so whichever SIGINT handler is in place acts:
+    Python's KeyboardInterrupt (run scopes end KILLED) or Tune's graceful stop (state saved for --resume).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        Terminated.seen = True
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

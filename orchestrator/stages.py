@@ -281,8 +281,8 @@ def with_soft_targets(split: Split, ids: np.ndarray, soft: SoftTargets) -> ray.d
 
 
 def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext,
-                    members: list[MemberConfig], *, run_name: str, callbacks=(), teachers: list[TeacherWeights] | None = None) -> dict[str, dict]:
-    """Distil `members` from `soft` in one Ray Train run; returns their final state dicts.
+                    members: list[MemberConfig], *, run_name: str, callbacks=(), teachers: list[TeacherWeights] | None = None) -> tuple[dict[str, dict], dict]:
+    """Distil `members` from `soft` in one Ray Train run; returns their final state dicts and the last epoch's reported metrics.
 
     With `teacher_mode: online` the `teachers` also run inside the workers on every batch
     (feature terms, jittered inputs); `soft` still gives the validation metrics.
@@ -296,14 +296,13 @@ def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, sof
         loop = loop.model_copy(update={"teacher_mode": "online", "online_teachers": online, "ensemble": cfg.soft_targets.ensemble})
         objects = {"teacher_states": ray.put([t.state_dict for t in teachers])}  # weights through the object store, once
     datasets = {"train": with_soft_targets(data.train, train_ids, soft), "val": with_soft_targets(data.train, val_ids, soft)}
-    state_dicts, _ = fit_and_load(loop, datasets, run_name=run_name, callbacks=callbacks, objects=objects)
-    return state_dicts
+    return fit_and_load(loop, datasets, run_name=run_name, callbacks=callbacks, objects=objects)
 
 
 def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext, run_ids: dict[str, str],
                   teachers: list[TeacherWeights] | None = None) -> StudentsResult:
     started = time.perf_counter()
     members = student_members(cfg, run_ids)
-    state_dicts = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}",
-                                  teachers=teachers)
+    state_dicts, _ = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}",
+                                     teachers=teachers)
     return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)

@@ -3,7 +3,8 @@
 The driver resolves the teacher and its soft targets once; every trial is a Tune
 function trainable that runs its chain stage by stage (memoized assistants, see
 chains.py) and distils its student on Ray Train, reporting each epoch to Tune
-through `TuneReportCallback` so ASHA can stop it early.
+through `TuneReportCallback` so ASHA can stop it early; the last epoch it reports
+itself, once its test metrics and MLflow runs are written.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets
             ray.get(registry.wait.remote(key))  # another trial is training it: wait, then reuse
         try:
             member = MemberConfig(name=stage.name, role="assistant", spec=stage.spec, loss="kd", run_id=run_id)
-            states = distill_members(cfg, prep.data, prep.train_ids, prep.val_ids, parent_soft, track, [member], run_name=f"{cfg.name}-{key[:12]}")
+            states, _ = distill_members(cfg, prep.data, prep.train_ids, prep.val_ids, parent_soft, track, [member], run_name=f"{cfg.name}-{key[:12]}")
             state_dict = states[stage.name]
             weights = TeacherWeights(assistant_as_teacher(stage), state_dict, state_dict_fingerprint(state_dict), "trained", run_id, time.perf_counter() - started)
             # Soft targets before publishing: a waiting trial then finds them cached, not re-run.
@@ -135,6 +136,24 @@ def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets
             raise
         ray.get(registry.publish.remote(key, True))
         return weights, soft
+
+
+class ReportAllButLastEpoch(TuneReportCallback):
+    """Forward each epoch's metrics to Tune, except the last one.
+
+    A scheduler's STOP on a trial's report kills the trial's actor at once, and ASHA says STOP
+    to every trial whose report reaches max_t (its final epoch): the test metrics and MLflow
+    writes after training would die with it, leaving the trial KILLED and untested.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.last_epoch = epochs - 1
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and metrics[0].get("epoch") == self.last_epoch:
+            return
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
@@ -161,8 +180,8 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
                                 tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
             member = MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=stage_run)
-            states = distill_members(cfg, ctx.prep.data, ctx.prep.train_ids, ctx.prep.val_ids, soft, track, [member],
-                                     run_name=f"{base.name}-trial-{trial_id}", callbacks=[TuneReportCallback()])
+            states, last_epoch = distill_members(cfg, ctx.prep.data, ctx.prep.train_ids, ctx.prep.val_ids, soft, track, [member],
+                                                 run_name=f"{base.name}-trial-{trial_id}", callbacks=[ReportAllButLastEpoch(cfg.train.epochs)])
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
             model.load_state_dict(states[student.name])
             test = _test_metrics(ctx, model)
@@ -172,6 +191,7 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             if base.tracking.log_models:
                 example = np.zeros((1, *ctx.prep.data.input_shape), dtype=np.float32)
                 tracking.log_torch_model(uri, stage_run, model, name="model", input_example=example)
+    tune.report(last_epoch | test)  # last: a STOP on it kills nothing left to do
 
 
 def _replay_finished_trial(ctx: SweepContext, trial_id: str) -> bool:

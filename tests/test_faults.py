@@ -322,7 +322,16 @@ def ray_tmp():
         yield Path(folder)
 
 
-def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tmp_path, ray_tmp):
+def _ctrl_c(proc):
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C signals the whole foreground group
+
+
+def _ray_job_stop(proc):
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop`, Kubernetes and batch schedulers send the driver
+
+
+@pytest.mark.parametrize(("stop", "code", "word"), [(_ctrl_c, 130, "interrupted"), (_ray_job_stop, 143, "terminated")], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tmp_path, ray_tmp, stop, code, word):
     import re
 
     torch.manual_seed(0)
@@ -347,14 +356,14 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
             # The dashboard (it can submit jobs) listens on loopback only.
             port = int(re.search(r"dashboard at \S*?127\.0\.0\.1:(\d+)", (tmp_path / "err.log").read_text()).group(1))
             assert listening_hosts(port) == {"127.0.0.1"}, listening_hosts(port)
-            os.killpg(proc.pid, signal.SIGINT)
-            code = proc.wait(timeout=180)
+            stop(proc)
+            exit_code = proc.wait(timeout=180)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     stderr = (tmp_path / "err.log").read_text()
-    assert code == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1] == "distill: interrupted; MLflow runs marked KILLED"
+    assert exit_code == code, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == f"distill: {word}; MLflow runs marked KILLED"
 
     runs = _runs_by_status(tmp_path / "mlflow.db")
     assert runs["digits_kd"] == "KILLED" and runs["soft-targets"] == "KILLED" and runs["teacher:cnn"] == "FINISHED", runs

@@ -1,8 +1,9 @@
-"""A real Tune sweep on digits, its driver killed and resumed, read back from MLflow."""
+"""A real Tune sweep on digits, its driver killed, resumed, interrupted with Ctrl-C and resumed again, read back from MLflow."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +20,10 @@ from orchestrator.teachers import teacher_forward_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO_ROOT / "configs/digits_sweep.yaml")
-FAST = ["teachers.0.train.epochs=4", "train.epochs=3", "sweep.max_concurrent_trials=1", "tracking.experiment=sweep-it"]
+# ASHA with its only rung at the last epoch says STOP to every trial's final report: each trial
+# must still test its student and end its runs FINISHED.
+FAST = ["teachers.0.train.epochs=4", "train.epochs=3", "sweep.scheduler=asha", "sweep.grace_period=3",
+        "sweep.max_concurrent_trials=1", "tracking.experiment=sweep-it"]
 DIGITS_ROWS = 1797  # train + test: one teacher pass covers both
 
 
@@ -54,27 +58,46 @@ def _finished_trials(db: Path) -> int:
             return 0
 
 
+def _wait_for_finished_trials(proc: subprocess.Popen, workdir: Path, count: int) -> None:
+    deadline = time.monotonic() + 480
+    while _finished_trials(workdir / "mlflow.db") < count:
+        assert proc.poll() is None, sorted(workdir.glob("sweep-*.log"))[-1].read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{count} trial(s) did not finish in time"
+        time.sleep(1)
+
+
 @pytest.mark.integration
-@pytest.mark.timeout(900)
-def test_sweep_killed_and_resumed(ray_session, tmp_path):
+@pytest.mark.timeout(1200)
+def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     address = ray.get_runtime_context().gcs_address
     rows_before = teacher_forward_rows()
 
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    # 1. The driver SIGKILLed (no cleanup runs in it) once a trial has finished.
     first = _sweep([], tmp_path, address)
-    deadline = time.monotonic() + 480
-    while _finished_trials(tmp_path / "mlflow.db") < 1:
-        assert first.poll() is None, (tmp_path / "sweep-0.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no trial finished in time"
-        time.sleep(1)
-    first.kill()  # SIGKILL: no cleanup runs in the driver
+    _wait_for_finished_trials(first, tmp_path, 1)
+    first.kill()
     first.wait()
     killed_at = time.time() * 1000
 
+    # 2. Resumed, then Ctrl-C once a second trial has finished: Tune's graceful stop, exit 130,
+    #    the parent and whatever was in flight ended KILLED, nothing left RUNNING.
     second = _sweep(["--resume"], tmp_path, address)
-    assert second.wait(timeout=600) == 0, (tmp_path / "sweep-1.log").read_text()[-3000:]
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _wait_for_finished_trials(second, tmp_path, 2)
+    second.send_signal(signal.SIGINT)
+    assert second.wait(timeout=300) == 130, (tmp_path / "sweep-1.log").read_text()[-3000:]
+    interrupted_at = time.time() * 1000
+    assert (tmp_path / "sweep-1.log").read_text().strip().splitlines()[-1] == "distill: interrupted; MLflow runs marked KILLED"
     experiment = client.get_experiment_by_name("sweep-it")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert [r.info.status for r in runs if r.data.tags.get("job") == "sweep"] == ["KILLED"]
+
+    # 3. Resumed again: runs to the end.
+    third = _sweep(["--resume"], tmp_path, address)
+    assert third.wait(timeout=600) == 0, (tmp_path / "sweep-2.log").read_text()[-3000:]
+
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     parents = [r for r in runs if r.data.tags.get("job") == "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the resumed driver continued the same parent run
@@ -84,11 +107,14 @@ def test_sweep_killed_and_resumed(ray_session, tmp_path):
     finished = [r for r in trials if r.info.status == "FINISHED"]
     assert sorted({r.data.tags["trial_id"] for r in finished}) == sorted(r.data.tags["trial_id"] for r in finished)
     assert len(finished) == 4
+    assert all(0.5 < r.data.metrics["test_accuracy"] <= 1 for r in finished)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
-    # The trial that finished before the kill was not run again.
+    # Trials that finished before the kill and before the Ctrl-C were not run again.
     done_before_kill = [r for r in finished if r.info.end_time < killed_at]
-    assert len(done_before_kill) == 1
-    assert sum(r.data.tags["trial_id"] == done_before_kill[0].data.tags["trial_id"] for r in trials) == 1
+    done_before_ctrl_c = [r for r in finished if r.info.end_time < interrupted_at]
+    assert len(done_before_kill) == 1 and len(done_before_ctrl_c) == 2
+    for done in done_before_ctrl_c:
+        assert sum(r.data.tags["trial_id"] == done.data.tags["trial_id"] for r in trials) == 1
     # Whatever the kill interrupted is closed, not left RUNNING.
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
