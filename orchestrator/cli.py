@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from orchestrator.config import ConfigError, load_config
 from orchestrator.interrupts import Terminated, sigterm_as_ctrl_c
@@ -97,7 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         if not ray_was_running and _ray_running():
             import ray
 
+            _wait_for_ray_data_threads()
             ray.shutdown()
+
+
+def _wait_for_ray_data_threads(timeout_s: float = 30.0) -> None:
+    """After a Ctrl-C, Ray Data's scheduling thread can outlive its executor's 2 s join on a busy
+    machine; Ray shut down under it makes the core worker end the process with status 1, not 130."""
+    import threading
+
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name.startswith("StreamingExecutor-"):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _guarded(action) -> int:

@@ -38,6 +38,18 @@ def test_search_space_and_trial_config():
     assert cfg.kd.temperature == 4.0  # the base config is untouched
 
 
+def test_optuna_search_samples_the_configured_space():
+    """configs/fashion_sweep.yaml searches with Optuna (TPE): it must be installed and draw inside the space."""
+    from orchestrator.sweep import _search_alg
+
+    cfg = load_config(str(REPO_ROOT / "configs/fashion_sweep.yaml"))
+    search = _search_alg(cfg)
+    assert search.set_search_properties(cfg.sweep.metric, cfg.sweep.mode, search_space(cfg))
+    drawn = [search.suggest(f"trial-{i}") for i in range(5)]
+    assert all(1.0 <= d["temperature"] <= 16.0 and 0.3 <= d["alpha"] <= 0.95 and d["chain"] in (0, 1, 2) for d in drawn)
+    assert len({d["temperature"] for d in drawn}) == 5
+
+
 def _sweep(args: list[str], workdir: Path, address: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
     log = open(workdir / f"sweep-{len(list(workdir.glob('sweep-*.log')))}.log", "w")
