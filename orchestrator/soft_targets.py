@@ -8,6 +8,9 @@ written. Readers validate the manifest against the files before trusting them.
 
 `<root>` must be visible at the same path to every Ray node that writes (a local
 cluster, or a shared filesystem), because Ray Data writes from the workers.
+A `<root>` that is a URI (s3://, gs://, file://...) has no atomic rename and no
+flock: read_cache / write_cache hand it to uri_cache.py, which publishes by
+writing the manifest last. Both check entries with cache_manifest.py.
 """
 
 from __future__ import annotations
@@ -18,22 +21,33 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 
+from orchestrator import uri_cache
+from orchestrator.cache_manifest import (  # noqa: F401  (ID_COLUMN, CacheCorruptWarning, load_table: callers import them from here)
+    ID_COLUMN,
+    MANIFEST,
+    CacheCorruptWarning,
+    CacheEntry,
+    EntryFiles,
+    check_fingerprint,
+    check_request,
+    describe,
+    load_table,
+    validate,
+)
 from orchestrator.config import ConfigError
 
 if TYPE_CHECKING:  # torch and ray are heavy; only the functions that need them import them
@@ -44,18 +58,11 @@ ENCODINGS = ("fp16", "fp32", "topk")
 DENSE_COLUMN = "teacher_logits"
 TOPK_VALUES_COLUMN = "teacher_topk_values"
 TOPK_INDICES_COLUMN = "teacher_topk_indices"
-MANIFEST = "manifest.json"
-ID_COLUMN = "id"
 
 # Largest finite float16; larger logits would become inf and softmax would yield NaN.
 _FP16_MAX = float(np.finfo(np.float16).max)
 _INT16_CLASS_LIMIT = 32768  # spec: int16 indices only when K < 32768
-_FP_PATTERN = re.compile(r"[0-9A-Za-z_-]+")
 _LIST_KINDS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)  # tensor storage types
-
-
-class CacheCorruptWarning(UserWarning):
-    """A committed cache directory failed validation and is being rebuilt."""
 
 
 def logit_columns(encoding: str) -> tuple[str, ...]:
@@ -203,21 +210,15 @@ def _canonical(obj: Any) -> Any:
     raise TypeError(f"cannot fingerprint a {type(obj).__name__}: {obj!r}")
 
 
-@dataclass(frozen=True)
-class CacheEntry:
-    path: Path  # the committed directory <root>/<fingerprint>/
-    manifest: dict  # parsed manifest.json
-
-
 def cache_path(root: str | Path, fp: str) -> Path:
-    # The fingerprint becomes a directory name: refuse anything that could escape root or hide as .tmp-/.trash-.
-    if not isinstance(fp, str) or not _FP_PATTERN.fullmatch(fp):
-        raise ValueError(f"invalid cache fingerprint {fp!r}")
-    return Path(root).resolve() / fp
+    return Path(root).resolve() / check_fingerprint(fp)
 
 
 def read_cache(root: str | Path, fp: str) -> CacheEntry | None:
-    """The validated entry for `fp`, or None (a corrupt one is warned about and moved aside)."""
+    """The validated entry for `fp`, or None (a corrupt one is warned about and moved aside;
+    under a URI root only warned about, see uri_cache.py)."""
+    if uri_cache.is_uri(root):
+        return uri_cache.read_uri_cache(root, fp)
     path = cache_path(root, fp)
     if not path.exists():
         return None
@@ -232,44 +233,7 @@ def read_cache(root: str | Path, fp: str) -> CacheEntry | None:
 
 def _validate(path: Path, fp: str) -> tuple[dict, str | None]:
     """(manifest, None) when `path` is a complete cache for `fp`, else ({}, why not)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        return {}, "manifest.json is missing (half-written or foreign directory)"
-    except (OSError, ValueError) as exc:
-        return {}, f"manifest.json is unreadable ({type(exc).__name__})"
-    if not isinstance(manifest, dict):
-        return {}, "manifest.json is not an object"
-    if manifest.get("fingerprint") != fp:
-        return {}, f"manifest fingerprint {manifest.get('fingerprint')!r} != {fp!r}"
-    if manifest.get("complete") is not True:
-        return {}, "manifest is not marked complete"
-    files, columns = manifest.get("files"), manifest.get("columns")
-    if not isinstance(files, list) or not files or not isinstance(columns, list):
-        return {}, "manifest files/columns are missing or malformed"
-    rows = 0
-    for item in files:
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-            return {}, f"manifest lists a bad file entry {item!r}"
-        file = path / name
-        try:
-            size = file.stat().st_size
-        except OSError:
-            return {}, f"data file {name} is missing"
-        if size != item.get("bytes"):
-            return {}, f"data file {name} has {size} bytes, manifest says {item.get('bytes')}"
-        try:  # footer only: row count and schema without reading the data
-            meta = pq.ParquetFile(file)
-            rows += meta.metadata.num_rows
-            names = meta.schema_arrow.names
-        except (OSError, pa.ArrowException) as exc:
-            return {}, f"data file {name} is not readable parquet ({type(exc).__name__})"
-        if names != columns:
-            return {}, f"data file {name} has columns {names}, manifest says {columns}"
-    if rows != manifest.get("rows"):
-        return {}, f"data files hold {rows} rows, manifest says {manifest.get('rows')}"
-    return manifest, None
+    return validate(lambda: (path / MANIFEST).read_text(), fp, EntryFiles(pafs.LocalFileSystem(), path))
 
 
 def _move_aside(path: Path, fp: str) -> None:
@@ -289,27 +253,14 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def load_table(entry: CacheEntry, columns: Sequence[str] | None = None) -> pa.Table:
-    """The entry's rows (only the files its manifest lists), sorted by id."""
-    wanted = list(columns) if columns is not None else list(entry.manifest["columns"])
-    read = wanted if ID_COLUMN in wanted else [*wanted, ID_COLUMN]
-    tables = [pq.read_table(entry.path / item["name"], columns=read) for item in entry.manifest["files"]]
-    table = pa.concat_tables(tables).sort_by(ID_COLUMN)
-    return table.select(wanted)
-
-
 def write_cache(
     ds: "ray.data.Dataset", root: str | Path, fp: str, *, columns: Sequence[str], extra_manifest: Mapping | None = None
 ) -> CacheEntry:
     """Write `ds` (its `columns`) as the cache entry for `fp`; publish atomically, first writer wins."""
+    if uri_cache.is_uri(root):
+        return uri_cache.write_uri_cache(ds, root, fp, columns=columns, extra_manifest=extra_manifest)
     final = cache_path(root, fp)  # absolute: Ray workers do not share the driver's cwd
-    columns = list(columns)
-    if ID_COLUMN not in columns:
-        raise ValueError(f"columns must include {ID_COLUMN!r} (entries are sorted by it), got {columns}")
-    extra = dict(extra_manifest or {})
-    core = {"fingerprint", "rows", "columns", "schema", "files", "created_utc", "complete"}
-    if clash := sorted(core & set(extra)):
-        raise ValueError(f"extra_manifest may not override {clash}")
+    columns, extra = check_request(columns, extra_manifest)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{fp}-{uuid.uuid4().hex}"
     try:
@@ -324,27 +275,10 @@ def write_cache(
 
 def _describe(tmp: Path, fp: str, columns: list[str], extra: dict) -> dict:
     files = sorted(p for p in tmp.rglob("*.parquet") if p.is_file())
-    if not files:
-        raise ValueError("the dataset wrote no rows; refusing to cache an empty split")
-    rows, schema, entries = 0, None, []
     for file in files:
         _fsync(file)  # the manifest must never reach disk before the data it vouches for
-        meta = pq.ParquetFile(file)
-        rows += meta.metadata.num_rows
-        schema = schema or meta.schema_arrow
-        entries.append({"name": file.relative_to(tmp).as_posix(), "bytes": file.stat().st_size})
-    if sorted(schema.names) != sorted(columns):
-        raise ValueError(f"written columns {schema.names} differ from requested {columns}")
-    return {
-        **extra,
-        "fingerprint": fp,
-        "rows": rows,
-        "columns": schema.names,
-        "schema": str(schema),
-        "files": entries,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "complete": True,
-    }
+    names = [file.relative_to(tmp).as_posix() for file in files]
+    return describe(names, EntryFiles(pafs.LocalFileSystem(), tmp), fp, columns, extra)
 
 
 def _write_manifest(tmp: Path, manifest: dict) -> None:
@@ -389,10 +323,15 @@ def build_lock(directory: str | Path, name: str) -> Iterator[float]:
     the kernel when its holder dies, even by SIGKILL, so a crashed builder never blocks the next one;
     lock files are left in place (removing one that another process waits on would break the lock).
     On a shared filesystem this relies on its flock support (NFSv4 and Lustre have it).
+    A URI `directory` (an object store) has no locks: the lock is then taken on this machine only,
+    which still serialises the jobs of one Ray cluster (submitted jobs' drivers run on its head node);
+    jobs elsewhere may build the same entry twice, and uri_cache.py keeps one of the two.
     """
-    if not _FP_PATTERN.fullmatch(name):
-        raise ValueError(f"invalid lock name {name!r}")
-    folder = Path(directory).resolve()
+    try:
+        check_fingerprint(name)  # a lock file name, with the same rules as an entry name
+    except ValueError:
+        raise ValueError(f"invalid lock name {name!r}") from None
+    folder = _local_lock_folder(directory) if uri_cache.is_uri(directory) else Path(directory).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with open(folder / f".lock-{name}", "a") as handle:
@@ -403,12 +342,20 @@ def build_lock(directory: str | Path, name: str) -> Iterator[float]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _local_lock_folder(uri: str) -> Path:
+    # One folder per cache URI, so two caches never share a lock; the hash keeps credentials out of the name.
+    return Path(tempfile.gettempdir()) / "kd-cache-locks" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
 def clean_stale_tmp(root: str | Path, *, older_than_s: float = 3600) -> int:
     """Remove `.tmp-*` / `.trash-*` leftovers of crashed writers untouched for `older_than_s`; returns how many.
 
     The age is the newest mtime of the dir and its direct children, so a writer
     still adding files is not swept; keep `older_than_s` above the longest write.
+    Under a URI root: writer directories no manifest names, see uri_cache.clean_stale.
     """
+    if uri_cache.is_uri(root):
+        return uri_cache.clean_stale(root, older_than_s=older_than_s)
     root = Path(root)
     if not root.is_dir():
         return 0

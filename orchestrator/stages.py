@@ -247,7 +247,8 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
                 by_id = _columns_by_id(load_table(entry, columns), logit_columns(st.encoding))
             else:
                 generated = generate_soft_targets(cfg, teachers, data).materialize()
-                entry = write_cache(generated, Path(st.cache_dir).resolve(), key, columns=columns, extra_manifest={"dataset": data.name, "n_train": len(data.train.labels)})
+                # cache_dir as configured: a URI must reach write_cache whole (it resolves paths itself).
+                entry = write_cache(generated, st.cache_dir, key, columns=columns, extra_manifest={"dataset": data.name, "n_train": len(data.train.labels)})
                 # Training gets the logits from the object store, not from the parquet just written.
                 table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
                 by_id = _columns_by_id(table, logit_columns(st.encoding))

@@ -91,6 +91,10 @@ def test_multi_node_storage_rules(tmp_path, monkeypatch):
     shared = _cfg("train.storage_path=s3://bucket/rr", f"soft_targets.cache_dir={tmp_path / 'cache'}")
     with pytest.raises(ConfigError, match=r"^soft_targets\.cache_dir: "):
         cluster.check_storage(shared, "http://127.0.0.1:5000", num_nodes=2)
+    with pytest.raises(ConfigError, match=r"^soft_targets\.cache_dir: file://.* is local to one node"):  # a URI, but of a local disk
+        cluster.check_storage(_cfg("train.storage_path=s3://bucket/rr", f"soft_targets.cache_dir={(tmp_path / 'cache').as_uri()}"),
+                              "http://127.0.0.1:5000", num_nodes=2)
+    cluster.check_storage(_cfg("train.storage_path=s3://bucket/rr", "soft_targets.cache_dir=s3://bucket/kd_cache"), "http://127.0.0.1:5000", num_nodes=2)
     monkeypatch.setenv(cluster.SHARED_ENV, str(tmp_path))
     with pytest.raises(ConfigError, match=r"^tracking\.tracking_uri: sqlite:////tmp/mlflow.db is a store on one node's disk"):
         cluster.check_storage(cfg, "sqlite:////tmp/mlflow.db", num_nodes=2)
@@ -100,10 +104,18 @@ def test_multi_node_storage_rules(tmp_path, monkeypatch):
 def test_which_locations_take_uris():
     cluster.check_uris(_cfg("train.storage_path=s3://bucket/ray_results"))  # Ray Train writes through pyarrow
     cluster.check_uris(_cfg("soft_targets.cache_dir=/mnt/shared/kd_cache"))
-    with pytest.raises(ConfigError, match=r"^soft_targets\.cache_dir: s3://bucket/kd_cache is a URI; the cache needs a file system path"):
+    given = "teachers.0.checkpoint=/mnt/shared/teacher.pt"  # a loaded teacher: nothing is cached beside the soft targets
+    for uri in ("s3://bucket/kd_cache", "gs://bucket/kd_cache", "abfs://c@acct.dfs.core.windows.net/kd", "file:///mnt/shared/kd_cache"):
+        cluster.check_uris(_cfg(f"soft_targets.cache_dir={uri}", given))  # uri_cache.py publishes without renames
+    with pytest.raises(ConfigError, match=r"^soft_targets\.cache_dir: memory://kd has a scheme the cache cannot open; use a path or one of s3://"):
+        cluster.check_uris(_cfg("soft_targets.cache_dir=memory://kd", given))
+    with pytest.raises(ConfigError, match=r"^soft_targets\.cache_dir: s3://bucket/kd_cache is a URI, but teachers\.0 is trained by this job"):
         cluster.check_uris(_cfg("soft_targets.cache_dir=s3://bucket/kd_cache"))
     sweep = load_config(REPO_ROOT / "configs" / "digits_sweep.yaml", ["train.storage_path=gs://bucket/rr"])
     with pytest.raises(ConfigError, match=r"^train\.storage_path: gs://bucket/rr is a URI; sweeps keep their state"):
+        cluster.check_uris(sweep)
+    sweep = load_config(REPO_ROOT / "configs" / "digits_sweep.yaml", ["soft_targets.cache_dir=s3://bucket/kd_cache", given])
+    with pytest.raises(ConfigError, match=r"^soft_targets\.cache_dir: s3://bucket/kd_cache is a URI; sweeps cache their assistants"):
         cluster.check_uris(sweep)
 
 
