@@ -7,9 +7,8 @@
   On an autoscaling cluster, set DISTILL_RESOURCE_WAIT_S to ask the autoscaler for the resources
   and wait that long for them before refusing.
 - URIs: `train.storage_path` and `soft_targets.cache_dir` may be URIs pyarrow opens (s3://, gs://,
-  hdfs://, abfs://, file://). While the cache is a URI, the trained teachers and a sweep's assistants,
-  which are kept as files beside it, have nowhere to go: such a job must load its teachers
-  (checkpoint / mlflow_model) and not be a sweep. A sweep's state needs a file system path.
+  hdfs://, abfs://, file://); trained teachers and a sweep's assistants are cached beside the soft
+  targets, in the same place. A sweep's state needs a file system path.
 - Storage: on more than one node, every location that several nodes write must be shared: a
   remote URI (s3://, gs://, hdfs://, abfs://...), a path on a network file system (NFS, CIFS,
   Lustre, CephFS, ...), or a path under one of the prefixes listed in DISTILL_SHARED_STORAGE
@@ -109,22 +108,14 @@ def check_storage(cfg: JobConfig, tracking_uri: str, num_nodes: int) -> None:
 def check_uris(cfg: JobConfig) -> None:
     """Which locations take a URI. `train.storage_path`: any pyarrow file system (Ray Train writes through
     pyarrow), for `distill run`. `soft_targets.cache_dir`: the URIs pyarrow's FileSystem.from_uri opens
-    (uri_cache.py publishes there without renames); but trained teachers and sweep assistants are cached
-    beside the soft targets with file renames, so a job that makes either needs a path."""
+    (uri_cache.py publishes there without renames; trained teachers and sweep assistants go beside them
+    through weights_cache.py). A sweep's own state (Tune's experiment, kd_sweep.json) needs a path."""
     cache = cfg.soft_targets.cache_dir
     scheme = uri_scheme(cache)
     if scheme is not None:
         if scheme not in CACHE_URI_SCHEMES:
             raise ConfigError(f"soft_targets.cache_dir: {cache} has a scheme the cache cannot open; use a path or one of "
                               + ", ".join(f"{s}://" for s in CACHE_URI_SCHEMES))
-        trained = [f"teachers.{i}" for i, t in enumerate(cfg.teachers) if not (t.checkpoint or t.mlflow_model)]
-        if trained:
-            raise ConfigError(f"soft_targets.cache_dir: {cache} is a URI, but {trained[0]} is trained by this job and trained "
-                              "teachers are cached as files in a file system path; give it a checkpoint or mlflow_model, "
-                              "or use a path (an NFS mount on a cluster)")
-        if cfg.sweep is not None:
-            raise ConfigError(f"soft_targets.cache_dir: {cache} is a URI; sweeps cache their assistants in a file system path "
-                              "(an NFS mount on a cluster)")
     if cfg.sweep is not None and uri_scheme(cfg.train.storage_path) not in (None, "file"):
         raise ConfigError(f"train.storage_path: {cfg.train.storage_path} is a URI; sweeps keep their state in a file system path (an NFS mount on a cluster)")
 

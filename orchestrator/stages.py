@@ -6,12 +6,8 @@ order inside one MLflow parent run. Ray APIs are used directly here.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +27,7 @@ from orchestrator.soft_targets import build_lock, column_to_numpy, fingerprint, 
 from orchestrator.teachers import TeacherPredictor, attach_soft_targets, forward_row_counter
 from orchestrator.train_loop import LoopConfig, MemberConfig
 from orchestrator.trainer import fit_and_load
+from orchestrator.weights_cache import load_cached_weights, save_cached_weights, weights_file
 
 SOFT_TARGET_FORMAT = 1  # bump when the cached columns change meaning
 
@@ -77,31 +74,6 @@ def teacher_training_key(cfg: JobConfig, teacher: TeacherConfig, data: DatasetAr
     return fingerprint({"teacher": spec, "dataset": data.fingerprint("train"), "val_fraction": cfg.dataset.val_fraction, "seed": cfg.seed})
 
 
-def _teacher_cache_file(cfg: JobConfig, key: str) -> Path:
-    return Path(cfg.soft_targets.cache_dir).resolve() / "teachers" / f"{key}.pt"
-
-
-def load_cached_weights(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: rebuild rather than trust it
-        warnings.warn(f"teacher cache {path} is unreadable ({type(exc).__name__}); retraining the teacher", stacklevel=2)
-        path.unlink(missing_ok=True)
-        return None
-
-
-def save_cached_weights(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-    finally:
-        tmp.unlink(missing_ok=True)  # interrupted (Ctrl-C) before the rename: leave no stray file
-
-
 def materialized_images(split: Split, ids: np.ndarray) -> ray.data.Dataset:
     return to_ray_dataset(split, ids).materialize()
 
@@ -134,8 +106,8 @@ def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, 
             tags = {"source_path": teacher.checkpoint or teacher.mlflow_model}
         else:
             key = teacher_training_key(cfg, teacher, data)
-            path = _teacher_cache_file(cfg, key)
-            with build_lock(path.parent, key):  # a job training the same teacher right now: wait and reuse it
+            path = weights_file(cfg.soft_targets.cache_dir, "teachers", key)
+            with build_lock(path.folder, key):  # a job training the same teacher right now: wait and reuse it
                 cached = load_cached_weights(path)
                 if cached is not None:
                     state_dict, source = cached["state_dict"], "cache"

@@ -36,13 +36,12 @@ from orchestrator.stages import (
     TeacherWeights,
     TrackingContext,
     distill_members,
-    load_cached_weights,
     resolve_teacher,
-    save_cached_weights,
     soft_target_stage,
 )
 from orchestrator.teachers import teacher_forward_rows
 from orchestrator.train_loop import MemberConfig
+from orchestrator.weights_cache import load_cached_weights, save_cached_weights, weights_file
 
 STATE_FILE = "kd_sweep.json"
 SHORT_NAMES = {"temperature": "T", "alpha": "a", "lr": "lr", "student": "stud", "chain": "chain"}  # narrow trial table
@@ -105,7 +104,7 @@ def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets
     """Train (or reuse) one assistant of a chain; returns its weights and its soft targets."""
     prep = ctx.prep
     key = stage_key(cfg, parent_soft.fingerprint, stage, prep.data.fingerprint("train"))
-    path = Path(cfg.soft_targets.cache_dir).resolve() / "stages" / f"{key}.pt"
+    path = weights_file(cfg.soft_targets.cache_dir, "stages", key)
     registry = stage_registry(ctx.sweep_run_id)
     with tracking.run_scope(track.uri, track.experiment_id, f"stage:{stage.name}", parent_id=track.parent_id,
                             tags={"role": "assistant", "stage_key": key, "parent_soft_target_fingerprint": parent_soft.fingerprint}) as run_id:
