@@ -7,7 +7,7 @@ import sys
 import time
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.interrupts import Terminated, sigterm_as_ctrl_c
+from orchestrator.interrupts import Terminated, ctrl_c_never_lost
 from orchestrator.redact import redact
 
 EXIT_BAD_INPUT = 2
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: _cluster(args))
     ray_was_running = _ray_running()  # a caller's Ray (a driver script, a test session) is not ours to stop
     try:
-        with sigterm_as_ctrl_c():
+        with ctrl_c_never_lost():
             return _guarded(lambda: _run(args))
     finally:
         if not ray_was_running and _ray_running():

@@ -9,9 +9,11 @@ the handler in place after `fit()` tells which happened.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -35,28 +37,54 @@ def fit_noticing_ctrl_c(tuner: Any) -> Any:
 
 
 class Terminated:
-    """Whether SIGTERM arrived while `sigterm_as_ctrl_c` was in force (the exit code then says 143, not 130)."""
+    """Whether SIGTERM arrived while `ctrl_c_never_lost` was in force (the exit code then says 143, not 130)."""
 
     seen = False
+    forwarding = False  # whether ctrl_c_never_lost is in force
 
 
 @contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """Make SIGTERM (`ray job stop`, Kubernetes, a batch scheduler) do what Ctrl-C does.
+def ctrl_c_never_lost() -> Iterator[None]:
+    """Make every Ctrl-C, and every SIGTERM (`ray job stop`, Kubernetes, a batch scheduler), stop the command.
 
-    It is turned into a SIGINT to this process, so whichever SIGINT handler is in place acts:
+    SIGTERM is turned into a SIGINT to this process, so whichever SIGINT handler is in place acts:
     Python's KeyboardInterrupt (run scopes end KILLED) or Tune's graceful stop (state saved for --resume).
+    A KeyboardInterrupt that lands while the main thread runs a garbage-collector callback or a
+    `__del__` (SQLAlchemy and Ray run plenty) is printed as "Exception ignored" and dropped by Python:
+    the command would go on as if never interrupted. Such a dropped one is delivered again.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def forward(signum, frame):
-        Terminated.seen = True
-        signal.raise_signal(signal.SIGINT)
+    previous_term = signal.signal(signal.SIGTERM, _forward_sigterm)
+    previous_hook = sys.unraisablehook
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    def redeliver_dropped_interrupt(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # From another thread, a moment later: in this one the handler would run before the hook
+            # returns and be dropped again. Landing in a finalizer again just comes back here.
+            threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGINT,)).start()
+            return
+        previous_hook(unraisable)
+
+    sys.unraisablehook = redeliver_dropped_interrupt
+    Terminated.forwarding = True
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        Terminated.forwarding = False
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _forward_sigterm(signum, frame) -> None:
+    Terminated.seen = True
+    signal.raise_signal(signal.SIGINT)
+
+
+def reclaim_sigterm() -> None:
+    """Put our SIGTERM handler back after `ray.init`, which replaces it with a bare `sys.exit`
+    (no KILLED runs, and a SystemExit raised wherever the main thread happens to be)."""
+    if Terminated.forwarding and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _forward_sigterm)

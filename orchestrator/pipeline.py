@@ -17,6 +17,7 @@ from orchestrator import preflight, tracking
 from orchestrator.cluster import check_cluster
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
+from orchestrator.interrupts import reclaim_sigterm
 from orchestrator.local_ray import start_local_ray
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
@@ -108,6 +109,7 @@ def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
             preflight.check_local_resources(cfg)
         # The dashboard (it can submit jobs) listens on loopback only; see README "Security".
         start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1")
+    reclaim_sigterm()  # ray.init installs its own SIGTERM handler (a bare sys.exit)
 
 
 def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: torch.Tensor) -> list[dict]:

@@ -46,7 +46,8 @@ def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
 
 
 def close_stopped_trials(prep, parent_id: str) -> int:
-    """Trials that ASHA stopped are killed mid-run: mark their runs KILLED rather than leave them RUNNING."""
+    """Trials that ASHA stopped are killed mid-run: mark their runs (and stage runs) KILLED rather than
+    leave them RUNNING; returns how many trials."""
     client = tracking.client(prep.tracking_uri)
     closed = 0
     for _ in range(3):  # trial runs nest two levels (trial -> stage -> soft targets)
@@ -55,7 +56,7 @@ def close_stopped_trials(prep, parent_id: str) -> int:
         for run in stale:
             tracking.set_tags(prep.tracking_uri, run.info.run_id, {"stopped_early": True})
             tracking.end_run(prep.tracking_uri, run.info.run_id, "KILLED")
-            closed += 1
+            closed += run.data.tags.get("role") == "trial"  # their stage runs are closed too, not counted
         if not stale:
             break
     return closed

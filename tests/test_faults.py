@@ -322,6 +322,22 @@ def ray_tmp():
         yield Path(folder)
 
 
+def test_a_ctrl_c_dropped_inside_a_finalizer_is_delivered_again():
+    """Python drops a KeyboardInterrupt raised while a __del__ or gc callback runs ("Exception ignored");
+    seen here as Ctrl-C and SIGTERM that a busy `distill run` shrugged off and ran on to the end."""
+    from orchestrator.interrupts import ctrl_c_never_lost
+
+    class RaisesOnCollection:
+        def __del__(self):
+            raise KeyboardInterrupt  # what a SIGINT landing in a finalizer amounts to
+
+    with pytest.raises(KeyboardInterrupt), ctrl_c_never_lost():
+        RaisesOnCollection()  # collected at once: Python drops the interrupt, the hook sends it again
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pass
+
+
 def _ctrl_c(proc):
     os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C signals the whole foreground group
 
