@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/distill run configs/mnist_kd.yaml --summary-json summary.json
 
 test: $(STAMP) fashion-mnist
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py
