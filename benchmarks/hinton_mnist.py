@@ -7,10 +7,11 @@ directory, so the second reuses the first one's cached teacher and soft targets:
     distill run configs/mnist_hinton_small.yaml --summary-json summary_small.json  # 2x30: labels only, T=2.5, 4, 8
     python benchmarks/hinton_mnist.py [--load-log load.log]  # -> benchmarks/results/hinton_mnist.{json,md}
 
-The latest FINISHED parent run of each experiment is read (its summary.json and config.json);
-the 2x30 job must have used the same teacher as the 2x800 job (same teacher weight fingerprint),
-or the script stops. The logged config is compared with the YAML in configs/ so that overrides
-(if any) are printed rather than hidden. `--load-log` takes lines "<ISO time> <contents of
+The table is the latest FINISHED parent run of each experiment whose logged config.json equals the
+YAML in configs/ as it is now (paths aside), else the latest FINISHED one with the differences printed;
+every other run of the two experiments (older, other settings, FAILED, KILLED) is listed below the
+table with its own numbers. The 2x30 job must have used the same teacher as the 2x800 job (same
+teacher weight fingerprint), or the script stops. `--load-log` takes lines "<ISO time> <contents of
 /proc/loadavg>" sampled during the runs and summarises the 1-minute load over each job; the runs of
 2026-11-29 sampled it with
 
@@ -118,6 +119,42 @@ def gap_closure(baseline: int, distilled: int, teacher: int) -> float | None:
     return (baseline - distilled) / (baseline - teacher) if baseline != teacher else None
 
 
+def student_rows(cfg: dict, summary: list[dict], teacher_errors: int, experiment: str, paper: dict) -> list[dict]:
+    """Table rows of one job's label-only baseline and its distilled students (gap closure against this job's baseline)."""
+    rows = []
+    epochs = cfg["train"]["epochs"]
+    baseline = next(r for r in summary if r["role"] == "baseline" or (r["role"] == "student" and student_kd(cfg, r["name"]) is None))
+    spec = next(s for s in cfg["students"] if baseline["name"] in (s["name"], f"{s['name']}-baseline"))
+    width = "x".join(str(w) for w in spec["hidden"])
+    width = f"{len(spec['hidden'])}x{spec['hidden'][0]}" if len(set(spec["hidden"])) == 1 else width
+    rows.append({
+        "row": f"{width} baseline (labels only)", "model": mlp_label(spec, f"{epochs} epochs"),
+        **{k: baseline[k] for k in ("name", "test_errors", "test_accuracy", "params", "agreement", "kl_to_teacher")},
+        "gap_closure": None, "paper_test_errors": paper.get("baseline"), "paper_gap_closure": None, "job": experiment,
+    })
+    for r in summary:
+        if r["role"] != "student" or r is baseline:
+            continue
+        kd = student_kd(cfg, r["name"])
+        if kd is None:
+            continue
+        t, alpha = kd
+        paper_errors = paper.get(t)
+        rows.append({
+            "row": f"{width} distilled T={t:g}", "model": mlp_label(spec, f"{epochs} epochs, alpha={alpha:g}"),
+            **{k: r[k] for k in ("name", "test_errors", "test_accuracy", "params", "agreement", "kl_to_teacher")},
+            "temperature": t, "alpha": alpha,
+            "gap_closure": gap_closure(baseline["test_errors"], r["test_errors"], teacher_errors),
+            "paper_test_errors": paper_errors,
+            "paper_gap_closure": gap_closure(paper["baseline"], paper_errors, PAPER["teacher"]) if paper_errors else None,
+            "job": experiment,
+        })
+    return rows
+
+
+PAPER_ROWS = {BIG: {"baseline": PAPER["2x800 baseline"], 20.0: PAPER["2x800 distilled T=20"]}, SMALL: {}}
+
+
 def load_summary(path: str | None, windows: dict[str, tuple[float, float]]) -> dict:
     """1-minute load average sampled in each job's [start, end] window (from a '<ISO time> <loadavg>' log)."""
     if not path:
@@ -180,9 +217,11 @@ def main() -> int:
         for parent, cfg, diff in candidates:
             if parent is not chosen[0]:
                 summary = artifact_json(uri, parent.info.run_id, "summary.json")
+                t_row = next(r for r in summary if r["role"] == "teacher")
                 others.append({"job": experiment, "parent_run_id": parent.info.run_id, "started": iso(parent.info.start_time),
                                "wall_min": round((parent.info.end_time - parent.info.start_time) / 60000, 1),
-                               "overrides": diff, "test_errors": {r["name"]: r["test_errors"] for r in summary}})
+                               "overrides": diff, "teacher_test_errors": t_row["test_errors"],
+                               "rows": student_rows(cfg, summary, t_row["test_errors"], experiment, PAPER_ROWS[experiment])})
         parent, cfg, _ = chosen
         exp_id = parent.info.experiment_id
         unfinished = client.search_runs([exp_id], filter_string="tags.job = 'distill' and attributes.status != 'FINISHED'")
@@ -195,8 +234,18 @@ def main() -> int:
         student_row = next(r for r in summary if r["role"] != "teacher")
         soft_run_id = client.get_run(student_row["mlflow_run_id"]).data.tags.get("soft_target_run_id")  # students carry the lineage tags
         soft_run = client.get_run(soft_run_id) if soft_run_id else None
+        trained_by = None
+        if teacher_run.data.tags.get("source") != "trained":  # from the teacher cache: find the run that trained it
+            fp = teacher_run.data.tags.get("teacher_fingerprint")
+            exp_ids = [e.experiment_id for e in client.search_experiments() if e.name in (BIG, SMALL)]
+            hits = client.search_runs(exp_ids,
+                                      filter_string=f"tags.teacher_fingerprint = '{fp}' and tags.source = 'trained' and attributes.status = 'FINISHED'")
+            if hits:
+                h = hits[0]
+                trained_by = {"teacher_run_id": h.info.run_id, "parent_run_id": h.data.tags.get("mlflow.parentRunId"),
+                              "started": iso(h.info.start_time), "wall_s": round((h.info.end_time - h.info.start_time) / 1000, 1)}
         jobs[experiment] = {
-            "parent": parent, "cfg": cfg, "summary": summary,
+            "parent": parent, "cfg": cfg, "summary": summary, "teacher_trained_by": trained_by,
             "teacher_fingerprint": teacher_run.data.tags.get("teacher_fingerprint"),
             "teacher_source": teacher_run.data.tags.get("source"),
             "soft_target_cache_hit": (soft_run.data.tags.get("cache_hit") if soft_run else None),
@@ -217,38 +266,8 @@ def main() -> int:
         "gap_closure": None, "paper_test_errors": PAPER["teacher"], "paper_gap_closure": None, "job": BIG,
     }]
 
-    def add_rows(job: dict, experiment: str, paper: dict) -> None:
-        cfg, summary = job["cfg"], job["summary"]
-        epochs = cfg["train"]["epochs"]
-        baseline = next(r for r in summary if r["role"] == "baseline" or (r["role"] == "student" and student_kd(cfg, r["name"]) is None))
-        spec = next(s for s in cfg["students"] if baseline["name"] in (s["name"], f"{s['name']}-baseline"))
-        width = "x".join(str(w) for w in spec["hidden"])
-        width = f"{len(spec['hidden'])}x{spec['hidden'][0]}" if len(set(spec["hidden"])) == 1 else width
-        rows.append({
-            "row": f"{width} baseline (labels only)", "model": mlp_label(spec, f"{epochs} epochs"),
-            **{k: baseline[k] for k in ("name", "test_errors", "test_accuracy", "params", "agreement", "kl_to_teacher")},
-            "gap_closure": None, "paper_test_errors": paper.get("baseline"), "paper_gap_closure": None, "job": experiment,
-        })
-        for r in summary:
-            if r["role"] != "student" or r is baseline:
-                continue
-            kd = student_kd(cfg, r["name"])
-            if kd is None:
-                continue
-            t, alpha = kd
-            paper_errors = paper.get(t)
-            rows.append({
-                "row": f"{width} distilled T={t:g}", "model": mlp_label(spec, f"{epochs} epochs, alpha={alpha:g}"),
-                **{k: r[k] for k in ("name", "test_errors", "test_accuracy", "params", "agreement", "kl_to_teacher")},
-                "temperature": t, "alpha": alpha,
-                "gap_closure": gap_closure(baseline["test_errors"], r["test_errors"], teacher["test_errors"]),
-                "paper_test_errors": paper_errors,
-                "paper_gap_closure": gap_closure(paper["baseline"], paper_errors, PAPER["teacher"]) if paper_errors else None,
-                "job": experiment,
-            })
-
-    add_rows(big, BIG, {"baseline": PAPER["2x800 baseline"], 20.0: PAPER["2x800 distilled T=20"]})
-    add_rows(small, SMALL, {})
+    rows += student_rows(big["cfg"], big["summary"], teacher["test_errors"], BIG, PAPER_ROWS[BIG])
+    rows += student_rows(small["cfg"], small["summary"], teacher["test_errors"], SMALL, PAPER_ROWS[SMALL])
 
     windows, job_info = {}, {}
     for experiment, job in jobs.items():
@@ -260,6 +279,7 @@ def main() -> int:
             "wall_min": round((p.info.end_time - p.info.start_time) / 60000, 1),
             "stage_wall_s": {k.removeprefix("wall_s_"): round(v, 1) for k, v in p.data.metrics.items() if k.startswith("wall_s_")},
             "teacher_source": job["teacher_source"], "teacher_fingerprint": job["teacher_fingerprint"],
+            "teacher_trained_by": job["teacher_trained_by"],
             "soft_target_cache_hit": job["soft_target_cache_hit"],
             "teacher_forward_rows": p.data.metrics.get("teacher_forward_rows"),
             "config_differs_from_repo_yaml": config_overrides(job["cfg"], experiment),
@@ -284,9 +304,15 @@ def main() -> int:
     return 0
 
 
+def trained_by(info: dict | None) -> str:
+    if not info:
+        return ""
+    return f" (trained in run {info['teacher_run_id']} of parent {info['parent_run_id']}, {info['started']}, {info['wall_s']:.0f} s)"
+
+
 def render_md(report: dict) -> str:
     m, jobs, load = report["machine"], report["jobs"], report["load_average_1min"]
-    first = min(j["started"] for j in jobs.values())
+    first = min([j["started"] for j in jobs.values()] + [j["teacher_trained_by"]["started"] for j in jobs.values() if j["teacher_trained_by"]])
     lines = [
         f"Hinton et al. (2015), MNIST: runs started {first}; {m['cpus']} CPUs ({m['cpu']}), GPU: {'yes' if m['gpu'] else 'no'}; "
         f"Python {m['python']}, torch {m['torch']}, ray {m['ray']}, mlflow {m['mlflow']}. Test set: 10,000 MNIST test images.",
@@ -302,7 +328,7 @@ def render_md(report: dict) -> str:
         lines.append(f"| {r['row']} | {r['model']} | {r['test_errors']} | {r['test_accuracy']:.4f} | {r['params']:,} | "
                      f"{r['agreement']:.4f} | {r['kl_to_teacher']:.4f} | {pct(r['gap_closure'])} | "
                      f"{r['paper_test_errors'] if r['paper_test_errors'] is not None else '-'} | {pct(r['paper_gap_closure'])} |")
-    lines += ["", f"Paper, 2x30 student: {report['paper']['2x30']}.", "", "Commands (from one directory, so the second job reuses the first one's teacher):", "", "```bash"]
+    lines += ["", f"Paper, 2x30 student: {report['paper']['2x30']}.", "", "Commands, with the configs as committed (from one directory, so the second job reuses the first one's teacher and soft targets):", "", "```bash"]
     lines += [j["command"] for j in jobs.values()] + [f"python benchmarks/hinton_mnist.py --tracking-uri {report['tracking_uri']}"
                                                        + (f" --load-log {load['log']}" if load.get("log") else ""), "```", ""]
     for name, j in jobs.items():
@@ -313,7 +339,8 @@ def render_md(report: dict) -> str:
             loadline = f" 1-minute load average during the job (on {load['cpus']} CPUs): first sample {ld['first']:.1f}, last {ld['last']:.1f}, median {ld['median']:.1f}, max {ld['max']:.1f} ({ld['samples']} samples)."
         diff = j["config_differs_from_repo_yaml"]
         lines.append(f"- `{name}` (parent run {j['parent_run_id']}): {j['started']} to {j['ended']}, {j['wall_min']} min; stages: {stages}; "
-                     f"teacher {'trained' if j['teacher_source'] == 'trained' else 'from the ' + str(j['teacher_source'])}, soft targets {'from the cache' if str(j['soft_target_cache_hit']) == 'True' else 'generated'}; "
+                     f"teacher {'trained' if j['teacher_source'] == 'trained' else 'from the ' + str(j['teacher_source'])}"
+                     f"{trained_by(j['teacher_trained_by'])}, soft targets {'from the cache' if str(j['soft_target_cache_hit']) == 'True' else 'generated'}; "
                      f"config {'as in configs/' + name + '.yaml' if not diff else 'differs from configs/' + name + '.yaml: ' + '; '.join(diff)}.{loadline}")
     teacher = report["rows"][0]
     gaps = {r["row"]: r["test_errors"] - teacher["test_errors"] for r in report["rows"] if r["row"].endswith("(labels only)")}
@@ -327,9 +354,11 @@ def render_md(report: dict) -> str:
                 lines.append(f"- `{o['job']}` {o['parent_run_id']} ({o['started']}; config differs from the YAML: {'; '.join(o['overrides']) or 'no'}): "
                              f"{o['status']}, no results")
                 continue
-            errors = ", ".join(f"{k} {v}" for k, v in o["test_errors"].items())
             lines.append(f"- `{o['job']}` {o['parent_run_id']} ({o['started']}, {o['wall_min']} min; config differs from the YAML: "
-                         f"{'; '.join(o['overrides']) or 'no'}): test errors {errors}")
+                         f"{'; '.join(o['overrides']) or 'no'}): FINISHED, teacher {o['teacher_test_errors']} test errors; "
+                         + "; ".join(f"{r['row']} ({r['model'].split(', ', 1)[1]}): {r['test_errors']} test errors, agreement {r['agreement']:.4f}, "
+                                     f"KL {r['kl_to_teacher']:.4f}" + (f", gap closure {pct(r['gap_closure'])}" if r["gap_closure"] is not None else "")
+                                     for r in o["rows"]))
     lines += ["", "Agreement: top-1 agreement with the teacher; KL to teacher: mean KL(teacher || model) at T=1, nats; both on the test set, "
               "teacher logits from the fp16 soft-target cache. Gap closure: (baseline errors - distilled errors) / (baseline errors - teacher errors), "
               "with the label-only baseline of the same architecture trained in the same job on the same batches.", ""]
