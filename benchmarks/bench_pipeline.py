@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from orchestrator.memory import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -58,10 +59,6 @@ MAX_FOREIGN = 0.15  # a measurement during which other processes used more of th
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def loadavg() -> list[float]:

@@ -1,4 +1,4 @@
-"""Ctrl-C through Ray Tune: make it mean what it means everywhere else (KeyboardInterrupt); SIGTERM alike.
+"""Ctrl-C through Ray Tune and Ray Train: make it mean what it means everywhere else (KeyboardInterrupt); SIGTERM alike.
 
 `Tuner.fit()` swaps in its own SIGINT handler: the first Ctrl-C stops the experiment gracefully
 (its state is saved, so `distill sweep --resume` can continue) and `fit()` then *returns* as if the
@@ -13,6 +13,7 @@ import _thread
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -34,6 +35,52 @@ def fit_noticing_ctrl_c(tuner: Any) -> Any:
     if interrupted:
         raise KeyboardInterrupt
     return results
+
+
+def train_fit_noticing_ctrl_c(trainer: Any) -> Any:
+    """`trainer.fit()` of a Ray Train trainer, raising KeyboardInterrupt if Ctrl-C (or SIGTERM) came during it.
+
+    In the main thread, Ray Train 2.60's fit() installs its own SIGINT handler, which aborts the run
+    gracefully; fit() then fails like any failed run (runs would end FAILED, exit 1), and the handler
+    stays installed after it, aborting a controller that no longer exists. Which Python handler ran
+    cannot be seen afterwards, but the signal wakeup fd hears every signal the process receives.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # in a Tune trial: Ray Train installs nothing, Tune handles Ctrl-C
+    ours = signal.getsignal(signal.SIGINT)
+    heard, writer = socket.socketpair()
+    heard.setblocking(False)
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    failure: BaseException | None = None
+    try:
+        result = trainer.fit()
+    except BaseException as exc:  # an aborted run fails (or Ray's handler exits); below: did a Ctrl-C do that?
+        failure = exc
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, ours)
+        signals = _drain(heard)
+        heard.close()
+        writer.close()
+    if signal.SIGINT in signals:
+        raise KeyboardInterrupt from failure
+    if failure is not None:
+        raise failure
+    return result
+
+
+def _drain(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Terminated:

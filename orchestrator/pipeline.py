@@ -19,6 +19,7 @@ from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.interrupts import reclaim_sigterm
 from orchestrator.local_ray import start_local_ray
+from orchestrator.memory import peak_rss_mb
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
 from orchestrator.born_again import later_generations
@@ -156,12 +157,16 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         tracking.log_params(uri, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
         tracking.log_dict(uri, parent_id, cfg.model_dump(mode="json"), "config.json")
         teachers = [resolve_teacher(cfg, i, data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
+        driver_peak = {"teacher": peak_rss_mb()}  # the driver's peak so far, after each stage
         soft = soft_target_stage(cfg, teachers, data, track)
+        driver_peak["soft_targets"] = peak_rss_mb()
         teacher_test = teacher_test_logits(prep, soft)
         rows = _teacher_rows(prep, teachers, teacher_test)
         rows += distill_students(prep, soft, teachers, teacher_test, track)
+        driver_peak["students"] = peak_rss_mb()
         stage_walls = {"teacher": sum(t.wall_s for t in teachers), "soft_targets": soft.wall_s, "students": rows[-1]["wall_s"]}
-        tracking.log_metrics(uri, parent_id, {f"wall_s_{k}": v for k, v in stage_walls.items()} | {"teacher_forward_rows": soft.forward_rows})
+        tracking.log_metrics(uri, parent_id, {f"wall_s_{k}": v for k, v in stage_walls.items()} | {"teacher_forward_rows": soft.forward_rows}
+                             | {f"driver_peak_rss_mb_{k}": v for k, v in driver_peak.items()})
         tracking.set_tags(uri, parent_id, {"soft_target_fingerprint": soft.fingerprint, "teacher_run_ids": ",".join(t.run_id for t in teachers)})
         tracking.log_dict(uri, parent_id, rows, "summary.json")
     if summary_json:

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.config import KDConfig, ModelSpec, TrainConfig
 from orchestrator.data import normalize_images
 from orchestrator.evaluate import classification_metrics
+from orchestrator.memory import peak_rss_mb
 from orchestrator.models import build_model
 from orchestrator.objectives import build_objective, step_members
 from orchestrator.online import OnlineTeacher, layer_pairs
@@ -282,7 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
         train_loss = train_one_epoch(members, train.epoch(epoch), loop, device=device, generator=generator, teacher_model=teacher_model)
         val_metrics = validate(members, val.collect(), loop, device=device) if val is not None and len(val.collect()) else {}
         seconds = time.perf_counter() - started
-        metrics: dict[str, float] = {"epoch": epoch, "epoch_s": seconds}
+        metrics: dict[str, float] = {"epoch": epoch, "epoch_s": seconds, "worker_peak_rss_mb": peak_rss_mb()}
         for name, loss in train_loss.items():
             metrics[f"{name}/train_loss"] = loss
             for key, value in val_metrics.get(name, {}).items():
@@ -312,5 +313,5 @@ def _log_epoch(loop: LoopConfig, members: list[Member], metrics: dict[str, float
             continue
         prefix = member.config.name + "/"
         own = {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
-        own["epoch_s"] = metrics["epoch_s"]
+        own["epoch_s"], own["worker_peak_rss_mb"] = metrics["epoch_s"], metrics["worker_peak_rss_mb"]  # rank 0's process
         tracking.log_metrics(loop.tracking_uri, member.config.run_id, own, step=epoch)

@@ -11,6 +11,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import TrainConfig
+from orchestrator.interrupts import train_fit_noticing_ctrl_c
 from orchestrator.train_loop import OBJECTS_KEY, LoopConfig, load_state, train_loop_per_worker
 
 
@@ -54,7 +55,7 @@ def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, ru
 def fit_and_load(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, run_name: str, callbacks: Sequence = (),
                  objects: dict | None = None) -> tuple[dict, dict]:
     """Run the stage; returns (final state dicts by member name, last reported metrics)."""
-    result = build_trainer(loop, datasets, run_name=run_name, callbacks=callbacks, objects=objects).fit()
+    result = train_fit_noticing_ctrl_c(build_trainer(loop, datasets, run_name=run_name, callbacks=callbacks, objects=objects))
     if result.checkpoint is None:
         raise RuntimeError(f"stage {loop.stage}: training finished without a checkpoint")
     state = load_state(result.checkpoint)

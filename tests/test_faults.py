@@ -405,6 +405,40 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
     assert not [p for p in stored if SENTINEL.encode() in p.read_bytes()]
 
 
+def test_ctrl_c_during_a_ray_train_run_is_a_keyboard_interrupt(ray_session, tmp_path):
+    """Ray Train's fit() catches the first Ctrl-C itself (it aborts the run, which then fails like any
+    failed run) and leaves its handler installed: the job must see a Ctrl-C (KILLED, 130), not a failure."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.interrupts import train_fit_noticing_ctrl_c
+
+    started = tmp_path / "started"
+
+    def train_func(config):  # local, so Ray ships it by value
+        import pathlib
+        import time as clock
+
+        pathlib.Path(config["started"]).touch()
+        clock.sleep(300)
+
+    def ctrl_c_once_running() -> None:
+        deadline = time.monotonic() + 300
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C delivers to the driver
+
+    ours = signal.getsignal(signal.SIGINT)
+    trainer = TorchTrainer(train_func, train_loop_config={"started": str(started)}, scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(storage_path=str(tmp_path), name="ctrl-c-train"))
+    threading.Thread(target=ctrl_c_once_running, daemon=True).start()
+    began = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        train_fit_noticing_ctrl_c(trainer)
+    assert started.exists() and time.monotonic() - began < 200  # aborted, not after the worker's 300 s
+    assert signal.getsignal(signal.SIGINT) is ours  # Ray Train's handler does not outlive the run
+
+
 def test_ctrl_c_during_a_tune_run_is_a_keyboard_interrupt(ray_session, tmp_path):
     """Tune's own SIGINT handler turns the first Ctrl-C into a graceful stop and a normal return from fit();
     `distill sweep` must see the Ctrl-C (runs KILLED, exit 130), not a finished sweep."""

@@ -81,6 +81,11 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     history = client.get_metric_history(student.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1, 2]
     assert {"val_agreement", "val_kl_to_teacher", "train_loss", "test_accuracy"} <= set(student.data.metrics)
+    # Memory: the Ray Train worker's peak per epoch, the driver's peak after each stage (peaks only grow).
+    worker_peaks = [m.value for m in client.get_metric_history(student.info.run_id, "worker_peak_rss_mb")]
+    assert len(worker_peaks) == 3 and 100 < worker_peaks[0] <= worker_peaks[-1] < 24 * 1024
+    driver = [parent.data.metrics[f"driver_peak_rss_mb_{stage}"] for stage in ("teacher", "soft_targets", "students")]
+    assert 100 < driver[0] <= driver[1] <= driver[2] < 24 * 1024
     soft_run = runs["soft-targets"][0]
     assert student.data.tags["soft_target_fingerprint"] == soft_run.data.tags["soft_target_fingerprint"]
     assert student.data.tags["teacher_run_ids"] == runs["teacher:cnn"][0].info.run_id
