@@ -24,7 +24,7 @@ from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
 from orchestrator.born_again import later_generations
 from orchestrator.online import check_feature_layers
-from orchestrator.term_config import describe_loss
+from orchestrator.term_config import describe_loss, uses_kd_section
 from orchestrator.soft_targets import decode_logits
 from orchestrator.stages import (
     SoftTargets,
@@ -197,8 +197,8 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
         }
         for m in members:
             params = {**tracking.flatten(m.spec.model_dump(mode="json")), "loss": describe_loss(m.loss), **tracking.flatten(cfg.train.model_dump(mode="json"), "train.")}
-            if m.loss != "ce":
-                params |= {"kd.temperature": cfg.kd.temperature, "kd.alpha": cfg.kd.alpha}
+            if uses_kd_section(m.loss):  # not for a term list whose terms carry their own temperature
+                params |= {"kd.temperature": cfg.kd.temperature} | ({"kd.alpha": cfg.kd.alpha} if isinstance(m.loss, str) else {})
             tracking.log_params(uri, run_ids[m.name], params)
         result = student_stage(cfg, data, prep.train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
         result = later_generations(prep, result, track, run_ids)  # born-again students: generations 2..k

@@ -157,7 +157,15 @@ def check_students(cfg: Any) -> None:
 
 
 def describe_loss(loss: str | list[LossTerm]) -> str:
-    """Short label for tables and MLflow params: 'kd', or '0.1*ce+0.9*kd'."""
+    """Short label for tables and MLflow params: 'kd', '0.1*ce+0.9*kd', or '0.1*ce+0.9*kd@T2.5' for a
+    term with its own temperature (without one, a term uses kd.temperature)."""
     if isinstance(loss, str):
         return loss
-    return "+".join(f"{t.weight:g}*{t.name}{'_ls' if t.standardize else ''}" for t in loss)
+    return "+".join(f"{t.weight:g}*{t.name}{'_ls' if t.standardize else ''}{f'@T{t.temperature:g}' if t.temperature else ''}" for t in loss)
+
+
+def uses_kd_section(loss: str | list[LossTerm]) -> bool:
+    """Whether `kd.temperature` / `kd.alpha` shape this loss (so belong in its run's params)."""
+    if isinstance(loss, str):
+        return loss != "ce"
+    return any(t.temperature is None and "temperature" in TERM_PARAMS[t.name] for t in loss)

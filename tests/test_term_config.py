@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import ConfigError, load_config, validate_config
-from orchestrator.term_config import LossTerm, describe_loss, needs_online_teacher, reads_cached_teacher
+from orchestrator.term_config import LossTerm, describe_loss, needs_online_teacher, reads_cached_teacher, uses_kd_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS = REPO_ROOT / "configs/digits_kd.yaml"
@@ -23,7 +23,10 @@ def test_string_form_unchanged_and_list_form_parsed():
     cfg = _load("students.0.loss=[{name: ce, weight: 0.1}, {name: kd, weight: 0.9}]", "students.1.loss=dkd")
     terms = cfg.students[0].loss
     assert [(t.name, t.weight) for t in terms] == [("ce", 0.1), ("kd", 0.9)] and cfg.students[1].loss == "dkd"
-    assert describe_loss(terms) == "0.1*ce+0.9*kd"
+    assert describe_loss(terms) == "0.1*ce+0.9*kd" and uses_kd_section(terms)  # kd at kd.temperature
+    own = _load("students.0.loss=[{name: ce, weight: 0.1}, {name: kd, weight: 0.9, temperature: 2.5}]").students[0].loss
+    assert describe_loss(own) == "0.1*ce+0.9*kd@T2.5" and not uses_kd_section(own)
+    assert uses_kd_section("kd") and not uses_kd_section("ce")
     # A dumped config (every term field written out) validates again to the same thing: workers rebuild it so.
     assert validate_config(cfg.model_dump(mode="json")) == cfg
     assert _load("students.0.loss=[ce, dml]", "students.1.loss=[ce, dml]").students[1].loss[1].name == "dml"
