@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline.machine_info
 
 from orchestrator import tracking
 from orchestrator.config import load_config
@@ -177,20 +178,10 @@ def load_summary(path: str | None, windows: dict[str, tuple[float, float]]) -> d
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import mlflow
-    import ray
     import torch
+    from bench_pipeline import machine_info
 
-    return {"cpu": cpu, "cpus": os.cpu_count(), "gpu": torch.cuda.is_available(), "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__, "mlflow": mlflow.__version__}
+    return {**machine_info(), "gpu": torch.cuda.is_available()}
 
 
 def iso(ms: int | None) -> str | None:
@@ -258,7 +249,6 @@ def main() -> int:
     t_cfg = big["cfg"]["teachers"][0]
     t_train = t_cfg["train"]
     teacher = next(r for r in big["summary"] if r["role"] == "teacher")
-    s_epochs = big["cfg"]["train"]["epochs"]
     rows = [{
         "row": "teacher",
         "model": mlp_label(t_cfg, f"input jitter {t_train['input_jitter']} px, {t_train['epochs']} epochs"),
@@ -314,7 +304,7 @@ def render_md(report: dict) -> str:
     m, jobs, load = report["machine"], report["jobs"], report["load_average_1min"]
     first = min([j["started"] for j in jobs.values()] + [j["teacher_trained_by"]["started"] for j in jobs.values() if j["teacher_trained_by"]])
     lines = [
-        f"Hinton et al. (2015), MNIST: runs started {first}; {m['cpus']} CPUs ({m['cpu']}), GPU: {'yes' if m['gpu'] else 'no'}; "
+        f"Hinton et al. (2015), MNIST: runs started {first}; {m['nproc']} CPUs ({m['cpu_model']}), GPU: {'yes' if m['gpu'] else 'no'}; "
         f"Python {m['python']}, torch {m['torch']}, ray {m['ray']}, mlflow {m['mlflow']}. Test set: 10,000 MNIST test images.",
         "",
         "| row | model | test errors | test accuracy | params | agreement with teacher | KL to teacher | gap closure | paper: test errors | paper: gap closure |",

@@ -405,6 +405,18 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
     assert not [p for p in stored if SENTINEL.encode() in p.read_bytes()]
 
 
+def _ctrl_c_once_started(started: Path) -> None:
+    """From another thread: a Ctrl-C to this process (what a terminal delivers to the driver) once `started` exists."""
+
+    def wait_then_interrupt() -> None:
+        deadline = time.monotonic() + 300
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=wait_then_interrupt, daemon=True).start()
+
+
 def test_ctrl_c_during_a_ray_train_run_is_a_keyboard_interrupt(ray_session, tmp_path):
     """Ray Train's fit() catches the first Ctrl-C itself (it aborts the run, which then fails like any
     failed run) and leaves its handler installed: the job must see a Ctrl-C (KILLED, 130), not a failure."""
@@ -422,16 +434,10 @@ def test_ctrl_c_during_a_ray_train_run_is_a_keyboard_interrupt(ray_session, tmp_
         pathlib.Path(config["started"]).touch()
         clock.sleep(300)
 
-    def ctrl_c_once_running() -> None:
-        deadline = time.monotonic() + 300
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C delivers to the driver
-
     ours = signal.getsignal(signal.SIGINT)
     trainer = TorchTrainer(train_func, train_loop_config={"started": str(started)}, scaling_config=ScalingConfig(num_workers=1),
                            run_config=RunConfig(storage_path=str(tmp_path), name="ctrl-c-train"))
-    threading.Thread(target=ctrl_c_once_running, daemon=True).start()
+    _ctrl_c_once_started(started)
     began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         train_fit_noticing_ctrl_c(trainer)
@@ -457,15 +463,9 @@ def test_ctrl_c_during_a_tune_run_is_a_keyboard_interrupt(ray_session, tmp_path)
             clock.sleep(0.1)
             tune.report({"step": step})
 
-    def ctrl_c_once_running() -> None:
-        deadline = time.monotonic() + 300
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C delivers to the driver
-
     ours = signal.getsignal(signal.SIGINT)
     tuner = tune.Tuner(trainable, param_space={"started": str(started)}, run_config=tune.RunConfig(storage_path=str(tmp_path), name="ctrl-c"))
-    threading.Thread(target=ctrl_c_once_running, daemon=True).start()
+    _ctrl_c_once_started(started)
     began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         fit_noticing_ctrl_c(tuner)
