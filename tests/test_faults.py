@@ -331,11 +331,15 @@ def test_a_ctrl_c_dropped_inside_a_finalizer_is_delivered_again():
         def __del__(self):
             raise KeyboardInterrupt  # what a SIGINT landing in a finalizer amounts to
 
-    with pytest.raises(KeyboardInterrupt), ctrl_c_never_lost():
-        RaisesOnCollection()  # collected at once: Python drops the interrupt, the hook sends it again
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            pass
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever earlier tests left
+    try:
+        with pytest.raises(KeyboardInterrupt), ctrl_c_never_lost():
+            RaisesOnCollection()  # collected at once: Python drops the interrupt, the hook sends it again
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _ctrl_c(proc):

@@ -100,7 +100,8 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     second.send_signal(signal.SIGINT)
     assert second.wait(timeout=300) == 130, (tmp_path / "sweep-1.log").read_text()[-3000:]
     interrupted_at = time.time() * 1000
-    assert (tmp_path / "sweep-1.log").read_text().strip().splitlines()[-1] == "distill: interrupted; MLflow runs marked KILLED"
+    # (Ray workers' output can still trickle into the log after the driver's last line.)
+    assert "distill: interrupted; MLflow runs marked KILLED" in (tmp_path / "sweep-1.log").read_text().splitlines()
     experiment = client.get_experiment_by_name("sweep-it")
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
