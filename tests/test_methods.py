@@ -43,7 +43,8 @@ def test_digits_every_method_family_online_teacher_with_jitter(ray_session, work
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], max_results=200)}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert runs["student:features"].data.params["loss"] == "1*ce+1*fitnet+500*at+1*rkd"
-    assert runs["student:dkd-ls"].data.params["loss"] == "1*ce+1*dkd_ls"
+    assert runs["student:dkd-ls"].data.params["loss"] == "1*ce+1*dkd_ls@T2"  # its own temperature, so no kd.temperature param
+    assert "kd.temperature" not in runs["student:dkd-ls"].data.params and runs["student:kd"].data.params["kd.temperature"] == "4.0"
     assert runs["student:kd"].data.params["loss"] == "kd"
     history = client.get_metric_history(runs["student:features"].info.run_id, "train_loss")
     assert [m.step for m in history] == [0, 1] and all(m.value == m.value for m in history)  # finite, not NaN
