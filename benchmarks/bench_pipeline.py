@@ -886,11 +886,7 @@ def main() -> int:
         ray.shutdown()
 
     report = {
-        "command": " ".join([".venv/bin/python", "benchmarks/bench_pipeline.py", *sys.argv[1:]]),
-        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "load_start": load_start,
-        "load_end": loadavg(),
+        **report_header(load_start),
         "repeats": repeats,
         "max_foreign_cpu_share": MAX_FOREIGN,
         "ray_init_s": round(ray_init_s, 2),
@@ -912,6 +908,17 @@ def main() -> int:
     return 0
 
 
+def report_header(load_start: list[float]) -> dict:
+    """What every results file starts with: how to rerun it, when, where, and how busy the machine was."""
+    return {
+        "command": " ".join([".venv/bin/python", "benchmarks/bench_pipeline.py", *sys.argv[1:]]),
+        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "load_start": load_start,
+        "load_end": loadavg(),
+    }
+
+
 def growth_main(args, arrays, started: float, load_start: list[float], ray_init_s: float, threads: int) -> int:
     import ray
 
@@ -921,11 +928,7 @@ def growth_main(args, arrays, started: float, load_start: list[float], ray_init_
     finally:
         ray.shutdown()
     report = {
-        "command": " ".join([".venv/bin/python", "benchmarks/bench_pipeline.py", *sys.argv[1:]]),
-        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "load_start": load_start,
-        "load_end": loadavg(),
+        **report_header(load_start),
         "ray_init_s": round(ray_init_s, 2),
         "linear_tolerance": LINEAR_TOLERANCE,
         "growth": growth,
