@@ -52,8 +52,12 @@ def _open(root: str, fp: str) -> tuple[pafs.FileSystem, str, str]:
     """(file system, entry directory inside it, the entry's URI for people to read) for entry `fp` under `root`."""
     check_fingerprint(fp)
     filesystem, base = pafs.FileSystem.from_uri(root)
-    shown = redact(root.split("?", 1)[0]).rstrip("/")  # no credentials, no endpoint options
-    return filesystem, f"{base.rstrip('/')}/{fp}", f"{shown}/{fp}"
+    return filesystem, f"{base.rstrip('/')}/{fp}", f"{shown_uri(root)}/{fp}"
+
+
+def shown_uri(root: str) -> str:
+    """`root` for tags, warnings and people: no credentials, no endpoint options, no trailing slash."""
+    return redact(root.split("?", 1)[0]).rstrip("/")
 
 
 def read_uri_cache(root: str, fp: str) -> CacheEntry | None:

@@ -17,7 +17,6 @@ import pyarrow.fs as pafs
 import torch
 
 from orchestrator import uri_cache
-from orchestrator.redact import redact
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ def weights_file(cache_dir: str, kind: str, key: str) -> WeightsFile:
         filesystem, base = pafs.FileSystem.from_uri(cache_dir)
         root, _, query = cache_dir.partition("?")
         folder = f"{root.rstrip('/')}/{kind}" + (f"?{query}" if query else "")
-        shown = f"{redact(root).rstrip('/')}/{kind}/{key}.pt"
+        shown = f"{uri_cache.shown_uri(cache_dir)}/{kind}/{key}.pt"
         return WeightsFile(filesystem, f"{base.rstrip('/')}/{kind}/{key}.pt", folder, shown)
     from pathlib import Path
 
