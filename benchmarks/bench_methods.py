@@ -89,7 +89,8 @@ def table(result: dict) -> str:
     lines = [
         "Command: `" + result["command"] + "`  ",
         f"Run {result['started']} on {result['machine']['cpus']} CPUs ({result['machine']['gpu'] or 'no GPU'}); "
-        f"torch {result['machine']['torch']}, ray {result['machine']['ray']}, mlflow {result['machine']['mlflow']}; "
+        f"torch {result['machine']['torch']}, ray {result['machine']['ray']}, mlflow {result['machine']['mlflow']}, "
+        f"Python {result['machine']['python']}; "
         f"load average {result['machine']['load_average_start']:.1f} at the start, {result['load_average_end']:.1f} at the end; "
         f"{result['wall_s'] / 60:.1f} min in all." + (" **Quick mode: 5k/1k rows, 1 epoch; not the table's numbers.**" if result["quick"] else ""),
         "",

@@ -717,19 +717,44 @@ def _linear_words(growth: dict) -> str:
 def write_growth_reports(report: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "growth.json").write_text(json.dumps(report, indent=2) + "\n")
-    g, m = report["growth"], report["machine"]
+    (RESULTS / "growth.md").write_text(render_growth(report))
+
+
+def gpu_words(machine: dict) -> str:
+    """machine_info() has no GPU field (older results): say so rather than guess from the torch build."""
+    if "gpu" not in machine:
+        return "GPU not recorded"
+    gpu = machine["gpu"]
+    if not gpu:
+        return "no GPU"
+    return f"GPU {gpu}" if isinstance(gpu, str) else "GPU"
+
+
+def header_lines(report: dict) -> list[str]:
+    """Command, when, machine and versions, load average: the first lines of every bench_pipeline-style report
+    (keys command, finished_utc or started_utc, machine, wall_s, load_start, load_end)."""
+    m = report["machine"]
+    when = f"Run {report['finished_utc']}" if "finished_utc" in report else f"Started {report['started_utc']}"
+    return [
+        f"Command: `{report['command']}`  ",
+        f"{when} on {m.get('nproc')} x {m.get('cpu_model') or '?'}, {m.get('mem_gib')} GiB, {gpu_words(m)}; "
+        f"torch {m.get('torch')}, ray {m.get('ray')}, mlflow {m.get('mlflow')}, Python {m.get('python')}; {report['wall_s']:.0f} s in all.  ",
+        f"Load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}.",
+    ]
+
+
+def render_growth(report: dict) -> str:
+    """growth.md from growth.json."""
+    g = report["growth"]
     st, se = g["soft_targets"], g["student_epoch"]
     hwm = g["driver_stage_hwm_available"]
     first = g["first_call_1x"]
     soft_foreign = ", ".join(f"{k}x {st[f'{k}x']['max_foreign']:.2f}" for k in g["factors"])
     student_foreign = ", ".join(f"{k}x {se[f'{k}x']['foreign_cpu_share']:.2f}" for k in g["factors"])
     polled_train = ", ".join(f"{k}x {se[f'{k}x']['train_worker_vmhwm_polled_mb'] or 'not seen'} MB" for k in g["factors"])
-    lines = [
-        f"Command: `{report['command']}`  ",
-        f"Run {report['finished_utc']} on {m['nproc']} x {m['cpu_model']}, {m['mem_gib']} GiB; "
-        f"torch {m['torch']}, ray {m['ray']}, mlflow {m['mlflow']}, Python {m['python']}; {report['wall_s']:.0f} s in all.  ",
-        f"Load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}. "
-        f"Ray start-up ({report['ray_init_s']:.1f} s) is not counted.",
+    lines = header_lines(report)
+    lines[-1] += f" Ray start-up ({report['ray_init_s']:.1f} s) is not counted."
+    lines += [
         "",
         f"Rows: the first {g['base_rows']:,} MNIST train rows (1x), and the same rows repeated 2 and 4 times end to end "
         "(np.concatenate of copies, i.e. np.tile along rows).",
@@ -778,7 +803,7 @@ def write_growth_reports(report: dict) -> None:
     if worst > MAX_FOREIGN:
         lines.append(f"- **Read with care**: other processes used up to {worst:.2f} of the CPUs during a measurement "
                      f"(above {MAX_FOREIGN}); the times and ratios of such rows include their slow-down.")
-    (RESULTS / "growth.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------ report
@@ -793,7 +818,12 @@ def verdict(key: str, value: float) -> tuple[str, str]:
 def write_reports(report: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
-    st, se, m = report["soft_targets"], report["student_epoch"], report["machine"]
+    (RESULTS / "pipeline.md").write_text(render_pipeline(report))
+
+
+def render_pipeline(report: dict) -> str:
+    """pipeline.md from pipeline.json."""
+    st, se = report["soft_targets"], report["student_epoch"]
     first = st["60k"]["first_call"]
     rows = [
         ("soft targets, 60,000 rows, rows/s end to end: first call on a fresh Ray (workers start)",
@@ -813,12 +843,9 @@ def write_reports(report: dict) -> None:
         rows.append((f"student epoch, 2 workers x {two['cpus_per_worker']:g} CPU, s (steady state; reference)",
                      f"{se['plain_steady_epoch_s']:.2f}", f"{two['steady_epoch_s']:.2f}", two["ratio"], None,
                      f"median of {len(two['report_intervals_s'])} epochs; foreign {two['foreign_cpu_share']:.2f}"))
-    lines = [
-        f"Command: `{report['command']}`  ",
-        f"Run {report['finished_utc']} on {m['nproc']} x {m['cpu_model']}, {m['mem_gib']} GiB; "
-        f"torch {m['torch']}, ray {m['ray']}, mlflow {m['mlflow']}, Python {m['python']}; {report['wall_s']:.0f} s in all.  ",
-        f"Load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}. "
-        f"Ray start-up ({report['ray_init_s']:.1f} s) is not counted. Driver peak RSS {report['driver_peak_rss_mb']:.0f} MB.",
+    lines = header_lines(report)
+    lines[-1] += f" Ray start-up ({report['ray_init_s']:.1f} s) is not counted. Driver peak RSS {report['driver_peak_rss_mb']:.0f} MB."
+    lines += [
         "",
         "| measurement | plain loop | production path | ratio | target | result | runs |",
         "|---|---|---|---|---|---|---|",
@@ -843,7 +870,7 @@ def write_reports(report: dict) -> None:
         f"- foreign = share of the machine's CPUs used by processes outside this benchmark during a measurement; "
         f"measurements above {MAX_FOREIGN} are retried (all attempts are in pipeline.json).",
     ]
-    (RESULTS / "pipeline.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:

@@ -18,10 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from orchestrator import tracking
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -40,6 +36,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     args = parser.parse_args()
+    # Imported here, not at the top: readme_results imports render() and must stay quick (no MLflow, no pandas).
+    import pandas as pd
+
+    from orchestrator import tracking
+
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     client = tracking.client(uri)
 
@@ -71,18 +72,24 @@ def main() -> int:
               "trials": trials.drop(columns=[c for c in ("mlflow_run_id", "final_stage_run_id") if c in trials]).to_dict(orient="records")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fashion_gap.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    md = render(report)
+    (RESULTS / "fashion_gap.md").write_text(md)
+    print(md, end="")
+    return 0
 
+
+def render(report: dict) -> str:
+    """fashion_gap.md from fashion_gap.json: the comparison table and the sweep's counts."""
+    counts = report["sweep_counts"]
     lines = ["| model | how | test accuracy | params |", "|---|---|---|---|"]
-    for r in rows:
+    for r in report["rows"]:
         acc = f"{r['test_accuracy']:.2%}" if r["test_accuracy"] is not None else "-"
         lines.append(f"| {r['row']} | {r['how']} | {acc} | {r['params'] if r['params'] is not None else '-'} |")
     lines += ["", f"Sweep: {counts.get('trials')} trials ({counts.get('trials_stopped_early')} trial and stage runs closed KILLED after the sweep), "
               f"{counts.get('stages_trained')} chain stages trained, {counts.get('stage_reuses')} reused; teacher forward rows "
               f"{counts.get('teacher_forward_rows'):,} against {counts.get('naive_teacher_forward_rows'):,} for the naive sweep "
               "(every trial runs the teacher every epoch)."]
-    (RESULTS / "fashion_gap.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
