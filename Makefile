@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test bench fashion-mnist clean
+.PHONY: setup demo test bench results fashion-mnist clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP) fashion-mnist
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py
+
+# The README's "## Results" blocks, rendered anew from benchmarks/results/*.json (--check: only compare).
+results: $(STAMP)
+	$(BIN)/python benchmarks/readme_results.py
 
 clean:
 	rm -rf .kd_cache ray_results mlflow.db mlartifacts summary.json
