@@ -96,12 +96,13 @@ def fake_demo_result() -> dict:
     row = {"test_accuracy": 0.9878, "params": 1276810, "size_mb": 5.1072, "agreement": 0.9901, "kl_to_teacher": 0.0421,
            "wall_s": 319.5, "mlflow_run_id": "r"}
     return {
-        "command": "distill run configs/mnist_kd.yaml --summary-json /tmp/kd-demo-x/summary.json",
+        "command": "cd /tmp/kd-demo-x && distill run configs/mnist_kd.yaml --summary-json summary.json",
         "benchmark_command": "python benchmarks/mnist_demo.py", "workdir": "/tmp/kd-demo-x",
         "tracking_uri": "sqlite:////tmp/kd-demo-x/mlflow.db", "started_utc": "2026-11-30 00:20 UTC", "wall_s": 673.0,
         "machine": {"nproc": 2, "cpu_model": "Some CPU", "mem_gib": 23.5, "python": "3.11.7", "torch": "2.14.1", "ray": "2.60.0",
                     "mlflow": "3.17.2", "gpu": None},
         "load_start": [1.0, 1.0, 1.0], "load_end": [2.0, 2.0, 2.0],
+        "stage_wall_s": {"teacher": 286.8, "soft_targets": 24.0, "students": 319.5},
         "rows": [{**row, "role": "teacher", "name": "cnn16x32", "test_errors": 105, "params": 71802, "agreement": 1.0, "kl_to_teacher": 0.0},
                  {**row, "role": "student", "name": "mlp800", "test_errors": 122},
                  {**row, "role": "baseline", "name": "mlp800-baseline", "test_errors": 142, "test_accuracy": 0.9858}],
@@ -112,8 +113,9 @@ def test_the_demo_block_renders_a_hand_made_result(tmp_path):
     path = mnist_demo.write_result(fake_demo_result(), tmp_path)
     demo = next(r for r in readme_results.RESULTS if r.name == "mnist_demo")
     body = readme_results.block_body(demo, path.parent)
-    assert "Command: `distill run configs/mnist_kd.yaml --summary-json /tmp/kd-demo-x/summary.json`" in body
+    assert "Command: `cd /tmp/kd-demo-x && distill run configs/mnist_kd.yaml --summary-json summary.json`" in body
     assert "Started 2026-11-30 00:20 UTC on 2 x Some CPU, 23.5 GiB, no GPU" in body
     assert "Python 3.11.7" in body and "at start [1.0, 1.0, 1.0], at end [2.0, 2.0, 2.0]" in body
     assert "| student | mlp800 | 122 | 0.9878 | 1,276,810 | 5.11 | 0.9901 | 0.0421 | 319.5 |" in body
     assert "| baseline | mlp800-baseline | 142 | 0.9858 |" in body
+    assert "Stages of the job: teacher 286.8 s, soft targets 24.0 s, students 319.5 s." in body
