@@ -180,7 +180,8 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                                 tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
             member = MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=stage_run)
             states, last_epoch = distill_members(cfg, ctx.prep.data, ctx.prep.train_ids, ctx.prep.val_ids, soft, track, [member],
-                                                 run_name=f"{base.name}-trial-{trial_id}", callbacks=[ReportAllButLastEpoch(cfg.train.epochs)])
+                                                 run_name=f"{base.name}-trial-{trial_id}", callbacks=[ReportAllButLastEpoch(cfg.train.epochs)],
+                                                 teachers=ctx.teachers)  # run in the workers only with teacher_mode online
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
             model.load_state_dict(states[student.name])
             test = _test_metrics(ctx, model)

@@ -96,7 +96,8 @@ def finish_sweep(cfg: JobConfig, prep, results, parent_id: str, teachers, soft, 
     counts = {
         "trials": len(trials),
         "trials_stopped_early": closed,
-        "teacher_forward_rows": forward_rows,
+        # online: besides any soft-target pass, the teacher ran on every train row of every epoch a trial ran
+        "teacher_forward_rows": forward_rows + (len(prep.train_ids) * int(trials["epochs_run"].sum()) if cfg.teacher_mode == "online" else 0),
         "naive_teacher_forward_rows": naive_forward_rows(len(prep.train_ids), len(trials), cfg.train.epochs),
         "stages_trained": stats["produced"],
         "stage_reuses": stats["reused"],

@@ -140,9 +140,13 @@ def check_students(cfg: Any) -> None:
     if len(dml) == 1:
         raise ValueError(f"students: dml needs two or more students with a dml term, only {dml[0]!r} has one")
     if cfg.sweep is not None:
-        # A trial trains one student from cached soft targets: no peers, no later generations, no online teacher.
+        # A trial trains one student: no peers, no later generations. An online teacher runs in direct
+        # trials only: each assistant of a chain learns from the cached soft targets of the stage before.
         if cfg.teacher_mode == "online":
-            raise ValueError("teacher_mode: online is not supported in sweeps yet (use cached)")
+            for i, chain in enumerate(cfg.sweep.chains()):
+                if chain:
+                    raise ValueError(f"sweep.space.chain.{i}: teacher_mode online runs the teacher in every trial, "
+                                     "which is built for direct KD only; use [] chains or teacher_mode cached")
         for i, student in enumerate(cfg.students):
             if uses_dml(student.loss):
                 raise ValueError(f"students.{i}.loss: dml needs peers trained together; a sweep trial trains one student")

@@ -171,3 +171,27 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
             assert row["test_accuracy"] == pytest.approx(by_trial[row["mlflow_run_id"]].data.metrics["test_accuracy"], abs=1e-6)
     assert any(r["pareto_latency"] for r in report["rows"]) and any(r["pareto_size"] for r in report["rows"])
     assert {"report.json", "tradeoff.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session, tmp_path):
+    """teacher_mode online: the naive sweep bench_sweep.py compares against. Every trial runs the
+    teacher on every train row of every epoch, and the parent run's teacher_forward_rows says so."""
+    from orchestrator.data import split_train_val
+
+    address = ray.get_runtime_context().gcs_address
+    online = ["teacher_mode=online", "sweep.space.chain={grid: [[]]}", "train.epochs=2", "sweep.grace_period=2",
+              "tracking.experiment=sweep-online"]
+    proc = _sweep(online, tmp_path, address)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "sweep-0.log").read_text()[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-online").experiment_id], max_results=100)
+    parent = next(r for r in runs if r.data.tags.get("job") == "sweep")
+    assert parent.data.params["teacher_mode"] == "online"
+    trials = [r for r in runs if r.data.tags.get("role") == "trial"]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" and r.data.metrics["test_accuracy"] > 0.3 for r in trials)  # 2 epochs; chance is 0.1
+    train_rows = len(split_train_val(1437, 0.15, 0)[0])  # digits: 1,797 rows less the fixed 20% test split
+    # One soft-target pass (validation and test metrics still read the cache), then 2 trials x 2 epochs in the workers.
+    assert parent.data.metrics["teacher_forward_rows"] == DIGITS_ROWS + train_rows * 2 * 2
+    assert parent.data.metrics["naive_teacher_forward_rows"] == train_rows * 2 * 2
+

@@ -79,7 +79,7 @@ def test_term_predicates():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["teacher_mode=online"], "teacher_mode: online is not supported in sweeps yet"),
+        (["teacher_mode=online"], r"sweep.space.chain.1: teacher_mode online runs the teacher in every trial, which is built for direct KD only"),
         (["students=[{name: mlp16, loss: [ce, dml]}, {name: peer, loss: [ce, dml]}]"], "students.0.loss: dml needs peers trained together"),
         (["students.0.generations=2"], "students.0.generations: born-again generations are not supported in sweeps yet"),
     ],
