@@ -24,6 +24,7 @@ Writes benchmarks/results/sweep_cost.json and sweep_cost.md (--quick: sweep_cost
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -82,7 +83,7 @@ def arm_result(workdir: Path, run_name: str, wall_s: float) -> dict:
     exp = client.get_experiment_by_name(EXPERIMENT)
     parent = client.search_runs([exp.experiment_id], filter_string=f"tags.job = 'sweep' and attributes.run_name = '{run_name}'",
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
-    trials = pd.read_csv(tracking.download_artifact(uri, parent.info.run_id, "trials.csv"))
+    trials = pd.read_csv(io.StringIO(tracking.artifact_text(uri, parent.info.run_id, "trials.csv")))
     metrics = parent.data.metrics
     best = trials.sort_values("val_accuracy", ascending=False).iloc[0]
     return {

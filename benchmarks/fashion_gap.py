@@ -14,6 +14,7 @@ only reported. Trials that ASHA stopped have no test accuracy and cannot be chos
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -45,10 +46,10 @@ def main() -> int:
     client = tracking.client(uri)
 
     job = latest_parent(client, "fashion_kd", "distill")
-    summary = json.loads(tracking.download_artifact(uri, job.info.run_id, "summary.json").read_text())
+    summary = json.loads(tracking.artifact_text(uri, job.info.run_id, "summary.json"))
     by_role = {row["role"]: row for row in summary}
     sweep = latest_parent(client, "fashion_sweep", "sweep")
-    trials = pd.read_csv(tracking.download_artifact(uri, sweep.info.run_id, "trials.csv"))
+    trials = pd.read_csv(io.StringIO(tracking.artifact_text(uri, sweep.info.run_id, "trials.csv")))
     finished = trials.dropna(subset=["val_accuracy", "test_accuracy"])
     direct = finished[finished["chain"] == "direct"].sort_values("val_accuracy", ascending=False)
     chains = finished[finished["chain"] != "direct"].sort_values("val_accuracy", ascending=False)

@@ -66,7 +66,7 @@ def finished_parents(client, experiment: str) -> list:
 
 
 def artifact_json(uri: str, run_id: str, path: str):
-    return json.loads(tracking.download_artifact(uri, run_id, path).read_text())
+    return json.loads(tracking.artifact_text(uri, run_id, path))
 
 
 def config_overrides(logged: dict, experiment: str) -> list[str]:

@@ -50,7 +50,7 @@ def _job(uri: str, run_id: str) -> tuple[dict, JobConfig]:
     if parent["tags"].get("job") not in ("distill", "sweep"):
         raise ConfigError(f"run {run_id} ({parent['name']}) is not the parent run of a `distill run` job or a sweep")
     try:
-        tree = json.loads(tracking.download_artifact(uri, run_id, "config.json").read_text())
+        tree = json.loads(tracking.artifact_text(uri, run_id, "config.json"))
     except Exception as exc:
         raise ConfigError(f"run {run_id}: cannot read its config.json artifact ({type(exc).__name__})") from None
     return parent, validate_config(tree)

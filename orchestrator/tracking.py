@@ -247,9 +247,10 @@ def load_torch_model(uri: str, model_uri: str) -> Any:
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 
 
-def download_artifact(uri: str, run_id: str, path: str) -> Path:
-    target = tempfile.mkdtemp(prefix="kd-artifact-")
-    return Path(client(uri).download_artifacts(run_id, path, target))
+def artifact_text(uri: str, run_id: str, path: str) -> str:
+    """A run's text artifact (JSON, CSV), read through a scratch directory that is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="kd-artifact-") as target:
+        return Path(client(uri).download_artifacts(run_id, path, target)).read_text()
 
 
 def register_champion(uri: str, model_uri: str, name: str, *, tags: Mapping[str, str], alias: str = "champion") -> str:

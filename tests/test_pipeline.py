@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from orchestrator import tracking
 from orchestrator.cli import main as cli_main
 from orchestrator.config import ModelSpec, load_config
 from orchestrator.models import build_model
@@ -75,7 +76,7 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
         if name != "digits_kd":
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["kd.temperature"] == "4.0"
-    assert json.loads(_artifact_text(client, parent.info.run_id, "summary.json")) == rows
+    assert json.loads(tracking.artifact_text(mlflow_uri, parent.info.run_id, "summary.json")) == rows
 
     student = runs["student:mlp32"][0]
     history = client.get_metric_history(student.info.run_id, "val_accuracy")
@@ -171,9 +172,3 @@ def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, m
     history = MlflowClient(mlflow_uri).get_metric_history(runs["student:mlp800"][0].info.run_id, "val_accuracy")
     assert len(history) == 2
 
-
-def _artifact_text(client: MlflowClient, run_id: str, path: str) -> str:
-    import tempfile
-
-    target = client.download_artifacts(run_id, path, tempfile.mkdtemp())
-    return Path(target).read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -70,7 +71,7 @@ def test_unreachable_server_fails_fast():
         tracking.check_reachable("http://127.0.0.1:9", timeout_s=2)
 
 
-def test_uri_credentials_and_secret_keys_never_reach_the_store(store, tmp_path):
+def test_uri_credentials_and_secret_keys_never_reach_the_store(store, tmp_path, monkeypatch):
     uri, experiment_id = store
     assert tracking.redact("http://alice:pw@host:5000/x and https://ghp_tok@github.com") == "http://***@host:5000/x and https://***@github.com"
     assert tracking.redact("runs:/abc/model models:/name@champion s3://bucket/a@b") == "runs:/abc/model models:/name@champion s3://bucket/a@b"
@@ -82,7 +83,11 @@ def test_uri_credentials_and_secret_keys_never_reach_the_store(store, tmp_path):
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params == {"tracking.tracking_uri": "http://***@mlflow:5000", "students.0.kwargs.depth": "2"}
     assert run.data.tags["source"] == "https://***@host/x" and "hf_token" not in run.data.tags
-    assert "pw-123" not in tracking.download_artifact(uri, run_id, "config.json").read_text()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert "pw-123" not in tracking.artifact_text(uri, run_id, "config.json")
+    assert not list(scratch.iterdir())  # the download's scratch directory is gone (each call used to leave one in /tmp)
     assert b"pw-123" not in (tmp_path / "mlflow.db").read_bytes()
     assert "pw" not in tracking.ui_command("https://alice:pw@host")
 
