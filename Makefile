@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup demo test bench results fashion-mnist clean
+.PHONY: setup demo test bench bench-quick results fashion-mnist clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,14 @@ demo: $(STAMP)
 test: $(STAMP) fashion-mnist
 	$(BIN)/python -m pytest -q -ra --durations=15
 
+# Every benchmark that fits in 60 minutes, cheapest first, then `make results` (BUDGET=300 runs them all).
+BUDGET ?= 60
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/run_all.py --budget-min $(BUDGET)
+
+# The quick variants, into a scratch dir: checks that each benchmark runs, not its numbers.
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --quick
 
 # The README's "## Results" blocks, rendered anew from benchmarks/results/*.json (--check: only compare).
 results: $(STAMP)

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
 CONFIGS = REPO / "configs" / "fashion_methods"
 
 # (config stem, row name in its summary, label in the table), in table order.

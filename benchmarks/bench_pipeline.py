@@ -51,7 +51,7 @@ import numpy as np
 from orchestrator.memory import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
 
 TARGETS = {  # from the issue
     "soft_targets_60k": (">=", 0.7),

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS = REPO_ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO_ROOT / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
 CONFIG = "configs/fashion_sweep.yaml"
 EXPERIMENT = "bench_sweep"
 GRID = {"full": ([1.5, 3.0, 6.0, 12.0], [0.5, 0.9]), "quick": ([2.0, 8.0], [0.5, 0.9])}  # T x alpha

@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))  # run_all.py --quick points it elsewhere
 
 
 def latest_parent(client, experiment: str, job: str):

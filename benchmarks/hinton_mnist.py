@@ -37,7 +37,7 @@ from orchestrator import tracking
 from orchestrator.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
 BIG, SMALL = "mnist_hinton", "mnist_hinton_small"
 
 # Hinton, Vinyals and Dean (2015), arXiv:1503.02531, Section 3: test errors out of 10,000.
