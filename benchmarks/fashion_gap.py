@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))  # run_all.py --quick points it elsewhere
@@ -71,6 +72,7 @@ def main() -> int:
     counts = {k: int(v) for k, v in sweep.data.metrics.items()
               if k in {"trials", "trials_stopped_early", "teacher_forward_rows", "naive_teacher_forward_rows", "stages_trained", "stage_reuses", "stage_waits"}}
     report = {"job_run_id": job.info.run_id, "sweep_run_id": sweep.info.run_id, "tracking_uri": uri, "rows": rows, "sweep_counts": counts,
+              "runs": {"job": run_window(job), "sweep": run_window(sweep)}, "report_machine": report_machine(),
               "trials": trials.drop(columns=[c for c in ("mlflow_run_id", "final_stage_run_id") if c in trials]).to_dict(orient="records")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fashion_gap.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -80,6 +82,22 @@ def main() -> int:
     return 0
 
 
+def run_window(run) -> dict:
+    """When a run started and ended, and how long it took, as MLflow recorded it."""
+    def utc(ms):
+        return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    return {"start_utc": utc(run.info.start_time), "end_utc": utc(run.info.end_time), "minutes": round((run.info.end_time - run.info.start_time) / 60000, 1)}
+
+
+def report_machine() -> dict:
+    """The machine this report is made on. MLflow does not record where a run ran: run this where the jobs ran."""
+    import torch
+    from bench_pipeline import machine_info
+
+    return {**machine_info(), "gpu": torch.cuda.is_available()}
+
+
 def render(report: dict) -> str:
     """fashion_gap.md from fashion_gap.json: the comparison table and the sweep's counts."""
     counts = report["sweep_counts"]
@@ -87,7 +105,8 @@ def render(report: dict) -> str:
     for r in report["rows"]:
         acc = f"{r['test_accuracy']:.2%}" if r["test_accuracy"] is not None else "-"
         lines.append(f"| {r['row']} | {r['how']} | {acc} | {r['params'] if r['params'] is not None else '-'} |")
-    lines += ["", f"Sweep: {counts.get('trials')} trials ({counts.get('trials_stopped_early')} trial and stage runs closed KILLED after the sweep), "
+    stopped = sum(t.get("status") == "KILLED" for t in report.get("trials", []))
+    lines += ["", f"Sweep: {counts.get('trials')} trials ({stopped} stopped early by ASHA), "
               f"{counts.get('stages_trained')} chain stages trained, {counts.get('stage_reuses')} reused; teacher forward rows "
               f"{counts.get('teacher_forward_rows'):,} against {counts.get('naive_teacher_forward_rows'):,} for the naive sweep "
               "(every trial runs the teacher every epoch)."]

@@ -155,13 +155,22 @@ def render_fashion_gap(report: dict) -> str:
     lines = ["Commands (from one directory, so the sweep takes the job's cached teacher and soft targets):", "", "```bash",
              "distill run configs/fashion_kd.yaml", "distill sweep configs/fashion_sweep.yaml",
              f"python benchmarks/fashion_gap.py --tracking-uri {report['tracking_uri']}", "```", "",
-             f"Read back from MLflow runs {report['job_run_id']} (job) and {report['sweep_run_id']} (sweep). Date, machine, versions "
-             "and load: not recorded in fashion_gap.json.", "", fashion_gap.render(report).rstrip("\n"), "", "Every trial of the sweep:", ""]
+             f"Read back from MLflow runs {report['job_run_id']} (job) and {report['sweep_run_id']} (sweep). {fashion_gap_when(report)}",
+             "", fashion_gap.render(report).rstrip("\n"), "", "Every trial of the sweep:", ""]
     rows = [[t["trial_id"], t["chain"], f"{t['temperature']:.2f}", f"{t['alpha']:.2f}", t["epochs_run"], f"{t['val_accuracy']:.4f}",
              "-" if t["test_accuracy"] != t["test_accuracy"] else f"{t['test_accuracy']:.4f}", t["status"]]  # NaN: ASHA stopped it
             for t in report["trials"]]
     lines += table(["trial", "chain", "T", "alpha", "epochs run", "val accuracy", "test accuracy", "status"], rows, "llrrrrrl")
     return "\n".join(lines) + "\n"
+
+
+def fashion_gap_when(report: dict) -> str:
+    if "runs" not in report:
+        return "Date, machine, versions and load: not recorded in fashion_gap.json."
+    job, sweep, m = report["runs"]["job"], report["runs"]["sweep"], report["report_machine"]
+    return (f"Job {job['start_utc']} ({job['minutes']:.0f} min), sweep {sweep['start_utc']} ({sweep['minutes']:.0f} min), as MLflow recorded them; "
+            f"read back on {m.get('nproc')} x {m.get('cpu_model') or '?'}, {bench_pipeline.gpu_words(m)}; Python {m.get('python')}, "
+            f"torch {m.get('torch')}, ray {m.get('ray')}, mlflow {m.get('mlflow')}. Load during the runs: not recorded.")
 
 
 def render_storage(report: dict) -> str:
