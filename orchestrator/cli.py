@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError, RayStartError, load_config
 from orchestrator.interrupts import Terminated, ctrl_c_never_lost
 from orchestrator.redact import redact
 
@@ -120,6 +120,9 @@ def _guarded(action) -> int:
     except ConfigError as err:
         print(f"distill: error: {redact(str(err))}", file=sys.stderr)  # a password in a URI never reaches the terminal
         return EXIT_BAD_INPUT
+    except RayStartError as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"distill: {'terminated' if Terminated.seen else 'interrupted'}; MLflow runs marked KILLED", file=sys.stderr)
         return EXIT_TERMINATED if Terminated.seen else EXIT_INTERRUPTED

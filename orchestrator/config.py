@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A bad configuration or input, reported as one line (exit code 2 in the CLI)."""
 
 
+class RayStartError(RuntimeError):
+    """The local Ray did not come up (overloaded machine, port taken): the CLI reports one line, exit 1."""
+
+
 class _Strict(BaseModel):
     # Unknown keys are typos, never silently ignored; frozen so a config cannot
     # drift after it was logged to MLflow. No float field means anything at inf or NaN

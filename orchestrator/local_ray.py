@@ -9,6 +9,8 @@ from typing import Any
 
 import ray
 
+from orchestrator.config import RayStartError
+
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by ray._private.node when it starts a head node
 
 
@@ -37,6 +39,11 @@ def start_local_ray(**init_kwargs: Any) -> str:
     os.environ[GCS_PORT_ENV] = str(port)
     try:
         ray.init(address="local", runtime_env=runtime_env, **init_kwargs)
+    except Exception as exc:  # Ray raises bare Exception/RuntimeError when its GCS or raylet does not come up
+        ray.shutdown()  # whatever half-started processes it left
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RayStartError(f"could not start a local Ray ({first_line}); an overloaded machine or a port taken by "
+                            "another process are the usual causes, and Ray's own log lines above say which") from None
     finally:
         if previous is None:
             os.environ.pop(GCS_PORT_ENV, None)

@@ -44,3 +44,27 @@ def test_workers_resolve_their_own_cluster_beside_another(ray_session):
     assert line is not None, out.stderr[-3000:]
     _, address, from_task, from_nested_actor = line.split()
     assert from_task == address and from_nested_actor == address
+
+
+# The local Ray's GCS told to listen on a port another process holds: a real start failure, as
+# an overloaded machine gives one (there after Ray's 30 s wait for the node).
+FAILING_START = """
+import socket, sys
+from orchestrator import cli, local_ray
+
+held = socket.socket()
+held.bind(("", 0))
+held.listen()
+local_ray._free_port = lambda: held.getsockname()[1]
+sys.exit(cli.main(["run", sys.argv[1], "tracking.experiment=no-ray"]))
+"""
+
+
+def test_a_local_ray_that_does_not_start_is_one_line_and_exit_1(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", FAILING_START, str(REPO_ROOT / "configs/digits_kd.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(errors) == 1 and "could not start a local Ray (Failed to start GCS." in errors[0], proc.stderr[-2000:]
