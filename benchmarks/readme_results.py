@@ -110,8 +110,9 @@ def render_hinton(report: dict) -> str:
     gaps = ", ".join(f"{r['row'].removesuffix(' (labels only)')} {r['test_errors'] - teacher['test_errors']}"
                      for r in report["rows"] if r["row"].endswith("(labels only)"))
     lines += ["", f"Teacher-baseline gap in test errors (gap closure divides by it): {gaps}; paper, 2x800: "
-              f"{report['paper']['2x800 baseline'] - report['paper']['teacher']}. Paper, 2x30: {report['paper']['2x30']}.",
-              f"{len(report['other_runs'])} other run(s) of these jobs are listed in benchmarks/results/hinton_mnist.md."]
+              f"{report['paper']['2x800 baseline'] - report['paper']['teacher']}. Paper, 2x30: {report['paper']['2x30']}."]
+    if report["other_runs"]:
+        lines.append(f"{len(report['other_runs'])} other run(s) of these jobs are listed in benchmarks/results/hinton_mnist.md.")
     return "\n".join(lines) + "\n"
 
 
