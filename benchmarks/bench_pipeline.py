@@ -53,10 +53,10 @@ from orchestrator.memory import peak_rss_mb
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
 
-TARGETS = {  # from the issue
-    "soft_targets_60k": (">=", 0.7),
+TARGETS = {  # issue 6: soft-target generation >= 0.9x the plain loop; a 1-worker student epoch <= 1.10x
+    "soft_targets_60k": (">=", 0.9),
     "soft_targets_300k": (">=", 0.9),
-    "student_epoch_1_worker": ("<=", 1.2),
+    "student_epoch_1_worker": ("<=", 1.1),
 }
 TEACHER_BATCH = 4096
 STUDENT_BATCH = 128  # configs/mnist_kd.yaml
@@ -815,6 +815,19 @@ def verdict(key: str, value: float) -> tuple[str, str]:
     return f"{op} {bound}", "PASS" if ok else "FAIL"
 
 
+def judged(report: dict) -> dict:
+    """The report with its measured ratios judged against TARGETS (derived fields only)."""
+    soft, student = report["soft_targets"], report["student_epoch"]
+    report["targets"] = {k: {"op": op, "bound": b} for k, (op, b) in TARGETS.items()}
+    report["result"] = {
+        "soft_targets_60k_first_call": verdict("soft_targets_60k", soft["60k"]["first_call"]["ratio"])[1],
+        "soft_targets_60k": verdict("soft_targets_60k", soft["60k"]["ratio"])[1],
+        "soft_targets_300k": verdict("soft_targets_300k", soft["300k"]["ratio"])[1],
+        "student_epoch_1_worker": verdict("student_epoch_1_worker", student["1_worker"]["ratio"])[1],
+    }
+    return report
+
+
 def write_reports(report: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -921,15 +934,8 @@ def main() -> int:
         "student_epoch": student,
         "driver_peak_rss_mb": round(peak_rss_mb(), 1),
         "wall_s": round(time.perf_counter() - started, 1),
-        "targets": {k: {"op": op, "bound": b} for k, (op, b) in TARGETS.items()},
     }
-    report["result"] = {
-        "soft_targets_60k_first_call": verdict("soft_targets_60k", soft["60k"]["first_call"]["ratio"])[1],
-        "soft_targets_60k": verdict("soft_targets_60k", soft["60k"]["ratio"])[1],
-        "soft_targets_300k": verdict("soft_targets_300k", soft["300k"]["ratio"])[1],
-        "student_epoch_1_worker": verdict("student_epoch_1_worker", student["1_worker"]["ratio"])[1],
-    }
-    write_reports(report)
+    write_reports(judged(report))
     print((RESULTS / "pipeline.md").read_text())
     log(f"done in {report['wall_s']:.0f} s; wrote {RESULTS / 'pipeline.json'} and pipeline.md")
     return 0
