@@ -94,12 +94,12 @@ def table(result: dict) -> str:
         f"load average {result['machine']['load_average_start']:.1f} at the start, {result['load_average_end']:.1f} at the end; "
         f"{result['wall_s'] / 60:.1f} min in all." + (" **Quick mode: 5k/1k rows, 1 epoch; not the table's numbers.**" if result["quick"] else ""),
         "",
-        "| method | test accuracy | test errors | agreement with teacher | parameters | reproduce |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| method | test accuracy | test errors | agreement with teacher | KL to teacher | parameters | reproduce |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in result["rows"]:
         lines.append(f"| {row['method']} | {row['test_accuracy']:.4f} | {row['test_errors']} | {row['agreement']:.4f} | "
-                     f"{row['params']:,} | `{row['command']}` |")
+                     f"{row['kl_to_teacher']:.4f} | {row['params']:,} | `{row['command']}` |")
     lines.append("")
     lines.append("Job wall times: " + ", ".join(f"{stem} {wall / 60:.1f} min" for stem, wall in result["job_wall_s"].items()) + ".")
     return "\n".join(lines) + "\n"

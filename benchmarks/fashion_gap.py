@@ -56,19 +56,26 @@ def main() -> int:
     direct = finished[finished["chain"] == "direct"].sort_values("val_accuracy", ascending=False)
     chains = finished[finished["chain"] != "direct"].sort_values("val_accuracy", ascending=False)
 
+    def fidelity(row: dict) -> dict:
+        return {"agreement": row["agreement"], "kl_to_teacher": row["kl_to_teacher"]}
+
     rows = [
-        {"row": "teacher", "how": by_role["teacher"]["name"], "test_accuracy": by_role["teacher"]["test_accuracy"], "params": by_role["teacher"]["params"]},
-        {"row": "baseline student (CE only)", "how": by_role["baseline"]["name"], "test_accuracy": by_role["baseline"]["test_accuracy"], "params": by_role["baseline"]["params"]},
+        {"row": "teacher", "how": by_role["teacher"]["name"], "test_accuracy": by_role["teacher"]["test_accuracy"], "params": by_role["teacher"]["params"],
+         **fidelity(by_role["teacher"])},
+        {"row": "baseline student (CE only)", "how": by_role["baseline"]["name"], "test_accuracy": by_role["baseline"]["test_accuracy"], "params": by_role["baseline"]["params"],
+         **fidelity(by_role["baseline"])},
         {"row": "direct KD, default T/alpha", "how": f"T={job.data.params['kd.temperature']}, alpha={job.data.params['kd.alpha']}",
-         "test_accuracy": by_role["student"]["test_accuracy"], "params": by_role["student"]["params"]},
+         "test_accuracy": by_role["student"]["test_accuracy"], "params": by_role["student"]["params"], **fidelity(by_role["student"])},
     ]
     for label, best in (("direct KD, tuned T/alpha", direct), ("best teacher-assistant chain", chains)):
         if len(best):
             b = best.iloc[0]
+            trial_metrics = client.get_run(b["mlflow_run_id"]).data.metrics  # the trial run logs its test fidelity
             rows.append({"row": label, "how": f"chain {b['chain']}, T={b['temperature']:.2f}, alpha={b['alpha']:.2f} (trial {b['trial_id']}, val {b['val_accuracy']:.4f})",
-                         "test_accuracy": float(b["test_accuracy"]), "params": int(b["params"])})
+                         "test_accuracy": float(b["test_accuracy"]), "params": int(b["params"]),
+                         "agreement": trial_metrics["test_agreement"], "kl_to_teacher": trial_metrics["test_kl_to_teacher"]})
         else:
-            rows.append({"row": label, "how": "no finished trial of this kind", "test_accuracy": None, "params": None})
+            rows.append({"row": label, "how": "no finished trial of this kind", "test_accuracy": None, "params": None, "agreement": None, "kl_to_teacher": None})
     counts = {k: int(v) for k, v in sweep.data.metrics.items()
               if k in {"trials", "trials_stopped_early", "teacher_forward_rows", "naive_teacher_forward_rows", "stages_trained", "stage_reuses", "stage_waits"}}
     report = {"job_run_id": job.info.run_id, "sweep_run_id": sweep.info.run_id, "tracking_uri": uri, "rows": rows, "sweep_counts": counts,
@@ -101,10 +108,11 @@ def report_machine() -> dict:
 def render(report: dict) -> str:
     """fashion_gap.md from fashion_gap.json: the comparison table and the sweep's counts."""
     counts = report["sweep_counts"]
-    lines = ["| model | how | test accuracy | params |", "|---|---|---|---|"]
+    lines = ["| model | how | test accuracy | params | agreement with teacher | KL to teacher |", "|---|---|---|---|---:|---:|"]
     for r in report["rows"]:
         acc = f"{r['test_accuracy']:.2%}" if r["test_accuracy"] is not None else "-"
-        lines.append(f"| {r['row']} | {r['how']} | {acc} | {r['params'] if r['params'] is not None else '-'} |")
+        agreement, kl = (f"{r[k]:.4f}" if r.get(k) is not None else "-" for k in ("agreement", "kl_to_teacher"))
+        lines.append(f"| {r['row']} | {r['how']} | {acc} | {r['params'] if r['params'] is not None else '-'} | {agreement} | {kl} |")
     stopped = sum(t.get("status") == "KILLED" for t in report.get("trials", []))
     lines += ["", f"Sweep: {counts.get('trials')} trials ({stopped} stopped early by ASHA), "
               f"{counts.get('stages_trained')} chain stages trained, {counts.get('stage_reuses')} reused; teacher forward rows "

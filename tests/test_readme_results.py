@@ -73,10 +73,12 @@ def test_a_hand_edit_inside_a_block_is_stale(copies, capsys):
 
 def test_a_missing_json_renders_not_run_yet(copies):
     readme, results = copies
-    (results / "pipeline.json").unlink()
+    for name in ("pipeline", "sweep_cost"):
+        (results / f"{name}.json").unlink()
     readme_results.main(["--readme", str(readme), "--results", str(results)])
     assert block(readme, "pipeline") == "not run yet: python benchmarks/bench_pipeline.py\n"
     assert block(readme, "sweep_cost").startswith("not run yet: python benchmarks/bench_sweep.py")
+    assert "not run yet" not in block(readme, "growth")  # only the missing ones
 
 
 def test_a_renderer_not_written_yet_renders_not_run_yet(tmp_path):
