@@ -127,6 +127,10 @@ def ctrl_c_never_lost() -> Iterator[None]:
 
 def _forward_sigterm(signum, frame) -> None:
     Terminated.seen = True
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started by a script with `cmd &`, SIGINT is ignored: the SIGINT raised below (and any
+        # re-delivery of it) would vanish, and the SIGTERM with it. A SIGTERM must still stop us.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.raise_signal(signal.SIGINT)
 
 

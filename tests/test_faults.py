@@ -350,7 +350,13 @@ def _ray_job_stop(proc):
     proc.send_signal(signal.SIGTERM)  # what `ray job stop`, Kubernetes and batch schedulers send the driver
 
 
-@pytest.mark.parametrize(("stop", "code", "word"), [(_ctrl_c, 130, "interrupted"), (_ray_job_stop, 143, "terminated")], ids=["ctrl-c", "sigterm"])
+def _ray_job_stop_to_a_background_job(proc):
+    _ray_job_stop(proc)  # the child was started with SIGINT ignored, as `distill run ... &` from a script is
+
+
+@pytest.mark.parametrize(("stop", "code", "word"), [(_ctrl_c, 130, "interrupted"), (_ray_job_stop, 143, "terminated"),
+                                                    (_ray_job_stop_to_a_background_job, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm", "sigterm-with-sigint-ignored"])
 def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tmp_path, ray_tmp, stop, code, word):
     import re
 
@@ -363,7 +369,10 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
             f"teachers.0.checkpoint={tmp_path / 't.pt'}", "tracking.experiment=ctrl-c"]
     with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
         # Its own process group, as a shell gives a foreground job: Ctrl-C signals the whole group.
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
+        # A terminal's foreground job has SIGINT at its default, even if pytest itself inherited it ignored.
+        sigint = signal.SIG_IGN if stop is _ray_job_stop_to_a_background_job else signal.SIG_DFL
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
         try:
             deadline = time.monotonic() + 300
             while _runs_by_status(tmp_path / "mlflow.db").get("soft-targets") != "RUNNING":
