@@ -107,6 +107,7 @@ def machine_info() -> dict:
         "mlflow": mlflow.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

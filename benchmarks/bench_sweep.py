@@ -149,11 +149,13 @@ def run(workdir: Path, quick: bool) -> dict:
 
 def markdown(report: dict) -> str:
     """The results table (also what the README's generated block shows)."""
+    from bench_pipeline import gpu_words
+
     m, c, n = report["machine"], report["cached"], report["naive"]
     acc = report["accuracy"]
     lines = [
         f"Command: `{report['command']}`{' (quick: plumbing only)' if report['quick'] else ''}  ",
-        f"Run {report['started_utc']} on {m['nproc']} CPUs ({m['cpu_model']}), no GPU; Python {m['python']}, torch {m['torch']}, "
+        f"Run {report['started_utc']} on {m['nproc']} CPUs ({m['cpu_model']}), {gpu_words(m)}; Python {m['python']}, torch {m['torch']}, "
         f"ray {m['ray']}, mlflow {m['mlflow']}; load average {report['load_avg_start'][0]} at the start, {report['load_avg_end'][0]} at the end.  ",
         f"Both arms: `distill sweep {report['config']}` with `{' '.join(report['overrides'])}`; the teacher was trained once "
         f"beforehand (`distill teacher`, {report['teacher_train_s']:.0f} s, not counted).",

@@ -99,10 +99,9 @@ def run_window(run) -> dict:
 
 def report_machine() -> dict:
     """The machine this report is made on. MLflow does not record where a run ran: run this where the jobs ran."""
-    import torch
     from bench_pipeline import machine_info
 
-    return {**machine_info(), "gpu": torch.cuda.is_available()}
+    return machine_info()
 
 
 def render(report: dict) -> str:

@@ -178,10 +178,9 @@ def load_summary(path: str | None, windows: dict[str, tuple[float, float]]) -> d
 
 
 def machine() -> dict:
-    import torch
     from bench_pipeline import machine_info
 
-    return {**machine_info(), "gpu": torch.cuda.is_available()}
+    return machine_info()
 
 
 def iso(ms: int | None) -> str | None:

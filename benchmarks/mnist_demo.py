@@ -52,7 +52,7 @@ def run_demo(workdir: Path, benchmark_command: str) -> dict:
         "tracking_uri": tracking_uri,
         "started_utc": started_utc,
         "wall_s": round(wall_s, 1),
-        "machine": {**machine_info(), "gpu": gpu_name()},
+        "machine": machine_info(),
         "load_start": load_start,
         "load_end": loadavg(),
         "rows": json.loads(summary.read_text()),
@@ -72,12 +72,6 @@ def stage_walls(tracking_uri: str) -> dict | str:
         return {k.removeprefix("wall_s_"): round(v, 1) for k, v in parent.data.metrics.items() if k.startswith("wall_s_")}
     except Exception as exc:  # noqa: BLE001  (recorded in the JSON instead)
         return f"not read: {exc!r}"
-
-
-def gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def write_result(result: dict, out: Path) -> Path:
