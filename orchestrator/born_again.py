@@ -21,8 +21,7 @@ from typing import Any
 from orchestrator import tracking
 from orchestrator.config import TeacherConfig, spec_of
 from orchestrator.models import state_dict_fingerprint
-from orchestrator.stages import StudentsResult, TeacherWeights, TrackingContext, distill_members, soft_target_stage
-from orchestrator.train_loop import MemberConfig
+from orchestrator.stages import StudentsResult, TeacherWeights, TrackingContext, distill_members, soft_target_stage, student_member
 
 
 def later_generations(prep: Any, result: StudentsResult, track: TrackingContext, run_ids: dict[str, str]) -> StudentsResult:
@@ -43,8 +42,8 @@ def later_generations(prep: Any, result: StudentsResult, track: TrackingContext,
                 teacher = TeacherWeights(as_teacher, state, state_dict_fingerprint(state), "generation", lineage[-1], 0.0)
                 gen_track = TrackingContext(track.uri, track.experiment_id, run_id)
                 soft = soft_target_stage(cfg, [teacher], data, gen_track)
-                member = MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=run_id)
-                states, _ = distill_members(cfg, data, prep.train_ids, prep.val_ids, soft, gen_track, [member],
+                member = student_member(cfg, student, data, run_id=run_id)
+                states, _ = distill_members(cfg, data, prep.student_train_ids, prep.val_ids, soft, gen_track, [member],
                                             run_name=f"{cfg.name}-{student.name}-gen{generation}-{run_id[:8]}", teachers=[teacher])
                 state = states[student.name]
                 lineage.append(run_id)

@@ -45,6 +45,7 @@ class DatasetConfig(_Strict):
     root: str | None = None
     download: bool = False
     image_size: int | None = None
+    # 0 trains on every training example: no per-epoch validation, nothing held out (sweeps need some).
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0)
     test_limit: int | None = Field(None, gt=0)
@@ -92,14 +93,24 @@ class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0.0)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
-    input_jitter: int = Field(0, ge=0, description="max pixels of random translation (Hinton et al.)")
+    # Stepped every batch. onecycle: linear warm-up over the first 15% of steps to lr, then cosine to ~0
+    # (Smith and Topin 2019), what lets a CPU budget of ~10 epochs train a strong teacher.
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+    # Max-norm constraint on every Linear layer's incoming weights (Srivastava et al. 2014, used by Hinton
+    # et al. for their MNIST nets): rows are rescaled to L2 norm <= max_norm after each step.
+    max_norm: float | None = Field(None, gt=0.0)
+    input_jitter: int = Field(0, ge=0, description="teachers only: max pixels of random shift, padded with the background")
+    flip: bool = Field(False, description="teachers only: random horizontal flips")
 
 
 class TeacherConfig(ModelSpec):
     name: str = "teacher"
     weight: float = Field(1.0, gt=0.0)
+    # The teacher's own seed (default: the job's). Fixing it lets students of several seeds share one
+    # trained teacher and one soft-target cache, which is how multi-seed evidence is gathered.
+    seed: int | None = Field(None, ge=0)
     checkpoint: str | None = None
     mlflow_model: str | None = None
     train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=8))
@@ -129,26 +140,72 @@ class StudentConfig(ModelSpec):
 
 
 class KDConfig(_Strict):
-    """Hinton KD: loss = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(y, student)."""
+    """Hinton KD: loss = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(y, student).
+
+    Unset (None) means "fit the student": `kd_settings.auto_kd` picks T and alpha from the student's
+    size, per student, and the choice is logged with its run.
+    """
 
     # inf/NaN reach the validators below, whose messages name the valid range.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
-    temperature: float = 4.0
-    alpha: float = 0.9
+    temperature: float | None = None
+    alpha: float | None = None
 
     @field_validator("temperature")
     @classmethod
-    def _positive_temperature(cls, t: float) -> float:
-        if not (t > 0 and math.isfinite(t)):
+    def _positive_temperature(cls, t: float | None) -> float | None:
+        if t is not None and not (t > 0 and math.isfinite(t)):
             raise ValueError("temperature must be a finite number > 0")
         return t
 
     @field_validator("alpha")
     @classmethod
-    def _alpha_in_unit_interval(cls, a: float) -> float:
-        if not (0.0 <= a <= 1.0):
+    def _alpha_in_unit_interval(cls, a: float | None) -> float | None:
+        if a is not None and not (0.0 <= a <= 1.0):
             raise ValueError("alpha must be in [0, 1]")
         return a
+
+
+class ViewsConfig(_Strict):
+    """The augmented views students (and their label-only twins) train on; the teacher's soft targets are
+    cached per view (views.py). View v of example i is a fixed shift within [-max_shift, max_shift]^2 and,
+    with flip, a mirror; num_views (default: all (2J+1)^2 x 2^flip) caps how many each example has."""
+
+    max_shift: int = Field(0, ge=0, le=16)
+    flip: bool = False
+    num_views: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)  # which views are drawn when num_views < the grid: not the job's seed, so seeds share a cache
+    fill: int | Literal["auto"] = "auto"  # padding value (uint8); auto = the most common border pixel of the train set
+
+    @model_validator(mode="after")
+    def _views_fit_the_grid(self) -> "ViewsConfig":
+        grid = (2 * self.max_shift + 1) ** 2 * (2 if self.flip else 1)
+        if self.num_views is not None and self.num_views > grid:
+            raise ValueError(f"num_views: {self.num_views} is more than the {grid} views max_shift={self.max_shift}, flip={self.flip} define")
+        if isinstance(self.fill, int) and not 0 <= self.fill <= 255:
+            raise ValueError(f"fill: must be a uint8 value in [0, 255] or auto, got {self.fill}")
+        return self
+
+
+class TransferConfig(_Strict):
+    """What the students learn from (Hinton et al. 2015, section 3: the transfer set).
+
+    labels false: the students see no labels, only the teacher (their loss must not read labels); the
+    label-only twin still trains on labels, as the reference. exclude_classes: examples of these classes
+    are left out of the students' training set (not the teacher's): the paper's digit-3 experiment.
+    bias_correction: afterwards, raise each excluded class's output bias by the amount that maximises
+    validation accuracy (the paper tuned it on the test set; validation keeps every class)."""
+
+    labels: bool = True
+    exclude_classes: list[int] = Field(default_factory=list)
+    bias_correction: bool = False
+
+    @field_validator("exclude_classes")
+    @classmethod
+    def _classes_valid(cls, classes: list[int]) -> list[int]:
+        if any(c < 0 for c in classes) or len(set(classes)) != len(classes):
+            raise ValueError("must be distinct class indices >= 0")
+        return sorted(classes)
 
 
 class SoftTargetConfig(_Strict):
@@ -236,8 +293,9 @@ class SweepConfig(_Strict):
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"
     search: Literal["random", "optuna"] = "random"
-    scheduler: Literal["fifo", "asha"] = "asha"
-    grace_period: int = Field(1, ge=1)
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    grace_period: int | None = Field(None, ge=1)  # asha: epochs before a trial can be stopped; default half of train.epochs
+    seeds: int = Field(1, ge=1)  # run every sampled point under this many seeds (search: random)
     max_concurrent_trials: int | None = Field(None, ge=1)
     register_as: str | None = None  # registered model name of the champion; default "<name>-student"
     space: SearchSpace = Field(default_factory=SearchSpace)
@@ -256,6 +314,8 @@ class SweepConfig(_Strict):
                 _check_sampled_range(name, dim)
         if self.search == "optuna" and any(d.grid is not None for d in dims.values()):
             raise ValueError("space: grid dimensions need search=random (Optuna samples, it does not enumerate)")
+        if self.search == "optuna" and self.seeds > 1:
+            raise ValueError("seeds: repeating points over seeds needs search=random (Optuna samples, it does not enumerate)")
         return self
 
     def chains(self) -> list[list[ModelSpec]]:
@@ -276,6 +336,8 @@ class JobConfig(_Strict):
     students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()])
     baseline: bool = True
     kd: KDConfig = Field(default_factory=KDConfig)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
     soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

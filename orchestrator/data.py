@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import ConfigError, DatasetConfig
+from orchestrator.views import background_value
 
 if TYPE_CHECKING:
     import ray.data
@@ -74,6 +75,7 @@ class DatasetArrays:
     input_shape: tuple[int, int, int]  # (C, H, W)
     mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
     std: tuple[float, ...]
+    fill: int = 0  # the background (most common border pixel, uint8): what shifted views are padded with
 
     def fingerprint(self, split: str) -> str:
         """sha256 (first 16 hex chars) of a split's shapes, dtypes and bytes; cached on the split."""
@@ -121,6 +123,7 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         input_shape=tuple(int(d) for d in train.images.shape[1:]),
         mean=mean,
         std=std,
+        fill=background_value(train.images),
     )
 
 
@@ -152,7 +155,8 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def _make_split(images: np.ndarray, labels: np.ndarray) -> Split:
-    return Split(np.ascontiguousarray(images, dtype=np.uint8), np.ascontiguousarray(labels, dtype=np.int64))
+    # Writable too: torch.from_numpy warns on a read-only array (np.frombuffer's, from IDX files).
+    return Split(np.require(images, np.uint8, ["C", "W"]), np.require(labels, np.int64, ["C", "W"]))
 
 
 def _load_mnist_wheel() -> tuple[Split, Split, int]:

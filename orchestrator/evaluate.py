@@ -34,7 +34,11 @@ def predict_logits(
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
     """Accuracy, error count and CE loss; plus top-1 agreement and KL(teacher || model) when a teacher is given."""
-    labels = torch.as_tensor(labels).long()
+    # Compared on the logits' device: labels or teacher logits left on another device (a CUDA batch
+    # beside CPU logits) would fail with "Expected all tensors to be on the same device".
+    labels = torch.as_tensor(labels).long().to(logits.device)
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.to(logits.device)
     predictions = logits.argmax(dim=1)
     metrics = {
         "accuracy": float((predictions == labels).float().mean()),

@@ -26,6 +26,15 @@ from orchestrator.losses import get_loss
 from orchestrator.online import OnlineTeacher, tap_features
 from orchestrator.term_config import LossTerm, terms_of, uses_dml
 
+
+@torch.no_grad()
+def apply_max_norm(model: nn.Module, max_norm: float) -> None:
+    """Rescale each Linear layer's incoming weight vectors (rows) to L2 norm <= max_norm, in place
+    (Srivastava et al. 2014; Hinton et al. 2015 trained their MNIST nets with it)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.renorm_(p=2, dim=0, maxnorm=max_norm)
+
 # DML's paper runs at T = 1; a dml term without its own temperature uses that, not kd.temperature.
 DML_TEMPERATURE = 1.0
 
@@ -114,8 +123,9 @@ def _average_gradients(module: nn.Module) -> None:
 
 
 def step_members(members, images: Tensor, labels: Tensor, teacher_logits: Tensor | None, teacher: OnlineTeacher | None, *,
-                 temperature: float, alpha: float) -> dict[str, Tensor]:
-    """One optimisation step of every member on one batch; returns each member's (detached) loss.
+                 max_norm: float | None = None) -> dict[str, Tensor]:
+    """One optimisation step of every member on one batch (then its per-step LR schedule, then the max-norm
+    constraint); returns each member's (detached) loss.
 
     All members run forward first, then each steps: DML peers see each other's
     predictions on the same batch (Zhang et al.'s simultaneous variant). Members are
@@ -140,11 +150,14 @@ def step_members(members, images: Tensor, labels: Tensor, teacher_logits: Tensor
                                 [v for k, v in peers.items() if k != member.config.name] if member.loss_fn.uses_dml else [])
             loss = member.loss_fn(inputs)
         else:  # a bare LOSSES function (benchmarks build members this way)
-            loss = member.loss_fn(logits, labels, teacher_logits, temperature=temperature, alpha=alpha)
+            loss = member.loss_fn(logits, labels, teacher_logits, temperature=member.config.kd.temperature, alpha=member.config.kd.alpha)
         member.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if isinstance(member.loss_fn, Objective) and len(member.loss_fn.adapters):
             _average_gradients(member.loss_fn)
         member.optimizer.step()
+        member.scheduler.step()
+        if max_norm is not None:
+            apply_max_norm(member.plain_model, max_norm)
         losses[member.config.name] = loss.detach()
     return losses

@@ -62,7 +62,9 @@ def feature_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence
     model.eval()  # no BatchNorm statistics are updated by the probe
     try:
         with tap_features(model, names, where=where) as features:
-            model(torch.zeros(1, *input_shape))
+            # On the model's own device: a CUDA teacher probed with CPU zeros would fail.
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
     return {name: tuple(value.shape[1:]) for name, value in features.items()}

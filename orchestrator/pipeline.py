@@ -23,6 +23,8 @@ from orchestrator.memory import peak_rss_mb
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
 from orchestrator.born_again import later_generations
+from orchestrator.kd_settings import is_auto
+from orchestrator.scoring import class_errors, correct_bias, pair_with_twin
 from orchestrator.online import check_feature_layers
 from orchestrator.term_config import describe_loss, uses_kd_section
 from orchestrator.soft_targets import decode_logits
@@ -43,11 +45,23 @@ class Prepared:
 
     cfg: JobConfig
     data: DatasetArrays
-    train_ids: np.ndarray
+    train_ids: np.ndarray  # the teachers' training rows
     val_ids: np.ndarray
     given_teachers: list[dict | None]  # state dicts from checkpoint / MLflow model, else None
     tracking_uri: str
     experiment_id: str
+    student_train_ids: np.ndarray | None = None  # the students' transfer set: train_ids less transfer.exclude_classes
+
+    def __post_init__(self) -> None:
+        if self.student_train_ids is None:
+            self.student_train_ids = self.train_ids
+
+
+def transfer_ids(train_ids: np.ndarray, labels: np.ndarray, exclude_classes: list[int]) -> np.ndarray:
+    """The rows students learn from: `train_ids` without the examples of `exclude_classes`."""
+    if not exclude_classes:
+        return train_ids
+    return train_ids[~np.isin(labels[train_ids], exclude_classes)]
 
 
 def _load_given_teacher(cfg: JobConfig, index: int, data: DatasetArrays, uri: str) -> dict | None:
@@ -84,9 +98,17 @@ def prepare(cfg: JobConfig) -> Prepared:
         raise ConfigError(f"tracking.tracking_uri: {tracking.redact(problem)}") from None  # no password in the terminal
     given = [g if g is not None else _load_given_teacher(cfg, i, data, uri) for i, g in enumerate(given)]
     train_ids, val_ids = split_train_val(len(data.train.labels), cfg.dataset.val_fraction, cfg.seed)
-    if len(val_ids) == 0:
-        raise ConfigError("dataset.val_fraction: the validation split is empty; per-epoch metrics need one")
-    return Prepared(cfg, data, train_ids, val_ids, given, uri, experiment_id)
+    if len(val_ids) == 0 and cfg.sweep is not None:
+        raise ConfigError("dataset.val_fraction: the validation split is empty; a sweep compares its trials on it")
+    if len(val_ids) == 0 and cfg.transfer.bias_correction:
+        raise ConfigError("dataset.val_fraction: the validation split is empty; transfer.bias_correction chooses its shift on it")
+    bad = [c for c in cfg.transfer.exclude_classes if c >= data.num_classes]
+    if bad:
+        raise ConfigError(f"transfer.exclude_classes: class {bad[0]} does not exist (dataset {data.name!r} has {data.num_classes})")
+    students_ids = transfer_ids(train_ids, data.train.labels, cfg.transfer.exclude_classes)
+    if len(students_ids) == 0:
+        raise ConfigError("transfer.exclude_classes: nothing is left for the students to learn from")
+    return Prepared(cfg, data, train_ids, val_ids, given, uri, experiment_id, students_ids)
 
 
 def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
@@ -142,7 +164,7 @@ def _row(role: str, name: str, metrics: dict, model: torch.nn.Module, wall_s: fl
 
 
 def teacher_test_logits(prep: Prepared, soft: SoftTargets) -> torch.Tensor:
-    test_rows = {name: torch.from_numpy(np.ascontiguousarray(values[soft.n_train :])) for name, values in soft.columns.items()}
+    test_rows = {name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in soft.test_columns.items()}
     return decode_logits(test_rows, num_classes=prep.data.num_classes)
 
 
@@ -186,7 +208,7 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
         "soft_target_run_id": soft.run_id,
         "dataset": data.name,
     }
-    members = student_members(cfg, {})
+    members = student_members(cfg, {}, data)
     rows = []
     with contextlib.ExitStack() as stack:
         run_ids = {
@@ -197,21 +219,52 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
         }
         for m in members:
             params = {**tracking.flatten(m.spec.model_dump(mode="json")), "loss": describe_loss(m.loss), **tracking.flatten(cfg.train.model_dump(mode="json"), "train.")}
+            params |= {f"views.{k}": v for k, v in cfg.views.model_dump(mode="json").items()}
             if uses_kd_section(m.loss):  # not for a term list whose terms carry their own temperature
-                params |= {"kd.temperature": cfg.kd.temperature} | ({"kd.alpha": cfg.kd.alpha} if isinstance(m.loss, str) else {})
+                auto = is_auto(cfg)
+                params |= {"kd.temperature": m.kd.temperature, "kd.temperature_auto": auto["temperature"]}
+                if isinstance(m.loss, str):
+                    params |= {"kd.alpha": m.kd.alpha, "kd.alpha_auto": auto["alpha"]}
             tracking.log_params(uri, run_ids[m.name], params)
-        result = student_stage(cfg, data, prep.train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
+        result = student_stage(cfg, data, prep.student_train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
         result = later_generations(prep, result, track, run_ids)  # born-again students: generations 2..k
-        labels = torch.from_numpy(data.test.labels)
-        for m in result.members:
-            model = build_model(m.spec, data.input_shape, data.num_classes)
-            model.load_state_dict(result.state_dicts[m.name])
-            metrics = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels, teacher_test)
-            tracking.log_metrics(uri, run_ids[m.name], {f"test_{k}": v for k, v in metrics.items()} | {"wall_s": result.wall_s})
-            if cfg.tracking.log_models:
-                example = np.zeros((1, *data.input_shape), dtype=np.float32)
-                tracking.log_torch_model(uri, run_ids[m.name], model, name="model", input_example=example)
-            rows.append(_row(m.role, m.name, metrics, model, result.wall_s, run_ids[m.name]))
+        rows = score_students(prep, result, teacher_test, run_ids)
+    return rows
+
+
+def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: dict[str, str]) -> list[dict]:
+    """Test metrics of every student and twin, logged with the model; then each student paired with its twin."""
+    cfg, data, uri = prep.cfg, prep.data, prep.tracking_uri
+    labels = torch.from_numpy(data.test.labels)
+    excluded = cfg.transfer.exclude_classes
+    rows, correct, errors = [], {}, {}
+    for m in result.members:
+        model = build_model(m.spec, data.input_shape, data.num_classes)
+        model.load_state_dict(result.state_dicts[m.name])
+        logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+        extra = {}
+        if excluded:
+            extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
+        if excluded and cfg.transfer.bias_correction and m.role == "student":
+            before = classification_metrics(logits, labels, teacher_test)
+            extra = {"bias_shift": correct_bias(model, data.train.images[prep.val_ids], data.train.labels[prep.val_ids], excluded, mean=data.mean, std=data.std),
+                     "errors_before_bias_correction": before["errors"], "excluded_class_errors_before_bias_correction": extra["excluded_class_errors"]}
+            logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+            extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
+        metrics = classification_metrics(logits, labels, teacher_test)
+        correct[m.name], errors[m.name] = (logits.argmax(1) == labels).numpy(), metrics["errors"]
+        tracking.log_metrics(uri, run_ids[m.name], {f"test_{k}": v for k, v in metrics.items()} | {"wall_s": result.wall_s} | extra)
+        if cfg.tracking.log_models:
+            example = np.zeros((1, *data.input_shape), dtype=np.float32)
+            tracking.log_torch_model(uri, run_ids[m.name], model, name="model", input_example=example)
+        row = _row(m.role, m.name, metrics, model, result.wall_s, run_ids[m.name]) | extra
+        if m.role == "student" and uses_kd_section(m.loss):
+            row |= {"temperature": m.kd.temperature, "alpha": m.kd.alpha if isinstance(m.loss, str) else None}
+        rows.append(row)
+    rows = [pair_with_twin(row, correct, errors) for row in rows]
+    for row in rows:
+        if "errors_saved" in row:
+            tracking.log_metrics(uri, row["mlflow_run_id"], {"errors_saved_vs_twin": row["errors_saved"], "mcnemar_p": row["mcnemar_p"]})
     return rows
 
 

@@ -7,25 +7,45 @@ from collections.abc import Mapping, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.scoring import SIGNIFICANT, verdicts
 from orchestrator.tracking import ui_command
 
 
 def summary_table(rows: Sequence[Mapping]) -> Table:
     table = Table(title="kd-orchestrator results (test set)")
-    for header in ("role", "name", "test acc", "test errors", "params", "size MB", "agreement", "wall s"):
+    for header in ("role", "name", "test acc", "test errors", "vs twin", "T / alpha", "params", "size MB", "agreement", "wall s"):
         table.add_column(header, justify="left" if header in ("role", "name") else "right")
     for row in rows:
         table.add_row(
-            row["role"], row["name"], f"{row['test_accuracy']:.4f}", str(row["test_errors"]), f"{row['params']:,}",
-            f"{row['size_mb']:.3f}", f"{row['agreement']:.4f}", f"{row['wall_s']:.1f}",
+            row["role"], row["name"], f"{row['test_accuracy']:.4f}", str(row["test_errors"]), vs_twin(row), kd_label(row),
+            f"{row['params']:,}", f"{row['size_mb']:.3f}", f"{row['agreement']:.4f}", f"{row['wall_s']:.1f}",
         )
     return table
+
+
+def vs_twin(row: Mapping) -> str:
+    """Errors distillation saved against the label-only twin (negative: cost), with the McNemar p-value."""
+    if "errors_saved" not in row:
+        return ""
+    mark = "*" if row["mcnemar_p"] < SIGNIFICANT else ""
+    return f"{row['errors_saved']:+d} (p={row['mcnemar_p']:.2g}){mark}"
+
+
+def kd_label(row: Mapping) -> str:
+    if row.get("temperature") is None:
+        return ""
+    return f"{row['temperature']:g} / {row['alpha']:g}" if row.get("alpha") is not None else f"{row['temperature']:g} / -"
 
 
 def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], soft, tracking_uri: str) -> None:
     # Piped output would otherwise be cut to 80 columns and the names truncated.
     console = Console(width=None if Console().is_terminal else 120)
     console.print(summary_table(rows))
+    if any("errors_saved" in row for row in rows):
+        console.print("vs twin: test errors saved against the same student trained on labels alone, same views and batches "
+                      f"(exact McNemar p; * p < {SIGNIFICANT})")
+    for line in verdicts(rows):
+        console.print(line, style="bold yellow", soft_wrap=True)
     walls = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in stage_walls.items())
     console.print(f"stage wall time: {walls} (students share one Ray Train run)")
     source = "cache hit" if soft.cache_hit else "generated"

@@ -7,7 +7,7 @@ order inside one MLflow parent run. Ray APIs are used directly here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,18 +18,22 @@ import torch
 
 from orchestrator import tracking
 from orchestrator.cluster import teacher_gpus
-from orchestrator.config import JobConfig, TeacherConfig, spec_of
+from orchestrator.config import JobConfig, StudentConfig, TeacherConfig, spec_of
 from orchestrator.compress import prune_model, sparsity
 from orchestrator.data import DatasetArrays, Split, to_ray_dataset
 from orchestrator.evaluate import classification_metrics, predict_logits
-from orchestrator.models import build_model, load_weights, state_dict_fingerprint
+from orchestrator.kd_settings import student_kd
+from orchestrator.models import build_model, count_params, load_weights, state_dict_fingerprint
 from orchestrator.soft_targets import build_lock, column_to_numpy, fingerprint, load_table, logit_columns, read_cache, write_cache
 from orchestrator.teachers import TeacherPredictor, attach_soft_targets, forward_row_counter
 from orchestrator.train_loop import LoopConfig, MemberConfig
 from orchestrator.trainer import fit_and_load
+from orchestrator.views import ViewPolicy
 from orchestrator.weights_cache import load_cached_weights, save_cached_weights, weights_file
 
-SOFT_TARGET_FORMAT = 1  # bump when the cached columns change meaning
+# Bump when the cached columns change meaning. 2: one row per (id, view) with columns id, view and the
+# encoded logits (views.py); split and label are no longer stored (the manifest's n_train gives the split).
+SOFT_TARGET_FORMAT = 2
 
 
 @dataclass
@@ -52,13 +56,18 @@ class TeacherWeights:
 @dataclass
 class SoftTargets:
     fingerprint: str
-    columns: dict[str, np.ndarray]  # encoded logit columns, row i = global id i (train ids, then test ids)
+    train_columns: dict[str, np.ndarray]  # encoded logit columns (n_train, V, ...): row i = train id i, one entry per view
+    test_columns: dict[str, np.ndarray]  # (n_test, ...): view 0 (the untouched image) of test row i
     n_train: int
     cache_hit: bool
     forward_rows: int
     wall_s: float
     path: str
     run_id: str
+
+    @property
+    def views(self) -> int:
+        return next(iter(self.train_columns.values())).shape[1]
 
 
 @dataclass
@@ -69,19 +78,29 @@ class StudentsResult:
     run_ids: dict[str, str] = field(default_factory=dict)
 
 
+def teacher_seed(cfg: JobConfig, teacher: TeacherConfig) -> int:
+    return cfg.seed if teacher.seed is None else teacher.seed
+
+
 def teacher_training_key(cfg: JobConfig, teacher: TeacherConfig, data: DatasetArrays) -> str:
-    spec = teacher.model_dump(exclude={"name", "weight", "checkpoint", "mlflow_model", "prune_amount", "prune_structured"})
-    return fingerprint({"teacher": spec, "dataset": data.fingerprint("train"), "val_fraction": cfg.dataset.val_fraction, "seed": cfg.seed})
+    spec = teacher.model_dump(exclude={"name", "weight", "checkpoint", "mlflow_model", "prune_amount", "prune_structured", "seed"})
+    return fingerprint({
+        "teacher": spec, "dataset": data.fingerprint("train"), "val_fraction": cfg.dataset.val_fraction, "seed": teacher_seed(cfg, teacher),
+        # The inputs the teacher was trained on: normalisation and the padding of its shifted views.
+        "transform": {"mean": list(data.mean), "std": list(data.std), "fill": data.fill},
+    })
 
 
 def materialized_images(split: Split, ids: np.ndarray) -> ray.data.Dataset:
     return to_ray_dataset(split, ids).materialize()
 
 
-def loop_config(cfg: JobConfig, data: DatasetArrays, track: TrackingContext, *, stage: str, members, optim, encoding) -> LoopConfig:
+def loop_config(cfg: JobConfig, data: DatasetArrays, track: TrackingContext, *, stage: str, members, optim, encoding,
+                seed: int | None = None, train_rows: int, views: ViewPolicy | None = None) -> LoopConfig:
     return LoopConfig(
-        stage=stage, members=members, optim=optim, kd=cfg.kd, input_shape=data.input_shape, num_classes=data.num_classes,
-        mean=data.mean, std=data.std, encoding=encoding, seed=cfg.seed, tracking_uri=track.uri,
+        stage=stage, members=members, optim=optim, input_shape=data.input_shape, num_classes=data.num_classes,
+        mean=data.mean, std=data.std, fill=data.fill, encoding=encoding, seed=cfg.seed if seed is None else seed, tracking_uri=track.uri,
+        train_rows=train_rows, views=asdict(views or ViewPolicy(fill=data.fill)),
     )
 
 
@@ -89,8 +108,11 @@ def train_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, va
     teacher = cfg.teachers[index]
     train_cfg = cfg.train.model_copy(update=teacher.train.model_dump())
     members = [MemberConfig(name=teacher.name, role="teacher", spec=spec_of(teacher), loss="ce", run_id=run_id)]
-    loop = loop_config(cfg, data, track, stage="teacher", members=members, optim=train_cfg, encoding=None)
-    datasets = {"train": materialized_images(data.train, train_ids), "val": materialized_images(data.train, val_ids)}
+    loop = loop_config(cfg, data, track, stage="teacher", members=members, optim=train_cfg, encoding=None,
+                       seed=teacher_seed(cfg, teacher), train_rows=len(train_ids)).model_copy(update={"has_val": len(val_ids) > 0})
+    datasets = {"train": materialized_images(data.train, train_ids)}
+    if len(val_ids):
+        datasets["val"] = materialized_images(data.train, val_ids)
     state_dicts, _ = fit_and_load(loop, datasets, run_name=f"{cfg.name}-teacher-{teacher.name}-{run_id[:8]}")
     return state_dicts[teacher.name], "trained"
 
@@ -155,10 +177,23 @@ def soft_target_key(cfg: JobConfig, teachers: list[TeacherWeights], data: Datase
         "dataset": [data.name, data.fingerprint("train"), data.fingerprint("test")],
         "splits": ["train", "test"],
         "transform": {"mean": list(data.mean), "std": list(data.std)},
+        "views": soft_target_views(cfg, data).fingerprint_parts(),
         "encoding": st.encoding,
         "top_k": st.top_k if st.encoding == "topk" else None,
         "ensemble": st.ensemble if len(teachers) > 1 else None,
     })
+
+
+def view_policy(cfg: JobConfig, data: DatasetArrays) -> ViewPolicy:
+    """The views students draw from (config `views`, padding resolved against the data)."""
+    v = cfg.views
+    return ViewPolicy(max_shift=v.max_shift, flip=v.flip, num_views=v.num_views, seed=v.seed, fill=data.fill if v.fill == "auto" else v.fill)
+
+
+def soft_target_views(cfg: JobConfig, data: DatasetArrays) -> ViewPolicy:
+    """The views the cache holds: every student view in cached mode; in online mode the teacher runs on the
+    student's view itself, and the cache only serves validation and test metrics, on the untouched image."""
+    return view_policy(cfg, data) if cfg.teacher_mode == "cached" else ViewPolicy(fill=data.fill)
 
 
 def _all_images(data: DatasetArrays) -> Split:
@@ -169,6 +204,7 @@ def _all_images(data: DatasetArrays) -> Split:
 def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> ray.data.Dataset:
     st = cfg.soft_targets
     gpus = teacher_gpus(st.num_gpus_per_actor)  # GPUs when the cluster has them, else the CPU
+    views = soft_target_views(cfg, data)
     predictor_kwargs: dict[str, Any] = {
         "teachers": [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "state_dict": t.state_dict, "weight": t.config.weight} for t in teachers],
         "input_shape": data.input_shape,
@@ -181,12 +217,15 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
         "ensemble": st.ensemble,
         "threads": max(1, int(st.num_cpus_per_actor)),
         "use_gpu": gpus > 0,
+        "views": asdict(views),
+        "forward_batch": st.batch_size,
     }
     return to_ray_dataset(_all_images(data)).map_batches(
         TeacherPredictor,
         fn_constructor_kwargs=predictor_kwargs,
         compute=ray.data.ActorPoolStrategy(size=st.num_actors),
-        batch_size=st.batch_size,
+        # A train row becomes one output row per view: keep output batches near batch_size rows.
+        batch_size=max(1, st.batch_size // views.count),
         batch_format="numpy",
         zero_copy_batch=True,
         num_cpus=st.num_cpus_per_actor,
@@ -194,19 +233,30 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
     )
 
 
-def _columns_by_id(table: pa.Table, columns: list[str]) -> dict[str, np.ndarray]:
-    table = table.sort_by("id")
-    ids = column_to_numpy(table, "id")
-    if not np.array_equal(ids, np.arange(len(ids))):
-        raise RuntimeError("soft targets do not cover every example exactly once")
-    return {name: column_to_numpy(table, name) for name in columns}
+def columns_by_id_and_view(table: pa.Table, columns: list[str], *, n_train: int, n_test: int, views: int) -> tuple[dict, dict]:
+    """Cache rows -> ({name: (n_train, V, ...)}, {name: (n_test, ...)}), checking that every (id, view) is there once."""
+    table = table.sort_by([("id", "ascending"), ("view", "ascending")])
+    ids, view = column_to_numpy(table, "id"), column_to_numpy(table, "view")
+    want_ids = np.concatenate([np.repeat(np.arange(n_train), views), np.arange(n_train, n_train + n_test)])
+    want_views = np.concatenate([np.tile(np.arange(views), n_train), np.zeros(n_test, dtype=np.int64)])
+    if not (np.array_equal(ids, want_ids) and np.array_equal(view, want_views)):
+        raise RuntimeError(f"soft targets do not cover every (example, view) exactly once ({n_train} x {views} train, {n_test} test)")
+    split = n_train * views
+    train, test = {}, {}
+    for name in columns:
+        values = column_to_numpy(table, name)
+        train[name] = values[:split].reshape(n_train, views, *values.shape[1:])
+        test[name] = values[split:]
+    return train, test
 
 
 def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays, track: TrackingContext) -> SoftTargets:
     st = cfg.soft_targets
     started = time.perf_counter()
     key = soft_target_key(cfg, teachers, data)
-    columns = ["id", "split", "label", *logit_columns(st.encoding)]
+    columns = ["id", "view", *logit_columns(st.encoding)]
+    views = soft_target_views(cfg, data)
+    shape = {"n_train": len(data.train.labels), "n_test": len(data.test.labels), "views": views.count}
     counter = forward_row_counter()
     rows_before = ray.get(counter.total.remote())
     with tracking.run_scope(track.uri, track.experiment_id, "soft-targets", parent_id=track.parent_id, tags={"role": "soft_targets"}) as run_id:
@@ -216,31 +266,40 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
             entry = read_cache(st.cache_dir, key)
             cache_hit = entry is not None
             if cache_hit:
-                by_id = _columns_by_id(load_table(entry, columns), logit_columns(st.encoding))
+                by_id = columns_by_id_and_view(load_table(entry, columns), logit_columns(st.encoding), **shape)
             else:
                 generated = generate_soft_targets(cfg, teachers, data).materialize()
                 # cache_dir as configured: a URI must reach write_cache whole (it resolves paths itself).
-                entry = write_cache(generated, st.cache_dir, key, columns=columns, extra_manifest={"dataset": data.name, "n_train": len(data.train.labels)})
+                entry = write_cache(generated, st.cache_dir, key, columns=columns,
+                                    extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
                 # Training gets the logits from the object store, not from the parquet just written.
                 table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
-                by_id = _columns_by_id(table, logit_columns(st.encoding))
+                by_id = columns_by_id_and_view(table, logit_columns(st.encoding), **shape)
         forward_rows = ray.get(counter.total.remote()) - rows_before
         wall = time.perf_counter() - started
-        rows = len(next(iter(by_id.values())))
+        rows = shape["n_train"] * shape["views"] + shape["n_test"]
         tracking.set_tags(track.uri, run_id, {
             "soft_target_fingerprint": key, "cache_hit": cache_hit, "cache_path": str(entry.path),
-            "teacher_run_ids": ",".join(t.run_id for t in teachers), "dataset": data.name,
+            "teacher_run_ids": ",".join(t.run_id for t in teachers), "dataset": data.name, "views": views.count,
         })
         tracking.log_metrics(track.uri, run_id, {
             "rows": rows, "teacher_forward_rows": forward_rows, "wall_s": wall, "rows_per_s": rows / wall, "cache_lock_wait_s": lock_wait_s,
         })
-    return SoftTargets(key, by_id, len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id)
+    return SoftTargets(key, by_id[0], by_id[1], len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id)
 
 
-def student_members(cfg: JobConfig, run_ids: dict[str, str]) -> list[MemberConfig]:
+def student_member(cfg: JobConfig, student: StudentConfig, data: DatasetArrays, *, run_id: str | None = None, name: str | None = None) -> MemberConfig:
+    """A student as a training member, with its own T and alpha (kd_settings.student_kd)."""
+    params = count_params(build_model(student, data.input_shape, data.num_classes))
+    return MemberConfig(name=name or student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=run_id,
+                        kd=student_kd(cfg, student, params))
+
+
+def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays) -> list[MemberConfig]:
+    """Every student, each followed by its label-only twin (the baseline) when `baseline` is on."""
     members = []
     for student in cfg.students:
-        members.append(MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=run_ids.get(student.name)))
+        members.append(student_member(cfg, student, data, run_id=run_ids.get(student.name)))
         if cfg.baseline:
             name = f"{student.name}-baseline"
             members.append(MemberConfig(name=name, role="baseline", spec=spec_of(student), loss="ce", run_id=run_ids.get(name)))
@@ -249,8 +308,7 @@ def student_members(cfg: JobConfig, run_ids: dict[str, str]) -> list[MemberConfi
 
 def with_soft_targets(split: Split, ids: np.ndarray, soft: SoftTargets) -> ray.data.Dataset:
     """Train-split images joined with their teacher logits by id (ids index the train split directly)."""
-    train_rows = {name: values[: soft.n_train] for name, values in soft.columns.items()}
-    return to_ray_dataset(split, ids).map_batches(attach_soft_targets, fn_kwargs={"columns": train_rows}, batch_format="numpy").materialize()
+    return to_ray_dataset(split, ids).map_batches(attach_soft_targets, fn_kwargs={"columns": soft.train_columns}, batch_format="numpy").materialize()
 
 
 def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext,
@@ -260,7 +318,8 @@ def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, sof
     With `teacher_mode: online` the `teachers` also run inside the workers on every batch
     (feature terms, jittered inputs); `soft` still gives the validation metrics.
     """
-    loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding)
+    loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding,
+                       train_rows=len(train_ids), views=view_policy(cfg, data)).model_copy(update={"has_val": len(val_ids) > 0})
     objects = None
     if cfg.teacher_mode == "online":
         if not teachers:
@@ -268,14 +327,16 @@ def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, sof
         online = [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "weight": t.config.weight} for t in teachers]
         loop = loop.model_copy(update={"teacher_mode": "online", "online_teachers": online, "ensemble": cfg.soft_targets.ensemble})
         objects = {"teacher_states": ray.put([t.state_dict for t in teachers])}  # weights through the object store, once
-    datasets = {"train": with_soft_targets(data.train, train_ids, soft), "val": with_soft_targets(data.train, val_ids, soft)}
+    datasets = {"train": with_soft_targets(data.train, train_ids, soft)}
+    if len(val_ids):
+        datasets["val"] = with_soft_targets(data.train, val_ids, soft)
     return fit_and_load(loop, datasets, run_name=run_name, callbacks=callbacks, objects=objects)
 
 
 def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext, run_ids: dict[str, str],
                   teachers: list[TeacherWeights] | None = None) -> StudentsResult:
     started = time.perf_counter()
-    members = student_members(cfg, run_ids)
+    members = student_members(cfg, run_ids, data)
     state_dicts, _ = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}",
                                      teachers=teachers)
     return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)

@@ -10,6 +10,7 @@ itself, once its test metrics and MLflow runs are written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator import tracking
 from orchestrator.chains import assistant_as_teacher, chain_label, plan_chain, stage_key, stage_registry
 from orchestrator.cluster import check_cluster
-from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of
+from orchestrator.config import ConfigError, JobConfig, SearchDim, StudentConfig, spec_of
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
@@ -38,6 +39,7 @@ from orchestrator.stages import (
     distill_members,
     resolve_teacher,
     soft_target_stage,
+    student_member,
 )
 from orchestrator.teachers import teacher_forward_rows
 from orchestrator.train_loop import MemberConfig
@@ -67,6 +69,8 @@ def search_space(cfg: JobConfig) -> dict[str, Any]:
             indices = list(range(len(dim.values())))
             dim = SearchDim(grid=indices) if dim.grid is not None else SearchDim(choice=indices)
         space[name] = _dimension(dim)
+    if cfg.sweep.seeds > 1:  # every sampled point again under each seed (students' init, order, views)
+        space["seed"] = tune.grid_search([cfg.seed + i for i in range(cfg.sweep.seeds)])
     return space
 
 
@@ -87,7 +91,11 @@ def trial_config(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
     student = next((s for s in cfg.students if s.name == params.get("student")), cfg.students[0])
     kd = cfg.kd.model_copy(update={k: float(params[k]) for k in ("temperature", "alpha") if k in params})
     train = cfg.train.model_copy(update={"lr": float(params["lr"])} if "lr" in params else {})
-    return JobConfig.model_validate({**cfg.model_dump(), "kd": kd.model_dump(), "train": train.model_dump(), "students": [student.model_dump()], "baseline": False})
+    seed = int(params.get("seed", cfg.seed))
+    # The teachers keep the job's seed, so every seed of a point learns from the same cached teacher.
+    teachers = [t.model_copy(update={"seed": cfg.seed if t.seed is None else t.seed}).model_dump() for t in cfg.teachers]
+    return JobConfig.model_validate({**cfg.model_dump(), "seed": seed, "teachers": teachers, "kd": kd.model_dump(), "train": train.model_dump(),
+                                     "students": [student.model_dump()], "baseline": False})
 
 
 @dataclass
@@ -122,8 +130,9 @@ def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets
                 break
             ray.get(registry.wait.remote(key))  # another trial is training it: wait, then reuse
         try:
-            member = MemberConfig(name=stage.name, role="assistant", spec=stage.spec, loss="kd", run_id=run_id)
-            states, _ = distill_members(cfg, prep.data, prep.train_ids, prep.val_ids, parent_soft, track, [member], run_name=f"{cfg.name}-{key[:12]}")
+            as_student = StudentConfig.model_validate({**stage.spec.model_dump(), "name": stage.name, "loss": "kd"})
+            member = student_member(cfg, as_student, prep.data, run_id=run_id).model_copy(update={"role": "assistant"})
+            states, _ = distill_members(cfg, prep.data, prep.student_train_ids, prep.val_ids, parent_soft, track, [member], run_name=f"{cfg.name}-{key[:12]}")
             state_dict = states[stage.name]
             weights = TeacherWeights(assistant_as_teacher(stage), state_dict, state_dict_fingerprint(state_dict), "trained", run_id, time.perf_counter() - started)
             # Soft targets before publishing: a waiting trial then finds them cached, not re-run.
@@ -170,7 +179,9 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     label = chain_label(chain)
     with tracking.run_scope(uri, experiment_id, f"trial:{trial_id}", parent_id=ctx.sweep_run_id,
                             tags={"role": "trial", "trial_id": trial_id, "chain": label, "student": student.name}) as trial_run:
-        tracking.log_params(uri, trial_run, {**{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
+        resolved = student_member(cfg, student, ctx.prep.data).kd  # sampled values, else the job's, else auto_kd's
+        tracking.log_params(uri, trial_run, {"temperature": resolved.temperature, "alpha": resolved.alpha,
+                                             **{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
         track = TrackingContext(uri, experiment_id, trial_run)
         soft, lineage = ctx.soft, [t.run_id for t in ctx.teachers]
         for stage in plan_chain(chain, student.name, spec_of(student))[:-1]:
@@ -178,8 +189,8 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             lineage.append(weights.run_id)
         with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
                                 tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
-            member = MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=stage_run)
-            states, last_epoch = distill_members(cfg, ctx.prep.data, ctx.prep.train_ids, ctx.prep.val_ids, soft, track, [member],
+            member = student_member(cfg, student, ctx.prep.data, run_id=stage_run)
+            states, last_epoch = distill_members(cfg, ctx.prep.data, ctx.prep.student_train_ids, ctx.prep.val_ids, soft, track, [member],
                                                  run_name=f"{base.name}-trial-{trial_id}", callbacks=[ReportAllButLastEpoch(cfg.train.epochs)],
                                                  teachers=ctx.teachers)  # run in the workers only with teacher_mode online
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
@@ -216,7 +227,10 @@ def _test_metrics(ctx: SweepContext, model: torch.nn.Module) -> dict[str, float]
 def _scheduler(cfg: JobConfig):
     if cfg.sweep.scheduler == "fifo":
         return None
-    return tune.schedulers.ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(cfg.sweep.grace_period, cfg.train.epochs), time_attr="training_iteration")
+    # KD trials (high T above all) learn slowly at first and overtake later: a grace period shorter than
+    # half the epochs lets ASHA stop exactly the trials that would have won.
+    grace = cfg.sweep.grace_period if cfg.sweep.grace_period is not None else math.ceil(cfg.train.epochs / 2)
+    return tune.schedulers.ASHAScheduler(max_t=cfg.train.epochs, grace_period=min(grace, cfg.train.epochs), time_attr="training_iteration")
 
 
 def _search_alg(cfg: JobConfig):

@@ -31,8 +31,8 @@ def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
             "trial_id": trial_id,
             "chain": params.get("chain", "direct"),
             "student": params.get("student"),
-            "temperature": float(params.get("temperature", cfg.kd.temperature)),
-            "alpha": float(params.get("alpha", cfg.kd.alpha)),
+            "temperature": float(params.get("temperature", "nan")),  # every trial logs its resolved T and alpha
+            "alpha": float(params.get("alpha", "nan")),
             "lr": float(params.get("lr", cfg.train.lr)),
             "epochs_run": int(result.metrics.get("training_iteration", 0)),
             metric: result.metrics.get(metric),

@@ -14,6 +14,7 @@ from orchestrator.config import ModelSpec
 from orchestrator.data import normalize_images
 from orchestrator.models import build_model, load_weights
 from orchestrator.soft_targets import encode_logits
+from orchestrator.views import ViewPolicy, views_of
 
 COUNTER_NAME = "kd-teacher-forward-rows"
 COUNTER_NAMESPACE = "kd-orchestrator"
@@ -59,11 +60,14 @@ def teacher_forward_rows() -> int:
 
 
 class TeacherPredictor:
-    """Callable class for `Dataset.map_batches` on an actor pool: images -> encoded teacher logits.
+    """Callable class for `Dataset.map_batches` on an actor pool: images -> encoded teacher logits per view.
 
     Each actor builds its teachers once (weights come in the constructor kwargs, so
     nothing is read from a path the worker may not see) and then streams batches.
-    Output columns: id, split (0 train, 1 test), label and the encoded logit columns.
+    A training row (id < n_train) becomes `views["count"]` output rows, one per view
+    (views.py), a test row one (view 0, the untouched image): output columns id, view
+    and the encoded logit columns. Views are cut on the actor, so each image crosses
+    the object store once, not once per view.
     """
 
     def __init__(
@@ -80,6 +84,8 @@ class TeacherPredictor:
         ensemble: str,
         threads: int,
         use_gpu: bool,
+        views: Mapping[str, Any] | None = None,
+        forward_batch: int = 4096,
     ) -> None:
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -92,27 +98,42 @@ class TeacherPredictor:
         self.mean, self.std = tuple(mean), tuple(std)
         self.n_train = n_train
         self.encoding, self.top_k, self.ensemble = encoding, top_k, ensemble
+        self.policy = ViewPolicy(**(views or {}))
+        self.forward_batch = max(1, forward_batch)
         self.counter = forward_row_counter()
 
+    def _expand(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row of the input batch, id, view) of every output row: all views of train rows, view 0 of test rows."""
+        per_row = np.where(ids < self.n_train, self.policy.count, 1)
+        rows = np.repeat(np.arange(len(ids)), per_row)
+        starts = np.cumsum(per_row) - per_row
+        views = np.arange(len(rows)) - np.repeat(starts, per_row)
+        return rows, ids[rows], views.astype(np.int64)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = normalize_images(torch.from_numpy(np.ascontiguousarray(batch["image"])), self.mean, self.std).to(self.device)
-        with torch.inference_mode():
-            outputs = [model(images) for model in self.models]
-        logits = outputs[0] if len(outputs) == 1 else ensemble_logits(outputs, self.weights, rule=self.ensemble)
-        self.counter.add.remote(len(batch["id"]))
         ids = batch["id"].astype(np.int64)
-        return {
-            "id": ids,
-            "split": (ids >= self.n_train).astype(np.uint8),
-            "label": batch["label"].astype(np.int64),
-            **encode_logits(logits.float().cpu().numpy(), encoding=self.encoding, top_k=self.top_k),
-        }
+        rows, out_ids, views = self._expand(ids)
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), self.forward_batch):
+                part = slice(start, start + self.forward_batch)
+                uint8 = views_of(images[torch.from_numpy(rows[part])].to(self.device), torch.from_numpy(out_ids[part]).to(self.device),
+                                 torch.from_numpy(views[part]).to(self.device), self.policy)
+                x = normalize_images(uint8, self.mean, self.std)
+                outputs = [model(x) for model in self.models]
+                logits = outputs[0] if len(outputs) == 1 else ensemble_logits(outputs, self.weights, rule=self.ensemble)
+                chunks.append(logits.float().cpu())
+        self.counter.add.remote(len(rows))
+        logits = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+        return {"id": out_ids, "view": views.astype(np.int16), **encode_logits(logits, encoding=self.encoding, top_k=self.top_k)}
 
 
 def attach_soft_targets(batch: dict[str, np.ndarray], *, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """map_batches function: add the encoded teacher logits of each row, looked up by its id.
+    """map_batches function: add the encoded teacher logits of every view of each row, looked up by its id.
 
-    Ids are dense row indices, so the join is an array gather rather than a shuffle join.
+    `columns` hold (n_train, V, ...) arrays; ids are dense row indices, so the join is an array gather
+    rather than a shuffle join.
     """
     ids = batch["id"]
     return {**batch, **{name: values[ids] for name, values in columns.items()}}

@@ -127,8 +127,6 @@ def uses_dml(loss: str | list[LossTerm]) -> bool:
 
 def check_students(cfg: Any) -> None:
     """Whole-job checks of the loss terms (called from JobConfig validation); ValueError naming the field."""
-    from orchestrator.losses import NEEDS_TEACHER  # local: losses imports torch
-
     for i, student in enumerate(cfg.students):
         for j, term in enumerate(terms_of(student.loss)):
             where = f"students.{i}.loss.{j}"
@@ -152,12 +150,21 @@ def check_students(cfg: Any) -> None:
                 raise ValueError(f"students.{i}.loss: dml needs peers trained together; a sweep trial trains one student")
             if student.generations > 1:
                 raise ValueError(f"students.{i}.generations: born-again generations are not supported in sweeps yet")
-    if cfg.train.input_jitter and cfg.teacher_mode == "cached" and any(reads_cached_teacher(s.loss, NEEDS_TEACHER) for s in cfg.students):
-        # Cached soft targets were computed on the unshifted image; a shifted student input would no longer match them.
-        raise ValueError(
-            "train.input_jitter: random augmentation does not match cached soft targets; "
-            "use teacher_mode: online (the teacher sees the same shifted input) or jitter teachers only (teachers.N.train.input_jitter)"
-        )
+    for field in ("input_jitter", "flip"):
+        if getattr(cfg.train, field):
+            # Students augment through views, which the soft-target cache holds per view; a random shift
+            # of their own would no longer match the teacher's logits.
+            raise ValueError(f"train.{field}: students train on views; set views.max_shift (and views.flip) instead "
+                             f"(teachers keep teachers.N.train.{field})")
+    if not cfg.transfer.labels:
+        for i, student in enumerate(cfg.students):
+            names = [student.loss] if isinstance(student.loss, str) else [t.name for t in student.loss]
+            if reads := [n for n in names if n in LABEL_READERS]:
+                raise ValueError(f"students.{i}.loss: {reads[0]} reads labels, and transfer.labels is false (use kd, or terms without ce/dkd)")
+
+
+# Losses that read the labels (dkd: its target-class split needs the true class).
+LABEL_READERS = frozenset({"ce", "dkd", "dkd_ls"})
 
 
 def describe_loss(loss: str | list[LossTerm]) -> str:

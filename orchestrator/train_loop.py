@@ -7,6 +7,7 @@ models, so N students cost one data pass, not N.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -32,6 +33,7 @@ from orchestrator.objectives import build_objective, step_members
 from orchestrator.online import OnlineTeacher, layer_pairs
 from orchestrator.soft_targets import decode_logits, logit_columns
 from orchestrator.term_config import LossTerm
+from orchestrator.views import ViewPolicy, epoch_views, random_views, views_of
 
 STATE_FILE = "state.pt"
 # Key of the train_loop_config entry holding Ray object refs (online teachers' weights): popped
@@ -46,6 +48,7 @@ class MemberConfig(BaseModel):
     spec: ModelSpec
     loss: str | list[LossTerm]
     run_id: str | None = None
+    kd: KDConfig = KDConfig(temperature=1.0, alpha=0.0)  # this member's resolved T and alpha (kd_settings.py)
 
 
 class LoopConfig(BaseModel):
@@ -55,13 +58,16 @@ class LoopConfig(BaseModel):
     stage: str
     members: list[MemberConfig]
     optim: TrainConfig
-    kd: KDConfig
     input_shape: tuple[int, int, int]
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fill: int = 0  # background value: what shifted views are padded with
     encoding: str | None  # soft-target encoding; None when no teacher logits are present
     seed: int
+    train_rows: int  # rows of the whole train dataset (all workers): sizes the per-step LR schedule
+    has_val: bool = True  # False with dataset.val_fraction 0: no "val" dataset, no per-epoch validation
+    views: dict[str, Any] = {}  # the ViewPolicy students draw from (views.py); the cache holds the same views in cached mode
     tracking_uri: str | None = None
     # online: these teachers (name, spec, weight; weights via OBJECTS_KEY) run in the worker on every batch.
     teacher_mode: Literal["cached", "online"] = "cached"
@@ -85,29 +91,39 @@ class Member:
 
 def build_optimizer(params, optim: TrainConfig) -> torch.optim.Optimizer:
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0,
+                               weight_decay=optim.weight_decay)
     cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def build_scheduler(optimizer, optim: TrainConfig):
-    if optim.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=optim.epochs)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+ONECYCLE_WARMUP = 0.15  # fraction of all steps spent warming up
+ONECYCLE_START = 0.04  # the first step's lr, as a fraction of lr (OneCycleLR's div_factor 25)
 
 
-def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to `max_shift` pixels (Hinton et al.'s input jitter), zero padded."""
-    if max_shift <= 0:
-        return images
-    n, _, h, w = images.shape
-    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).float()
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = shifts[:, 0] * 2.0 / w
-    theta[:, 1, 2] = shifts[:, 1] * 2.0 / h
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid.to(images.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """The multiple of the base lr at optimizer step `step` of `total_steps` (clamped past the end, so a
+    shard with a batch more than planned cannot crash a run)."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "onecycle":
+        if progress < ONECYCLE_WARMUP:
+            return ONECYCLE_START + (1.0 - ONECYCLE_START) * progress / ONECYCLE_WARMUP
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - ONECYCLE_WARMUP) / (1.0 - ONECYCLE_WARMUP)))
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+
+def build_scheduler(optimizer, optim: TrainConfig, steps_per_epoch: int):
+    """A per-step schedule over the whole run (stepped after every optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, optim.lr_schedule, total_steps=optim.epochs * steps_per_epoch))
+
+
+def steps_per_epoch(train_rows: int, world_size: int, batch_size: int) -> int:
+    """Batches one worker draws per epoch: its share of the rows (Ray Train splits them equally), in batches."""
+    return max(1, math.ceil(math.ceil(train_rows / max(world_size, 1)) / batch_size))
 
 
 class ShardBatches:
@@ -128,7 +144,13 @@ class ShardBatches:
             for batch in self.shard.iter_torch_batches(batch_size=8192):
                 for key, value in batch.items():
                     parts.setdefault(key, []).append(value)
-            self.tensors = {key: torch.cat(values) for key, values in parts.items()}
+            tensors = {key: torch.cat(values) for key, values in parts.items()}
+            # Blocks reach a worker in whatever order Ray Data finishes them; sorting by id makes the
+            # epoch permutations below, and so the whole run, the same on every rerun.
+            if "id" in tensors and len(tensors["id"]):
+                order = torch.argsort(tensors["id"])
+                tensors = {key: value[order] for key, value in tensors.items()}
+            self.tensors = tensors
         return self.tensors
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -139,51 +161,70 @@ class ShardBatches:
             return
         tensors = self.collect()
         n = len(next(iter(tensors.values())))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)).to(next(iter(tensors.values())).device)
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             yield {key: value[index] for key, value in tensors.items()}
 
 
-def teacher_logits_of(batch: dict[str, torch.Tensor], loop: LoopConfig) -> torch.Tensor | None:
+def cached_teacher_logits(batch: dict[str, torch.Tensor], loop: LoopConfig, views: torch.Tensor | None) -> torch.Tensor | None:
+    """The cached teacher logits of each row's view (view 0 when `views` is None), decoded to float32 (B, K)."""
     if loop.encoding is None:
         return None
-    columns = {name: batch[name] for name in logit_columns(loop.encoding)}
+    columns = {}
+    for name in logit_columns(loop.encoding):
+        per_view = batch[name]  # (B, V, ...): every cached view of the row
+        index = torch.zeros(len(per_view), dtype=torch.int64, device=per_view.device) if views is None else views.to(per_view.device)
+        columns[name] = per_view[torch.arange(len(per_view), device=per_view.device), index]
     return decode_logits(columns, num_classes=loop.num_classes)
 
 
-def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, device, generator: torch.Generator,
+def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, epoch: int, device, generator: torch.Generator,
                     teacher_model: OnlineTeacher | None = None) -> dict[str, float]:
-    """One pass over `batches`, every member stepping on every batch. Returns mean train loss per member."""
+    """One pass over `batches`, every member stepping on every batch. Returns mean train loss per member.
+
+    Teachers in training see a fresh random view of every image (their own augmentation). Students and their
+    twins see view `epoch_views(seed, epoch, id)` of each example (views.py), with the cached teacher logits of
+    exactly that view, or the online teacher run on it. Views are cut from the uint8 images on `device`.
+    """
     for member in members:
         member.model.train()
-    totals = {m.config.name: torch.zeros((), dtype=torch.float64) for m in members}
+    policy = ViewPolicy(**loop.views) if loop.views else ViewPolicy(fill=loop.fill)
+    own_augmentation = ViewPolicy(max_shift=loop.optim.input_jitter, flip=loop.optim.flip, fill=loop.fill)
+    totals = {m.config.name: torch.zeros((), dtype=torch.float64, device=device) for m in members}
     rows = 0
     for batch in batches:
-        images = normalize_images(batch["image"], loop.mean, loop.std)
-        images = random_translate(images, loop.optim.input_jitter, generator).to(device)
-        labels = batch["label"].long().to(device)
-        teacher = teacher_logits_of(batch, loop)
-        teacher = teacher.to(device) if teacher is not None else None
-        # The online teacher (or None) sees the same, possibly jittered, images as the students.
-        losses = step_members(members, images, labels, teacher, teacher_model, temperature=loop.kd.temperature, alpha=loop.kd.alpha)
+        images = batch["image"].to(device)
+        labels = batch["label"].to(device).long()
+        teacher = None
+        if loop.encoding is None:  # a teacher training on labels
+            images = random_views(images, own_augmentation, generator)
+        else:
+            ids = batch["id"].to(device)
+            views = epoch_views(loop.seed, epoch, ids, policy.count)
+            images = views_of(images, ids, views, policy)
+            if loop.teacher_mode == "cached":
+                teacher = cached_teacher_logits(batch, loop, views).to(device)
+        x = normalize_images(images, loop.mean, loop.std)
+        # The online teacher (or None) sees the same view as the students.
+        losses = step_members(members, x, labels, teacher, teacher_model, max_norm=loop.optim.max_norm)
         for name, loss in losses.items():
-            totals[name] += loss.double().cpu() * len(labels)
+            totals[name] += loss.double() * len(labels)  # stays on the device: no host sync per step
         rows += len(labels)
-    for member in members:
-        member.scheduler.step()
     return {name: float(total) / max(rows, 1) for name, total in totals.items()}
 
 
 @torch.inference_mode()
 def validate(members: list[Member], val: dict[str, torch.Tensor], loop: LoopConfig, *, device) -> dict[str, dict[str, float]]:
-    images, labels = val["image"], val["label"].long()
-    teacher = teacher_logits_of(val, loop)
+    """Validation on view 0 (the untouched images), metrics computed on the CPU from CPU tensors."""
+    images, labels = val["image"], val["label"].long().cpu()
+    teacher = cached_teacher_logits(val, loop, None)
+    teacher = teacher.cpu() if teacher is not None else None
     results = {}
     for member in members:
         model = member.plain_model.eval()
         logits = torch.cat([
-            model(normalize_images(images[i : i + 4096], loop.mean, loop.std).to(device)).float().cpu()
+            model(normalize_images(images[i : i + 4096].to(device), loop.mean, loop.std)).float().cpu()
             for i in range(0, len(images), 4096)
         ])
         results[member.config.name] = classification_metrics(logits, labels, teacher)
@@ -208,13 +249,13 @@ def load_state(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher | None = None) -> list[Member]:
+def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher | None = None, *, steps: int = 1) -> list[Member]:
     members = []
     for config in loop.members:
         torch.manual_seed(loop.seed)  # identical initial weights on every rank and every run
         model = build_model(config.spec, loop.input_shape, loop.num_classes)
         # After the model, so its initial weights do not depend on the loss; adapters are seeded by this order too.
-        objective = build_objective(config.loss, loop.kd, model, loop.input_shape, teacher)
+        objective = build_objective(config.loss, config.kd, model, loop.input_shape, teacher)
         if state is not None:
             model.load_state_dict(state["models"][config.name])
             if config.name in state.get("objectives", {}):
@@ -222,7 +263,7 @@ def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher |
         model = ray.train.torch.prepare_model(model)
         objective.to(ray.train.torch.get_device())
         optimizer = build_optimizer([*model.parameters(), *objective.parameters()], loop.optim)
-        scheduler = build_scheduler(optimizer, loop.optim)
+        scheduler = build_scheduler(optimizer, loop.optim, steps)
         if state is not None:
             optimizer.load_state_dict(state["optimizers"][config.name])
             scheduler.load_state_dict(state["schedulers"][config.name])
@@ -270,17 +311,22 @@ def train_loop_per_worker(config: dict) -> None:
         layers = [layer for m in loop.members for layer in _teacher_layers(m.loss)]
         teacher_model = OnlineTeacher(loop.online_teachers, ray.get(objects["teacher_states"]), input_shape=loop.input_shape,
                                       num_classes=loop.num_classes, ensemble=loop.ensemble, layers=layers, device=device)
-    members = build_members(loop, state, teacher_model)
-
     train = ShardBatches(
         ray.train.get_dataset_shard("train"), batch_size=loop.optim.batch_size, in_memory=loop.optim.cache_shard_in_memory, seed=loop.seed + 7919 * rank
     )
-    val = ShardBatches(ray.train.get_dataset_shard("val"), batch_size=4096, in_memory=True, seed=0) if rank == 0 else None
+    if loop.optim.cache_shard_in_memory:  # the exact number of batches this worker will draw
+        steps = max(1, math.ceil(len(train.collect()["label"]) / loop.optim.batch_size))
+    else:
+        steps = steps_per_epoch(loop.train_rows, context.get_world_size(), loop.optim.batch_size)
+    members = build_members(loop, state, teacher_model, steps=steps)
+    # Identical initial weights on every rank (above), but not identical dropout masks: each rank its own stream.
+    torch.manual_seed(loop.seed * 7919 + rank + 1)
+    val = ShardBatches(ray.train.get_dataset_shard("val"), batch_size=4096, in_memory=True, seed=0) if loop.has_val and rank == 0 else None
     generator = torch.Generator().manual_seed(loop.seed + rank)
 
     for epoch in range(start_epoch, loop.optim.epochs):
         started = time.perf_counter()
-        train_loss = train_one_epoch(members, train.epoch(epoch), loop, device=device, generator=generator, teacher_model=teacher_model)
+        train_loss = train_one_epoch(members, train.epoch(epoch), loop, epoch=epoch, device=device, generator=generator, teacher_model=teacher_model)
         val_metrics = validate(members, val.collect(), loop, device=device) if val is not None and len(val.collect()) else {}
         seconds = time.perf_counter() - started
         metrics: dict[str, float] = {"epoch": epoch, "epoch_s": seconds, "worker_peak_rss_mb": peak_rss_mb()}

@@ -143,7 +143,10 @@ CASES = {
     "missing dataset files": (["run", DIGITS, "dataset.name=fashion_mnist", "dataset.root={f}/nowhere"], "dataset 'fashion_mnist' not found"),
     "imagefolder without a size": (["run", DIGITS, "dataset.name=imagefolder", "dataset.root={f}"], "dataset.image_size: required for imagefolder"),
     "labels out of range": (["run", DIGITS, "dataset.name=torchvision:MNIST", "dataset.root={f}/mnist"], "train labels span [0, 12], expected [0, 10)"),
-    "empty validation split": (["run", DIGITS, "dataset.val_fraction=0"], "dataset.val_fraction: the validation split is empty"),
+    "empty validation split in a sweep": (["sweep", SWEEP, "dataset.val_fraction=0"], "dataset.val_fraction: the validation split is empty; a sweep"),
+    "bias correction without validation": (["run", DIGITS, "dataset.val_fraction=0", "transfer.exclude_classes=[3]", "transfer.bias_correction=true"],
+                                           "dataset.val_fraction: the validation split is empty; transfer.bias_correction"),
+    "excluded class out of range": (["run", DIGITS, "transfer.exclude_classes=[12]"], "transfer.exclude_classes: class 12 does not exist"),
     # Checkpoints
     "checkpoint with the wrong class count": (
         ["run", DIGITS, "teachers.0.family=mlp", "teachers.0.hidden=[16]", "teachers.0.checkpoint={f}/five_classes.pt"],

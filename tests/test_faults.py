@@ -110,10 +110,12 @@ def soft_setup(ray_session, tmp_path_factory):
 
 def assert_same_soft_targets(got, clean) -> None:
     assert got.fingerprint == clean.fingerprint and got.n_train == clean.n_train
-    assert set(got.columns) == set(clean.columns)
-    for name, values in clean.columns.items():
-        assert got.columns[name].shape == values.shape == (N_TRAIN + N_TEST, 10)
-        np.testing.assert_array_equal(got.columns[name], values)
+    for part, rows in (("train_columns", (N_TRAIN, 1, 10)), ("test_columns", (N_TEST, 10))):
+        mine, theirs = getattr(got, part), getattr(clean, part)
+        assert set(mine) == set(theirs)
+        for name, values in theirs.items():
+            assert mine[name].shape == values.shape == rows
+            np.testing.assert_array_equal(mine[name], values)
 
 
 def test_teacher_actor_killed_mid_generation_gives_the_complete_identical_cache(soft_setup):

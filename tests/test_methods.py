@@ -28,7 +28,7 @@ def test_digits_every_method_family_online_teacher_with_jitter(ray_session, work
     cfg = load_config(REPO_ROOT / "configs/digits_methods.yaml", [
         "teachers.0.train.epochs=3", "train.epochs=2", "tracking.experiment=methods", "tracking.log_models=false",
     ])
-    assert cfg.teacher_mode == "online" and cfg.train.input_jitter == 1
+    assert cfg.teacher_mode == "online" and cfg.views.max_shift == 1
     rows = run_job(cfg)
 
     names = ["kd", "dkd-ls", "features", "dml-a", "dml-b", "born-again"]

@@ -46,7 +46,7 @@ def _member(name: str, loss, teacher: OnlineTeacher | None, spec: ModelSpec = ST
     model = build_model(spec, SHAPE, 10)
     objective = build_objective(parse_loss(loss), KD, model, SHAPE, teacher)
     optimizer = build_optimizer([*model.parameters(), *objective.parameters()], TrainConfig(lr=0.01))
-    return Member(MemberConfig(name=name, role="student", spec=spec, loss=parse_loss(loss)), model, optimizer, build_scheduler(optimizer, TrainConfig()), objective)
+    return Member(MemberConfig(name=name, role="student", spec=spec, loss=parse_loss(loss), kd=KD), model, optimizer, build_scheduler(optimizer, TrainConfig(), 1), objective)
 
 
 def _hooks(model: nn.Module) -> int:
@@ -98,7 +98,7 @@ def test_online_feature_step_trains_student_and_adapters_never_the_teacher():
     assert isinstance(adapter.proj, nn.Conv2d) and (adapter.proj.in_channels, adapter.proj.out_channels) == (8, 16)
     adapter_before, student_before = adapter.proj.weight.clone(), member.model.features.conv1.weight.clone()
     images, labels = _batch()
-    losses = step_members([member], images, labels, None, teacher, temperature=4.0, alpha=0.9)
+    losses = step_members([member], images, labels, None, teacher)
     assert torch.isfinite(losses["s"]) and losses["s"].requires_grad is False
     assert not torch.equal(adapter.proj.weight, adapter_before) and not torch.equal(member.model.features.conv1.weight, student_before)
     assert all(torch.equal(a, b) and not a.requires_grad and a.grad is None for a, b in zip(teacher.models[0].parameters(), before))
@@ -125,7 +125,7 @@ def test_dml_members_learn_from_each_others_detached_predictions():
     with torch.no_grad():
         la, lb = a.model(images), b.model(images)
     expected_a = nn.functional.cross_entropy(la, labels) + mutual_learning_loss(la, [lb])
-    losses = step_members([a, b, base], images, labels, None, None, temperature=4.0, alpha=0.9)
+    losses = step_members([a, b, base], images, labels, None, None)
     assert losses["a"].item() == pytest.approx(expected_a.item(), rel=1e-6)
     assert losses["base"].item() == pytest.approx(nn.functional.cross_entropy(la, labels).item(), rel=1e-6)  # same init, plain ce
 
@@ -153,7 +153,7 @@ def test_checkpoint_keeps_adapters_apart_from_the_student(tmp_path):
     teacher = _teacher()
     member = _member("s", ["ce", {"name": "fitnet", "layers": {"features.relu2": "features.relu2"}}], teacher)
     images, labels = _batch()
-    step_members([member], images, labels, None, teacher, temperature=4.0, alpha=0.9)
+    step_members([member], images, labels, None, teacher)
     save_state([member], 0, tmp_path)
     state = torch.load(tmp_path / STATE_FILE, weights_only=True)
     assert not any("adapter" in key for key in state["models"]["s"])

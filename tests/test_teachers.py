@@ -12,6 +12,7 @@ from orchestrator.config import ModelSpec
 from orchestrator.data import normalize_images
 from orchestrator.models import build_model
 from orchestrator.soft_targets import decode_logits
+from orchestrator.views import ViewPolicy, views_of
 from orchestrator.teachers import TeacherPredictor, attach_soft_targets, ensemble_logits, teacher_forward_rows
 
 
@@ -37,11 +38,11 @@ def test_unknown_rule():
         ensemble_logits([torch.zeros(1, 2)], [1.0], rule="median")
 
 
-def test_attach_soft_targets_gathers_by_id():
-    columns = {"teacher_logits": np.arange(12, dtype=np.float16).reshape(6, 2)}
+def test_attach_soft_targets_gathers_every_view_by_id():
+    columns = {"teacher_logits": np.arange(24, dtype=np.float16).reshape(6, 2, 2)}  # 6 examples x 2 views x 2 classes
     batch = {"id": np.array([5, 0, 3]), "label": np.array([1, 2, 3])}
     out = attach_soft_targets(batch, columns=columns)
-    assert out["teacher_logits"].tolist() == [[10, 11], [0, 1], [6, 7]]
+    assert out["teacher_logits"].tolist() == [[[20, 21], [22, 23]], [[0, 1], [2, 3]], [[12, 13], [14, 15]]]
     assert out["label"].tolist() == [1, 2, 3]
 
 
@@ -60,10 +61,34 @@ def test_predictor_matches_the_model_and_counts_rows(ray_session):
     with torch.no_grad():
         expected = model(normalize_images(torch.from_numpy(images), (0.5,), (0.25,)))
     assert torch.allclose(decode_logits({"teacher_logits": out["teacher_logits"]}, num_classes=3), expected, atol=1e-6)
-    assert out["split"].tolist() == [0, 0, 0, 1, 1]
+    assert out["id"].tolist() == [0, 1, 2, 3, 4] and out["view"].tolist() == [0] * 5
     # the counter is updated asynchronously by the actor; wait for it briefly
     for _ in range(50):
         if teacher_forward_rows() - before == 5:
             break
         time.sleep(0.1)
     assert teacher_forward_rows() - before == 5
+
+
+def test_predictor_gives_every_view_of_train_rows_and_view_0_of_test_rows(ray_session):
+    """Each (id, view) row holds the teacher's logits for exactly that view of that image."""
+    spec = ModelSpec(family="cnn", channels=[4], hidden=[])
+    torch.manual_seed(0)
+    model = build_model(spec, (1, 6, 6), 3).eval()
+    views = {"max_shift": 1, "flip": True, "num_views": 5, "seed": 3, "fill": 9}
+    predictor = TeacherPredictor(
+        [{"name": "t", "spec": spec.model_dump(), "state_dict": model.state_dict(), "weight": 1.0}],
+        input_shape=(1, 6, 6), num_classes=3, mean=(0.5,), std=(0.25,), n_train=2,
+        encoding="fp32", top_k=5, ensemble="logits", threads=1, use_gpu=False, views=views, forward_batch=3,
+    )
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 1, 6, 6), dtype=np.uint8)
+    out = predictor({"id": np.array([7, 1, 2]), "image": images, "label": np.zeros(3, dtype=np.int64)})
+    # n_train=2: id 1 is a training row (all 5 views), ids 7 and 2 are test rows (view 0 only)
+    assert out["id"].tolist() == [7, 1, 1, 1, 1, 1, 2] and out["view"].tolist() == [0, 0, 1, 2, 3, 4, 0]
+    policy = ViewPolicy(**views)
+    for row, (i, v) in enumerate(zip(out["id"], out["view"])):
+        source = torch.from_numpy(images[[7, 1, 2].index(int(i))])[None]
+        view = views_of(source, torch.tensor([int(i)]), torch.tensor([int(v)]), policy)
+        with torch.no_grad():
+            expected = model(normalize_images(view, (0.5,), (0.25,)))[0]
+        assert torch.allclose(torch.from_numpy(out["teacher_logits"][row]), expected, atol=1e-5)

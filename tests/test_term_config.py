@@ -51,7 +51,13 @@ def test_string_form_unchanged_and_list_form_parsed():
         (["students.0.loss=[ce, dml]"], "students: dml needs two or more students with a dml term, only 'mlp32' has one"),
         (["students.0.generations=0"], "students.0.generations: Input should be greater than or equal to 1"),
         (["teacher_mode=live"], "teacher_mode: Input should be 'cached' or 'online'"),
-        (["train.input_jitter=1"], "train.input_jitter: random augmentation does not match cached soft targets; use teacher_mode: online"),
+        (["train.input_jitter=1"], "train.input_jitter: students train on views; set views.max_shift"),
+        (["train.flip=true", "teacher_mode=online"], "train.flip: students train on views; set views.max_shift (and views.flip)"),
+        (["transfer.labels=false", "students.0.loss=ce"], "students.0.loss: ce reads labels, and transfer.labels is false"),
+        (["transfer.labels=false", "students.0.loss=kd", "students.1.loss=[{name: dkd}]"], "students.1.loss: dkd reads labels"),
+        (["views.max_shift=1", "views.num_views=10"], "views: num_views: 10 is more than the 9 views max_shift=1, flip=False define"),
+        (["views.fill=300"], "views: fill: must be a uint8 value in [0, 255] or auto, got 300"),
+        (["transfer.exclude_classes=[3, 3]"], "transfer.exclude_classes: must be distinct class indices >= 0"),
     ],
 )
 def test_bad_terms_are_one_line_errors(overrides, message):
@@ -61,11 +67,11 @@ def test_bad_terms_are_one_line_errors(overrides, message):
 
 
 def test_augmentation_policy():
-    # Cached soft targets belong to the unshifted image: refused above. Online, the teacher sees the same
-    # shifted batch; and students that never read the teacher (ce, dml) may always jitter.
-    assert _load("train.input_jitter=1", "teacher_mode=online").train.input_jitter == 1
-    assert _load("train.input_jitter=1", "students.0.loss=ce", "students.1.loss=ce").train.input_jitter == 1
-    assert _load("train.input_jitter=1", "students.0.loss=[ce, dml]", "students.1.loss=[ce, dml]").train.input_jitter == 1
+    # Students augment through views, which the cache holds per view: a shift of their own is refused
+    # above, whatever their loss; teachers keep their own random shifts and flips.
+    cfg = _load("views.max_shift=2", "views.flip=true", "teachers.0.train.input_jitter=2", "teachers.0.train.flip=true")
+    assert (cfg.views.max_shift, cfg.views.flip, cfg.teachers[0].train.input_jitter, cfg.teachers[0].train.flip) == (2, True, 2, True)
+    assert _load("transfer.labels=false", "students.0.loss=kd", "students.1.loss=[{name: kd}]").transfer.labels is False
 
 
 def test_term_predicates():

@@ -1,0 +1,62 @@
+"""Per-student KD settings (orchestrator/kd_settings.py) and the per-step schedules (train_loop.lr_factor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.config import load_config
+from orchestrator.kd_settings import AUTO_KD_TABLE, auto_kd, student_kd
+from orchestrator.objectives import apply_max_norm
+from orchestrator.train_loop import lr_factor, steps_per_epoch
+
+DIGITS = Path(__file__).resolve().parents[1] / "configs/digits_kd.yaml"
+
+
+def test_auto_kd_follows_the_table():
+    assert (auto_kd(12_730).temperature, auto_kd(12_730).alpha) == (4.0, 0.5)  # Fashion MLP16
+    assert auto_kd(1_276_810).alpha == 0.9 and auto_kd(1_276_810).temperature == 8.0  # MNIST 2x800
+    assert auto_kd(250_000).alpha == 0.7
+    assert [row[0] for row in AUTO_KD_TABLE] == sorted(row[0] for row in AUTO_KD_TABLE)
+    with pytest.raises(ValueError):
+        auto_kd(-1)
+
+
+def test_job_values_win_and_unset_ones_are_fitted():
+    cfg = load_config(DIGITS, ["kd.temperature=null", "kd.alpha=0.2"])
+    kd = student_kd(cfg, cfg.students[0], params=2_000)
+    assert (kd.temperature, kd.alpha) == (4.0, 0.2)
+    cfg = load_config(DIGITS, ["kd.temperature=3", "kd.alpha=null"])
+    assert (student_kd(cfg, cfg.students[0], params=2_000_000).temperature, student_kd(cfg, cfg.students[0], params=2_000_000).alpha) == (3.0, 0.9)
+
+
+def test_lr_schedules():
+    assert lr_factor("constant", 50, 100) == 1.0
+    assert lr_factor("cosine", 0, 100) == 1.0 and lr_factor("cosine", 50, 100) == pytest.approx(0.5) and lr_factor("cosine", 100, 100) == pytest.approx(0.0)
+    assert lr_factor("onecycle", 0, 100) == pytest.approx(0.04)
+    assert lr_factor("onecycle", 15, 100) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 100, 100) == pytest.approx(0.0, abs=1e-12)
+    warm = [lr_factor("onecycle", s, 100) for s in range(16)]
+    assert warm == sorted(warm)  # rising to the peak, then falling
+    decay = [lr_factor("onecycle", s, 100) for s in range(15, 101)]
+    assert decay == sorted(decay, reverse=True)
+    assert lr_factor("onecycle", 130, 100) == lr_factor("onecycle", 100, 100)  # past the end: clamped, not an error
+
+
+def test_steps_per_epoch():
+    assert steps_per_epoch(1000, 1, 128) == 8
+    assert steps_per_epoch(1000, 2, 128) == 4  # 500 rows each
+    assert steps_per_epoch(1, 4, 128) == 1
+
+
+def test_max_norm_caps_rows_of_linear_weights_only():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(10.0)
+        model[2].weight.fill_(0.01)
+    apply_max_norm(model, 2.0)
+    assert torch.allclose(model[0].weight.norm(dim=1), torch.full((3,), 2.0))
+    assert torch.allclose(model[2].weight, torch.full((2, 3), 0.01))  # already inside the ball: untouched
