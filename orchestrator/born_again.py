@@ -42,7 +42,7 @@ def later_generations(prep: Any, result: StudentsResult, track: TrackingContext,
                 teacher = TeacherWeights(as_teacher, state, state_dict_fingerprint(state), "generation", lineage[-1], 0.0)
                 gen_track = TrackingContext(track.uri, track.experiment_id, run_id)
                 soft = soft_target_stage(cfg, [teacher], data, gen_track)
-                member = student_member(cfg, student, data, run_id=run_id)
+                member = student_member(cfg, student, data, soft, run_id=run_id)
                 states, _ = distill_members(cfg, data, prep.student_train_ids, prep.val_ids, soft, gen_track, [member],
                                             run_name=f"{cfg.name}-{student.name}-gen{generation}-{run_id[:8]}", teachers=[teacher])
                 state = states[student.name]

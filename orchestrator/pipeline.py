@@ -208,7 +208,7 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
         "soft_target_run_id": soft.run_id,
         "dataset": data.name,
     }
-    members = student_members(cfg, {}, data)
+    members = student_members(cfg, {}, data, soft)
     rows = []
     with contextlib.ExitStack() as stack:
         run_ids = {

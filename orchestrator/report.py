@@ -49,7 +49,8 @@ def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], sof
     walls = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in stage_walls.items())
     console.print(f"stage wall time: {walls} (students share one Ray Train run)")
     source = "cache hit" if soft.cache_hit else "generated"
-    console.print(f"soft targets {soft.fingerprint} ({source}, {soft.forward_rows} teacher forward rows): {soft.path}")
+    console.print(f"soft targets {soft.fingerprint} ({source}; {soft.views} view(s) per training image, {soft.cache_bytes / 1e6:.1f} MB; "
+                  f"{soft.forward_rows:,} teacher forward rows this run): {soft.path}", soft_wrap=True)
     console.print(f"Open MLflow: {ui_command(tracking_uri)}", soft_wrap=True)
 
 

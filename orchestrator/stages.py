@@ -24,7 +24,7 @@ from orchestrator.data import DatasetArrays, Split, to_ray_dataset
 from orchestrator.evaluate import classification_metrics, predict_logits
 from orchestrator.kd_settings import student_kd
 from orchestrator.models import build_model, count_params, load_weights, state_dict_fingerprint
-from orchestrator.soft_targets import build_lock, column_to_numpy, fingerprint, load_table, logit_columns, read_cache, write_cache
+from orchestrator.soft_targets import build_lock, column_to_numpy, decode_logits, fingerprint, load_table, logit_columns, read_cache, write_cache
 from orchestrator.teachers import TeacherPredictor, attach_soft_targets, forward_row_counter
 from orchestrator.train_loop import LoopConfig, MemberConfig
 from orchestrator.trainer import fit_and_load
@@ -64,10 +64,18 @@ class SoftTargets:
     wall_s: float
     path: str
     run_id: str
+    cache_bytes: int = 0  # the entry's parquet files on disk
 
     @property
     def views(self) -> int:
         return next(iter(self.train_columns.values())).shape[1]
+
+    def teacher_sample(self, num_classes: int, rows: int = 50_000) -> torch.Tensor:
+        """Decoded teacher logits of up to `rows` training (example, view) entries, evenly strided (what auto_kd reads)."""
+        flat = {name: values.reshape(-1, *values.shape[2:]) for name, values in self.train_columns.items()}
+        n = len(next(iter(flat.values())))
+        index = np.linspace(0, n - 1, min(rows, n)).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+        return decode_logits({name: torch.from_numpy(np.ascontiguousarray(v[index])) for name, v in flat.items()}, num_classes=num_classes)
 
 
 @dataclass
@@ -282,24 +290,27 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
             "soft_target_fingerprint": key, "cache_hit": cache_hit, "cache_path": str(entry.path),
             "teacher_run_ids": ",".join(t.run_id for t in teachers), "dataset": data.name, "views": views.count,
         })
+        size = sum(f["bytes"] for f in entry.manifest.get("files", []))
         tracking.log_metrics(track.uri, run_id, {
             "rows": rows, "teacher_forward_rows": forward_rows, "wall_s": wall, "rows_per_s": rows / wall, "cache_lock_wait_s": lock_wait_s,
+            "cache_bytes": size, "views": views.count,
         })
-    return SoftTargets(key, by_id[0], by_id[1], len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id)
+    return SoftTargets(key, by_id[0], by_id[1], len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id, size)
 
 
-def student_member(cfg: JobConfig, student: StudentConfig, data: DatasetArrays, *, run_id: str | None = None, name: str | None = None) -> MemberConfig:
-    """A student as a training member, with its own T and alpha (kd_settings.student_kd)."""
+def student_member(cfg: JobConfig, student: StudentConfig, data: DatasetArrays, soft: SoftTargets | None, *, run_id: str | None = None) -> MemberConfig:
+    """A student as a training member, with its own T and alpha (kd_settings.student_kd, which reads `soft`'s teacher)."""
     params = count_params(build_model(student, data.input_shape, data.num_classes))
-    return MemberConfig(name=name or student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=run_id,
-                        kd=student_kd(cfg, student, params))
+    sample = soft.teacher_sample(data.num_classes) if soft is not None and (cfg.kd.temperature is None) else None
+    return MemberConfig(name=student.name, role="student", spec=spec_of(student), loss=student.loss, run_id=run_id,
+                        kd=student_kd(cfg, student, params, sample))
 
 
-def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays) -> list[MemberConfig]:
+def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays, soft: SoftTargets | None) -> list[MemberConfig]:
     """Every student, each followed by its label-only twin (the baseline) when `baseline` is on."""
     members = []
     for student in cfg.students:
-        members.append(student_member(cfg, student, data, run_id=run_ids.get(student.name)))
+        members.append(student_member(cfg, student, data, soft, run_id=run_ids.get(student.name)))
         if cfg.baseline:
             name = f"{student.name}-baseline"
             members.append(MemberConfig(name=name, role="baseline", spec=spec_of(student), loss="ce", run_id=run_ids.get(name)))
@@ -336,7 +347,7 @@ def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, sof
 def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext, run_ids: dict[str, str],
                   teachers: list[TeacherWeights] | None = None) -> StudentsResult:
     started = time.perf_counter()
-    members = student_members(cfg, run_ids, data)
+    members = student_members(cfg, run_ids, data, soft)
     state_dicts, _ = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}",
                                      teachers=teachers)
     return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)

@@ -131,7 +131,7 @@ def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets
             ray.get(registry.wait.remote(key))  # another trial is training it: wait, then reuse
         try:
             as_student = StudentConfig.model_validate({**stage.spec.model_dump(), "name": stage.name, "loss": "kd"})
-            member = student_member(cfg, as_student, prep.data, run_id=run_id).model_copy(update={"role": "assistant"})
+            member = student_member(cfg, as_student, prep.data, parent_soft, run_id=run_id).model_copy(update={"role": "assistant"})
             states, _ = distill_members(cfg, prep.data, prep.student_train_ids, prep.val_ids, parent_soft, track, [member], run_name=f"{cfg.name}-{key[:12]}")
             state_dict = states[stage.name]
             weights = TeacherWeights(assistant_as_teacher(stage), state_dict, state_dict_fingerprint(state_dict), "trained", run_id, time.perf_counter() - started)
@@ -179,9 +179,7 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     label = chain_label(chain)
     with tracking.run_scope(uri, experiment_id, f"trial:{trial_id}", parent_id=ctx.sweep_run_id,
                             tags={"role": "trial", "trial_id": trial_id, "chain": label, "student": student.name}) as trial_run:
-        resolved = student_member(cfg, student, ctx.prep.data).kd  # sampled values, else the job's, else auto_kd's
-        tracking.log_params(uri, trial_run, {"temperature": resolved.temperature, "alpha": resolved.alpha,
-                                             **{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
+        tracking.log_params(uri, trial_run, {**{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
         track = TrackingContext(uri, experiment_id, trial_run)
         soft, lineage = ctx.soft, [t.run_id for t in ctx.teachers]
         for stage in plan_chain(chain, student.name, spec_of(student))[:-1]:
@@ -189,7 +187,9 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             lineage.append(weights.run_id)
         with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
                                 tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
-            member = student_member(cfg, student, ctx.prep.data, run_id=stage_run)
+            member = student_member(cfg, student, ctx.prep.data, soft, run_id=stage_run)
+            # The T and alpha it trains with: sampled, else the job's, else auto_kd's for this stage's teacher.
+            tracking.log_params(uri, trial_run, {k: v for k, v in member.kd.model_dump().items() if k not in params})
             states, last_epoch = distill_members(cfg, ctx.prep.data, ctx.prep.student_train_ids, ctx.prep.val_ids, soft, track, [member],
                                                  run_name=f"{base.name}-trial-{trial_id}", callbacks=[ReportAllButLastEpoch(cfg.train.epochs)],
                                                  teachers=ctx.teachers)  # run in the workers only with teacher_mode online

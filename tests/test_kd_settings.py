@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import pytest
@@ -9,17 +11,34 @@ import torch
 from torch import nn
 
 from orchestrator.config import load_config
-from orchestrator.kd_settings import AUTO_KD_TABLE, auto_kd, student_kd
+from orchestrator.kd_settings import AUTO_KD_TABLE, auto_kd, fitting_temperature, mean_top1, student_kd
 from orchestrator.objectives import apply_max_norm
 from orchestrator.train_loop import lr_factor, steps_per_epoch
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs/digits_kd.yaml"
 
 
+def _peaked(top_logit: float, rows: int = 4) -> torch.Tensor:
+    """Logits whose top-1 probability at T is e^(a/T) / (e^(a/T) + 9), the same on every row."""
+    logits = torch.zeros(rows, 10)
+    logits[:, 0] = top_logit
+    return logits
+
+
+def test_temperature_is_the_flattest_that_keeps_the_teachers_top1():
+    a = 9.0  # top-1 at T=2: e^4.5 / (e^4.5 + 9) = 0.9261; at T=3: e^3 / (e^3 + 9) = 0.6906
+    assert mean_top1(_peaked(a), 2.0) == pytest.approx(math.exp(4.5) / (math.exp(4.5) + 9))
+    assert fitting_temperature(_peaked(a), 0.9) == 2.0
+    assert fitting_temperature(_peaked(a), 0.5) == 4.0  # e^2.25 / (e^2.25 + 9) = 0.5275; at T=6 0.3287
+    assert fitting_temperature(_peaked(0.1), 0.9) == 1.0  # a teacher that is never that sure: no flatter than T=1
+    assert fitting_temperature(None, 0.9) == 4.0
+
+
 def test_auto_kd_follows_the_table():
-    assert (auto_kd(12_730).temperature, auto_kd(12_730).alpha) == (4.0, 0.5)  # Fashion MLP16
-    assert auto_kd(1_276_810).alpha == 0.9 and auto_kd(1_276_810).temperature == 8.0  # MNIST 2x800
-    assert auto_kd(250_000).alpha == 0.7
+    a = 9.0
+    tiny, large = auto_kd(12_730, _peaked(a)), auto_kd(1_276_810, _peaked(a))  # Fashion MLP16, MNIST 2x800
+    assert (tiny.temperature, tiny.alpha) == (2.0, 0.7) and (large.temperature, large.alpha) == (4.0, 0.9)
+    assert auto_kd(250_000).alpha == 0.8
     assert [row[0] for row in AUTO_KD_TABLE] == sorted(row[0] for row in AUTO_KD_TABLE)
     with pytest.raises(ValueError):
         auto_kd(-1)
@@ -30,7 +49,8 @@ def test_job_values_win_and_unset_ones_are_fitted():
     kd = student_kd(cfg, cfg.students[0], params=2_000)
     assert (kd.temperature, kd.alpha) == (4.0, 0.2)
     cfg = load_config(DIGITS, ["kd.temperature=3", "kd.alpha=null"])
-    assert (student_kd(cfg, cfg.students[0], params=2_000_000).temperature, student_kd(cfg, cfg.students[0], params=2_000_000).alpha) == (3.0, 0.9)
+    kd = student_kd(cfg, cfg.students[0], params=2_000_000, teacher_logits=_peaked(9.0))
+    assert (kd.temperature, kd.alpha) == (3.0, 0.9)
 
 
 def test_lr_schedules():

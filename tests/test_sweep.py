@@ -38,6 +38,24 @@ def test_search_space_and_trial_config():
     assert cfg.kd.temperature == 4.0  # the base config is untouched
 
 
+def test_seeds_repeat_every_point_against_one_teacher():
+    cfg = load_config(CONFIG, ["seed=5", "sweep.seeds=3"])
+    assert search_space(cfg)["seed"] == {"grid_search": [5, 6, 7]}
+    trial = trial_config(cfg, {"temperature": 2.0, "seed": 7})
+    assert trial.seed == 7 and trial.teachers[0].seed == 5  # the students' seed moves, the teacher's does not
+    assert "seed" not in search_space(load_config(CONFIG))
+
+
+def test_asha_grace_defaults_to_half_the_epochs():
+    from orchestrator.sweep import _scheduler
+
+    def first_rung(*overrides: str) -> int:  # the epoch at which ASHA first compares trials: its grace period
+        return min(milestone for milestone, _ in _scheduler(load_config(CONFIG, ["sweep.scheduler=asha", *overrides]))._brackets[0]._rungs)
+
+    assert first_rung("train.epochs=9") == 5
+    assert first_rung("train.epochs=9", "sweep.grace_period=2") == 2
+
+
 def test_optuna_search_samples_the_configured_space():
     """configs/fashion_sweep.yaml searches with Optuna (TPE): it must be installed and draw inside the space."""
     from orchestrator.sweep import _search_alg
