@@ -48,6 +48,9 @@ def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, ru
             failure_config=ray.train.FailureConfig(max_failures=optim.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (a TrainingReport dump per epoch) stay in its log files, not the console;
+            # KD_VERBOSE=1 (distill -v) brings them back.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if os.environ.get("KD_VERBOSE") else "WARNING"),
         ),
     )
 
