@@ -1,9 +1,9 @@
 """The README's "## Results" blocks, generated from benchmarks/results/*.json: no figure is typed in.
 
-    .venv/bin/python benchmarks/readme_results.py           # rewrite the blocks in README.md (make results)
+    .venv/bin/python benchmarks/readme_results.py           # rewrite the blocks in README.md and docs/results.md (make results)
     .venv/bin/python benchmarks/readme_results.py --check   # exit 1 if a block differs from what its JSON renders
 
-Every result is a block of README.md between `<!-- results:NAME:start -->` and
+Every result is a block of docs/results.md (the headline one also of README.md) between `<!-- results:NAME:start -->` and
 `<!-- results:NAME:end -->`; the text between the markers is replaced, everything outside them is
 hand-written and left alone. A block states the command that reproduces it, when it ran, the machine,
 the versions and the load, then a compact table, all read from the result's JSON. While the JSON (or
@@ -34,6 +34,7 @@ from bench_storage import _fmt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+RESULTS_DOC = REPO / "docs" / "results.md"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 BLOCK = re.compile(r"<!-- results:(?P<name>[\w-]+):start -->\n(?P<body>.*?)<!-- results:(?P=name):end -->", re.DOTALL)
 
@@ -200,6 +201,7 @@ def render_storage(report: dict) -> str:
 
 
 RESULTS = [
+    Result("quality", "quality.json", "python benchmarks/quality.py", lazy("quality", "render")),
     Result("mnist_demo", "mnist_demo.json", "python benchmarks/mnist_demo.py", mnist_demo.render),
     Result("hinton_mnist", "hinton_mnist.json", "python benchmarks/hinton_mnist.py", render_hinton),
     Result("pipeline", "pipeline.json", "python benchmarks/bench_pipeline.py", bench_pipeline.render_pipeline),
@@ -250,22 +252,26 @@ def regenerate(readme: str, results_dir: Path, results: list[Result] = RESULTS) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a block differs from what its JSON renders; write nothing")
-    parser.add_argument("--readme", default=str(README), help="the README to rewrite or check")
+    parser.add_argument("--readme", action="append", help="a document holding results blocks (repeatable; default: README.md and docs/results.md)")
     parser.add_argument("--results", default=str(RESULTS_DIR), help="the folder holding the result JSON files")
     args = parser.parse_args(argv)
-    readme = Path(args.readme)
-    text, changed, missing = regenerate(readme.read_text(), Path(args.results))
+    documents = [Path(p) for p in (args.readme or [README, RESULTS_DOC])]
+    present, stale = set(), []
+    for document in documents:
+        text, changed, _ = regenerate(document.read_text(), Path(args.results))
+        present |= {m["name"] for m in BLOCK.finditer(document.read_text())}
+        stale += [f"{document.name}:{name}" for name in changed]
+        if changed and not args.check:
+            document.write_text(text)
+        if not args.check:
+            print(f"{document}: {len(changed)} block(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
+    missing = [r.name for r in RESULTS if r.name not in present]
     if missing:
-        print(f"{readme}: no <!-- results:NAME:start/end --> markers for: {', '.join(missing)}", file=sys.stderr)
+        print(f"{', '.join(map(str, documents))}: no <!-- results:NAME:start/end --> markers for: {', '.join(missing)}", file=sys.stderr)
         return 1
-    if args.check:
-        if changed:
-            print(f"{readme}: stale results block(s): {', '.join(changed)} (run: python benchmarks/readme_results.py)", file=sys.stderr)
-            return 1
-        return 0
-    if changed:
-        readme.write_text(text)
-    print(f"{readme}: {len(changed)} block(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
+    if args.check and stale:
+        print(f"stale results block(s): {', '.join(stale)} (run: python benchmarks/readme_results.py)", file=sys.stderr)
+        return 1
     return 0
 
 

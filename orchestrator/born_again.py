@@ -40,7 +40,7 @@ def later_generations(prep: Any, result: StudentsResult, track: TrackingContext,
                                     tags={"role": "generation", "generation": generation, "teacher": name}) as run_id:
                 as_teacher = TeacherConfig.model_validate({**spec_of(student).model_dump(), "name": name})
                 teacher = TeacherWeights(as_teacher, state, state_dict_fingerprint(state), "generation", lineage[-1], 0.0)
-                gen_track = TrackingContext(track.uri, track.experiment_id, run_id)
+                gen_track = track.child(run_id)
                 soft = soft_target_stage(cfg, [teacher], data, gen_track)
                 member = student_member(cfg, student, data, soft, run_id=run_id)
                 states, _ = distill_members(cfg, data, prep.student_train_ids, prep.val_ids, soft, gen_track, [member],

@@ -1,14 +1,17 @@
-"""`distill` command line: run, teacher, soft-targets, sweep, report; submit, jobs, logs, stop, mlflow-server. Bad input -> one line on stderr, exit code 2."""
+"""`distill` command line: run, teacher, soft-targets, sweep, config, report; submit, jobs, logs, stop, mlflow-server. Bad input -> one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from orchestrator.config import ConfigError, RayStartError, load_config
 from orchestrator.interrupts import Terminated, ctrl_c_never_lost
 from orchestrator.redact import redact
+
+VERBOSE_ENV = "KD_VERBOSE"  # progress.VERBOSE_ENV; not imported from there, which would import Ray before the config is checked
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -29,10 +32,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", help="dotted overrides such as kd.temperature=8 students.0.hidden=[64]")
         sub.add_argument("--config", dest="config_flag", help="YAML config, as an alternative to the positional one")
         sub.add_argument("--address", help="Ray address to connect to (default: $RAY_ADDRESS, else a local Ray)")
+        sub.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own output: worker logs, Ray Data progress, Ray Train reports")
         if name == "run":
             sub.add_argument("--summary-json", help="also write the results rows to this JSON file")
         if name == "sweep":
             sub.add_argument("--resume", action="store_true", help="continue a sweep whose driver was stopped, without redoing finished trials")
+    show = commands.add_parser("config", help="print the resolved configuration (defaults filled in, overrides applied) as YAML")
+    show.add_argument("config", nargs="?", help="YAML config (configs/*.yaml); none: the defaults")
+    show.add_argument("overrides", nargs="*", help="dotted overrides such as kd.temperature=8")
     report = commands.add_parser("report", help="quantize, measure (size, CPU latency, accuracy) and export the models of a finished run")
     report.add_argument("run_id", help="parent MLflow run id of a `distill run` job")
     report.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":  # config-free: everything comes from the MLflow run
         return _guarded(lambda: _report(args))
+    if args.command == "config":  # no Ray, no MLflow: the config as the job would see it
+        return _guarded(lambda: _show_config(args))
     if args.command in CLUSTER_COMMANDS:  # talk to a cluster (or start a server); no Ray in this process
         return _guarded(lambda: _cluster(args))
     ray_was_running = _ray_running()  # a caller's Ray (a driver script, a test session) is not ours to stop
@@ -130,6 +139,8 @@ def _guarded(action) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by progress.py in this process and, through Ray, in the workers
     config_path, overrides = _split_config(args)
     cfg = load_config(config_path, overrides)
     from orchestrator import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
@@ -145,6 +156,16 @@ def _run(args: argparse.Namespace) -> None:
         run_sweep(cfg, resume=args.resume, ray_address=args.address)
     else:
         pipeline.run_soft_targets_job(cfg, ray_address=args.address)
+
+
+def _show_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=120), end="")
 
 
 def _report(args: argparse.Namespace) -> None:

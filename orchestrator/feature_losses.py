@@ -137,9 +137,11 @@ def pairwise_distances(embeddings: Tensor, eps: float = 1e-12) -> Tensor:
 
 def _normalised_distances(embeddings: Tensor) -> Tensor:
     d = pairwise_distances(embeddings)
-    positive = d > 0
-    # mu = mean distance over pairs i != j. All rows identical: no scale to normalise by.
-    mu = d[positive].mean() if bool(positive.any()) else d.new_ones(())
+    positive = (d > 0).to(d.dtype)
+    # mu = mean distance over pairs i != j. All rows identical: no scale to normalise by (mu = 1).
+    # Masked sums instead of d[positive]: boolean indexing would wait on the GPU every step.
+    count = positive.sum()
+    mu = torch.where(count > 0, (d * positive).sum() / count.clamp(min=1), torch.ones_like(count))
     return d / mu
 
 

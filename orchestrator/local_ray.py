@@ -30,6 +30,8 @@ def start_local_ray(**init_kwargs: Any) -> str:
     trial's Ray Data tasks wait for CPUs forever. Measured here: a Fashion-MNIST sweep hung
     after its first early stop while two other Ray instances ran. Returns the GCS address.
     """
+    # Token authentication stays on (README "Security"); said explicitly, Ray does not warn that it is on by default.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     port = _free_port()
     address = f"{ray.util.get_node_ip_address()}:{port}"
     env_vars = {"RAY_ADDRESS": address}

@@ -138,10 +138,11 @@ def dkd_loss(
         student_rest, teacher_rest = _non_target(student, target_mask), _non_target(teacher, target_mask)
         # A row whose teacher keeps only the target class (top-k with k = 1) has no
         # non-target distribution; it contributes nothing rather than NaN.
-        defined = torch.isfinite(teacher_rest).any(dim=1)
-        if bool(defined.any()):
-            nckd = soft_kl(student_rest[defined], teacher_rest[defined], temperature) * defined.sum() / len(defined)
-            loss = loss + nckd_weight * nckd
+        # Such a row gets the student's own (detached) distribution as its target: KL 0 and no gradient, so
+        # the sum over rows / N equals the old mean over defined rows x their share, without a host sync.
+        defined = torch.isfinite(teacher_rest).any(dim=1, keepdim=True)
+        teacher_rest = torch.where(defined, teacher_rest, student_rest.detach())
+        loss = loss + nckd_weight * soft_kl(student_rest, teacher_rest, temperature)
     return temperature**2 * loss
 
 

@@ -24,6 +24,7 @@ from orchestrator.feature_losses import HintAdapter, attention_transfer_loss, fi
 from orchestrator.logit_losses import dkd_loss, kd_soft_loss, mutual_learning_loss
 from orchestrator.losses import get_loss
 from orchestrator.online import OnlineTeacher, tap_features
+from orchestrator.precision import autocast
 from orchestrator.term_config import LossTerm, terms_of, uses_dml
 
 
@@ -123,39 +124,50 @@ def _average_gradients(module: nn.Module) -> None:
 
 
 def step_members(members, images: Tensor, labels: Tensor, teacher_logits: Tensor | None, teacher: OnlineTeacher | None, *,
-                 max_norm: float | None = None) -> dict[str, Tensor]:
+                 max_norm: float | None = None, precision: str = "fp32") -> dict[str, Tensor]:
     """One optimisation step of every member on one batch (then its per-step LR schedule, then the max-norm
     constraint); returns each member's (detached) loss.
 
     All members run forward first, then each steps: DML peers see each other's
     predictions on the same batch (Zhang et al.'s simultaneous variant). Members are
     independent otherwise, and the order of random draws (dropout) is unchanged.
+    Forward passes and losses run under autocast at `precision` (precision.py); a member
+    with a GradScaler (fp16 on a GPU) scales its loss before backward.
     """
     teacher_features: dict[str, Tensor] = {}
-    if teacher is not None:
-        teacher_logits, teacher_features = teacher(images)
-    outputs = []
+    with autocast(precision, images.device):
+        if teacher is not None:
+            teacher_logits, teacher_features = teacher(images)
+        outputs = []
+        for member in members:
+            objective = member.loss_fn if isinstance(member.loss_fn, Objective) else None
+            layers = objective.student_layers if objective is not None else []
+            with tap_features(member.plain_model, layers, where=member.config.name) as features:
+                logits = member.model(images)
+            outputs.append((logits, dict(features)))
+        peers = {m.config.name: out[0].detach() for m, out in zip(members, outputs)
+                 if isinstance(m.loss_fn, Objective) and m.loss_fn.uses_dml}
+        losses = {}
+        for member, (logits, features) in zip(members, outputs):
+            if isinstance(member.loss_fn, Objective):
+                inputs = StepInputs(logits, labels, teacher_logits, features, teacher_features,
+                                    [v for k, v in peers.items() if k != member.config.name] if member.loss_fn.uses_dml else [])
+                losses[member.config.name] = member.loss_fn(inputs)
+            else:  # a bare LOSSES function (benchmarks build members this way)
+                kd = member.config.kd
+                losses[member.config.name] = member.loss_fn(logits, labels, teacher_logits, temperature=kd.temperature, alpha=kd.alpha)
     for member in members:
-        objective = member.loss_fn if isinstance(member.loss_fn, Objective) else None
-        layers = objective.student_layers if objective is not None else []
-        with tap_features(member.plain_model, layers, where=member.config.name) as features:
-            logits = member.model(images)
-        outputs.append((logits, dict(features)))
-    peers = {m.config.name: out[0].detach() for m, out in zip(members, outputs)
-             if isinstance(m.loss_fn, Objective) and m.loss_fn.uses_dml}
-    losses = {}
-    for member, (logits, features) in zip(members, outputs):
-        if isinstance(member.loss_fn, Objective):
-            inputs = StepInputs(logits, labels, teacher_logits, features, teacher_features,
-                                [v for k, v in peers.items() if k != member.config.name] if member.loss_fn.uses_dml else [])
-            loss = member.loss_fn(inputs)
-        else:  # a bare LOSSES function (benchmarks build members this way)
-            loss = member.loss_fn(logits, labels, teacher_logits, temperature=member.config.kd.temperature, alpha=member.config.kd.alpha)
+        loss = losses[member.config.name]
+        scaler = getattr(member, "scaler", None)
         member.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         if isinstance(member.loss_fn, Objective) and len(member.loss_fn.adapters):
             _average_gradients(member.loss_fn)
-        member.optimizer.step()
+        if scaler is not None:
+            scaler.step(member.optimizer)
+            scaler.update()
+        else:
+            member.optimizer.step()
         member.scheduler.step()
         if max_norm is not None:
             apply_max_norm(member.plain_model, max_norm)

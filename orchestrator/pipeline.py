@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -19,15 +21,16 @@ from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.interrupts import reclaim_sigterm
 from orchestrator.local_ray import start_local_ray
+from orchestrator.progress import VERBOSE_ENV, progress_printer, quiet_driver_logs, verbose
 from orchestrator.memory import peak_rss_mb
-from orchestrator.evaluate import classification_metrics, predict_logits
+from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
 from orchestrator.born_again import later_generations
 from orchestrator.kd_settings import is_auto
 from orchestrator.scoring import class_errors, correct_bias, pair_with_twin
 from orchestrator.online import check_feature_layers
 from orchestrator.term_config import describe_loss, uses_kd_section
-from orchestrator.soft_targets import decode_logits
+from orchestrator.soft_targets import decode_logits, fingerprint
 from orchestrator.stages import (
     SoftTargets,
     TeacherWeights,
@@ -123,15 +126,20 @@ def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
     if address and address != "local":
         preflight.check_ray_address(address, where)
         try:
-            ray.init(address=address)
+            ray.init(address=address, log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING,
+                     runtime_env={"env_vars": {VERBOSE_ENV: "1"}} if verbose() else None)
         except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as exc:
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{where}: cannot connect to Ray at {address} ({reason})") from None
     else:
         if cfg is not None:
             preflight.check_local_resources(cfg)
-        # The dashboard (it can submit jobs) listens on loopback only; see README "Security".
-        start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1")
+        # The dashboard (it can submit jobs) listens on loopback only; see README "Security". Ray's own output
+        # stays in its session logs unless -v (progress.py): the console shows this project's lines.
+        start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose(),
+                        logging_level=logging.INFO if verbose() else logging.WARNING,
+                        runtime_env={"env_vars": {VERBOSE_ENV: "1"}} if verbose() else None)
+    quiet_driver_logs()
     reclaim_sigterm()  # ray.init installs its own SIGTERM handler (a bare sys.exit)
 
 
@@ -141,7 +149,9 @@ def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: 
     for t in teachers:
         model = build_model(t.config, data.input_shape, data.num_classes)
         load_weights(model, t.state_dict, where=t.config.name)
-        logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+        logits = predict_logits(model.to(eval_device(prep.cfg.train.use_gpu)), data.test.images, mean=data.mean, std=data.std,
+                                precision=prep.cfg.soft_targets.precision)
+        model.cpu()
         metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test)
         tracking.log_metrics(prep.tracking_uri, t.run_id, {f"test_{k}": v for k, v in metrics.items()})
         rows.append(_row("teacher", t.config.name, metrics, model, t.wall_s, t.run_id))
@@ -168,19 +178,43 @@ def teacher_test_logits(prep: Prepared, soft: SoftTargets) -> torch.Tensor:
     return decode_logits(test_rows, num_classes=prep.data.num_classes)
 
 
+def dataset_inputs(prep: Prepared, soft: SoftTargets | None = None, *, students: bool = True) -> list[dict]:
+    """The train (the students' transfer set, or the teachers' rows), validation and test data, and the soft
+    targets, as MLflow dataset inputs: digests of the rows' content, their source, their size."""
+    data = prep.data
+
+    def rows_digest(ids: np.ndarray) -> str:
+        return fingerprint({"split": data.fingerprint("train"), "ids": hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()})
+
+    train_ids = prep.student_train_ids if students else prep.train_ids
+    inputs = [
+        {"name": f"{data.name}-train", "digest": rows_digest(train_ids), "source": data.source, "context": "training", "rows": len(train_ids)},
+        {"name": f"{data.name}-test", "digest": data.fingerprint("test"), "source": data.source, "context": "test", "rows": len(data.test.labels)},
+    ]
+    if len(prep.val_ids):
+        inputs.append({"name": f"{data.name}-validation", "digest": rows_digest(prep.val_ids), "source": data.source, "context": "validation",
+                       "rows": len(prep.val_ids)})
+    if soft is not None:
+        inputs.append({"name": f"{data.name}-soft-targets", "digest": soft.fingerprint, "source": soft.path, "context": "soft_targets",
+                       "rows": soft.n_train * soft.views + len(next(iter(soft.test_columns.values())))})
+    return inputs
+
+
 def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_address: str | None = None, prepared: Prepared | None = None) -> list[dict]:
     """The whole distillation: teachers -> soft targets -> students -> test evaluation -> summary rows."""
     prep = prepared or prepare(cfg)
     init_ray(ray_address, cfg)
     check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     uri, data = prep.tracking_uri, prep.data
-    with tracking.run_scope(uri, prep.experiment_id, cfg.name, tags={"job": "distill", "dataset": data.name}) as parent_id:
-        track = TrackingContext(uri, prep.experiment_id, parent_id)
+    with tracking.run_scope(uri, prep.experiment_id, cfg.name, tags={"job": "distill", "dataset": data.name}) as parent_id, \
+            progress_printer() as sink:
+        track = TrackingContext(uri, prep.experiment_id, parent_id, sink)
         tracking.log_params(uri, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
         tracking.log_dict(uri, parent_id, cfg.model_dump(mode="json"), "config.json")
         teachers = [resolve_teacher(cfg, i, data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
         driver_peak = {"teacher": peak_rss_mb()}  # the driver's peak so far, after each stage
         soft = soft_target_stage(cfg, teachers, data, track)
+        tracking.log_datasets(uri, parent_id, dataset_inputs(prep, soft))
         driver_peak["soft_targets"] = peak_rss_mb()
         teacher_test = teacher_test_logits(prep, soft)
         rows = _teacher_rows(prep, teachers, teacher_test)
@@ -191,12 +225,27 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
                              | {f"driver_peak_rss_mb_{k}": v for k, v in driver_peak.items()})
         tracking.set_tags(uri, parent_id, {"soft_target_fingerprint": soft.fingerprint, "teacher_run_ids": ",".join(t.run_id for t in teachers)})
         tracking.log_dict(uri, parent_id, rows, "summary.json")
+        log_job_artifacts(uri, parent_id, rows, has_val=len(prep.val_ids) > 0)
     if summary_json:
         Path(summary_json).write_text(json.dumps(rows, indent=2) + "\n")
     from orchestrator.report import print_summary  # rich is only needed for the terminal
 
     print_summary(rows, stage_walls, soft, uri)
     return rows
+
+
+def log_job_artifacts(uri: str, parent_id: str, rows: list[dict], *, has_val: bool) -> None:
+    """The results table (summary.md) and the students' learning curves beside their twins' (plots/) on the parent run."""
+    import tempfile
+
+    from orchestrator.plots import member_curves
+    from orchestrator.report import summary_markdown
+
+    tracking.log_text(uri, parent_id, summary_markdown(rows), "summary.md")
+    metric = "val_accuracy" if has_val else "train_loss"
+    histories = {r["name"]: tracking.metric_history(uri, r["mlflow_run_id"], metric) for r in rows if r["role"] != "teacher"}
+    with tempfile.TemporaryDirectory(prefix="kd-plots-") as out:
+        tracking.log_artifact(uri, parent_id, member_curves(histories, metric, Path(out)), "plots")
 
 
 def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWeights], teacher_test: torch.Tensor, track: TrackingContext) -> list[dict]:
@@ -226,6 +275,7 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
                 if isinstance(m.loss, str):
                     params |= {"kd.alpha": m.kd.alpha, "kd.alpha_auto": auto["alpha"]}
             tracking.log_params(uri, run_ids[m.name], params)
+            tracking.log_datasets(uri, run_ids[m.name], dataset_inputs(prep, soft if m.role == "student" else None))
         result = student_stage(cfg, data, prep.student_train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
         result = later_generations(prep, result, track, run_ids)  # born-again students: generations 2..k
         rows = score_students(prep, result, teacher_test, run_ids)
@@ -241,7 +291,8 @@ def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: 
     for m in result.members:
         model = build_model(m.spec, data.input_shape, data.num_classes)
         model.load_state_dict(result.state_dicts[m.name])
-        logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+        model.to(eval_device(cfg.train.use_gpu))
+        logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std, precision=cfg.train.precision)
         extra = {}
         if excluded:
             extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
@@ -249,14 +300,16 @@ def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: 
             before = classification_metrics(logits, labels, teacher_test)
             extra = {"bias_shift": correct_bias(model, data.train.images[prep.val_ids], data.train.labels[prep.val_ids], excluded, mean=data.mean, std=data.std),
                      "errors_before_bias_correction": before["errors"], "excluded_class_errors_before_bias_correction": extra["excluded_class_errors"]}
-            logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+            logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std, precision=cfg.train.precision)
             extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
+        model.cpu()  # logged, measured and handed back from the host
         metrics = classification_metrics(logits, labels, teacher_test)
         correct[m.name], errors[m.name] = (logits.argmax(1) == labels).numpy(), metrics["errors"]
         tracking.log_metrics(uri, run_ids[m.name], {f"test_{k}": v for k, v in metrics.items()} | {"wall_s": result.wall_s} | extra)
         if cfg.tracking.log_models:
             example = np.zeros((1, *data.input_shape), dtype=np.float32)
-            tracking.log_torch_model(uri, run_ids[m.name], model, name="model", input_example=example)
+            tracking.log_torch_model(uri, run_ids[m.name], model, name="model", spec=m.spec.model_dump(mode="json"), input_shape=data.input_shape,
+                                     num_classes=data.num_classes, input_example=example)
         row = _row(m.role, m.name, metrics, model, result.wall_s, run_ids[m.name]) | extra
         if m.role == "student" and uses_kd_section(m.loss):
             row |= {"temperature": m.kd.temperature, "alpha": m.kd.alpha if isinstance(m.loss, str) else None}
@@ -273,8 +326,9 @@ def run_teacher_job(cfg: JobConfig, *, ray_address: str | None = None) -> list[T
     prep = prepare(cfg)
     init_ray(ray_address, cfg)
     check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
-    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:teacher", tags={"job": "teacher"}) as parent_id:
-        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id)
+    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:teacher", tags={"job": "teacher"}) as parent_id, \
+            progress_printer() as sink:
+        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id, sink)
         return [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
 
 
@@ -283,8 +337,9 @@ def run_soft_targets_job(cfg: JobConfig, *, ray_address: str | None = None) -> S
     prep = prepare(cfg)
     init_ray(ray_address, cfg)
     check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
-    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:soft-targets", tags={"job": "soft_targets"}) as parent_id:
-        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id)
+    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:soft-targets", tags={"job": "soft_targets"}) as parent_id, \
+            progress_printer() as sink:
+        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id, sink)
         teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
         started = time.perf_counter()
         soft = soft_target_stage(cfg, teachers, prep.data, track)

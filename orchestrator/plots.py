@@ -65,3 +65,20 @@ def direct_vs_chain(trials: pd.DataFrame, metric: str, out: Path) -> Path:
     ax.set_xlim(low - margin, high + margin)
     ax.set(xlabel=f"best {metric}", title="direct KD vs teacher-assistant chains")
     return _save(fig, out / "direct_vs_chain.png")
+
+
+def member_curves(histories: dict[str, list[tuple[int, float]]], metric: str, out: Path) -> Path:
+    """One line per model of a job (each student solid, its label-only twin dashed in the same colour) over epochs."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colours: dict[str, str] = {}
+    for name, points in histories.items():
+        if not points:
+            continue
+        base = name.removesuffix("-baseline")
+        colour = colours.setdefault(base, f"C{len(colours) % 10}")
+        steps, values = zip(*points)
+        ax.plot([s + 1 for s in steps], values, color=colour, linestyle="--" if name.endswith("-baseline") else "-",
+                label=f"{base} (labels only)" if name.endswith("-baseline") else name)
+    ax.set(xlabel="epoch", ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')}: students and their label-only twins")
+    ax.legend(fontsize=7)
+    return _save(fig, out / f"{metric}.png")

@@ -23,6 +23,17 @@ def summary_table(rows: Sequence[Mapping]) -> Table:
     return table
 
 
+def summary_markdown(rows: Sequence[Mapping]) -> str:
+    """The results table as markdown (logged as summary.md on the parent run: the MLflow run page shows it)."""
+    header = ["role", "name", "test acc", "test errors", "vs twin", "T / alpha", "params", "size MB", "agreement", "KL to teacher"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["role"], row["name"], f"{row['test_accuracy']:.4f}", str(row["test_errors"]), vs_twin(row),
+                                         kd_label(row), f"{row['params']:,}", f"{row['size_mb']:.3f}", f"{row['agreement']:.4f}",
+                                         f"{row['kl_to_teacher']:.4f}"]) + " |")
+    return "\n".join(lines) + "\n\nvs twin: test errors saved against the same student trained on labels alone (exact McNemar p; * p < 0.05).\n"
+
+
 def vs_twin(row: Mapping) -> str:
     """Errors distillation saved against the label-only twin (negative: cost), with the McNemar p-value."""
     if "errors_saved" not in row:

@@ -83,7 +83,7 @@ def correct_bias(model: nn.Module, val_images: np.ndarray, val_labels: np.ndarra
     logits = predict_logits(model, val_images, mean=mean, std=std)
     shift = choose_bias_shift(logits, torch.from_numpy(val_labels), classes)
     layer = output_layer(model)
-    layer.bias[torch.as_tensor(list(classes), dtype=torch.int64)] += shift
+    layer.bias[torch.as_tensor(list(classes), dtype=torch.int64, device=layer.bias.device)] += shift
     return shift
 
 

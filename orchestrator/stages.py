@@ -7,7 +7,7 @@ order inside one MLflow parent run. Ray APIs are used directly here.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,12 +28,15 @@ from orchestrator.soft_targets import build_lock, column_to_numpy, decode_logits
 from orchestrator.teachers import TeacherPredictor, attach_soft_targets, forward_row_counter
 from orchestrator.train_loop import LoopConfig, MemberConfig
 from orchestrator.trainer import fit_and_load
+from orchestrator.progress import say
 from orchestrator.views import ViewPolicy
 from orchestrator.weights_cache import load_cached_weights, save_cached_weights, weights_file
 
 # Bump when the cached columns change meaning. 2: one row per (id, view) with columns id, view and the
 # encoded logits (views.py); split and label are no longer stored (the manifest's n_train gives the split).
 SOFT_TARGET_FORMAT = 2
+SOURCE_WORDS = {"trained": "trained", "cache": "reused from the teacher cache", "checkpoint": "loaded from its checkpoint",
+                "mlflow": "loaded from MLflow"}
 
 
 @dataclass
@@ -41,6 +44,14 @@ class TrackingContext:
     uri: str
     experiment_id: str
     parent_id: str
+    progress: str | None = None  # the job's progress sink (progress.py): where train workers send their epoch lines
+
+    def child(self, parent_id: str) -> "TrackingContext":
+        """The same job, with runs nested under `parent_id`."""
+        return replace(self, parent_id=parent_id)
+
+    def with_progress(self, sink: str | None) -> "TrackingContext":
+        return replace(self, progress=sink)
 
 
 @dataclass
@@ -96,6 +107,7 @@ def teacher_training_key(cfg: JobConfig, teacher: TeacherConfig, data: DatasetAr
         "teacher": spec, "dataset": data.fingerprint("train"), "val_fraction": cfg.dataset.val_fraction, "seed": teacher_seed(cfg, teacher),
         # The inputs the teacher was trained on: normalisation and the padding of its shifted views.
         "transform": {"mean": list(data.mean), "std": list(data.std), "fill": data.fill},
+        "device": {"gpu": cfg.train.use_gpu, "precision": cfg.train.precision},  # numerics differ between the two
     })
 
 
@@ -108,7 +120,7 @@ def loop_config(cfg: JobConfig, data: DatasetArrays, track: TrackingContext, *, 
     return LoopConfig(
         stage=stage, members=members, optim=optim, input_shape=data.input_shape, num_classes=data.num_classes,
         mean=data.mean, std=data.std, fill=data.fill, encoding=encoding, seed=cfg.seed if seed is None else seed, tracking_uri=track.uri,
-        train_rows=train_rows, views=asdict(views or ViewPolicy(fill=data.fill)),
+        train_rows=train_rows, views=asdict(views or ViewPolicy(fill=data.fill)), progress_sink=track.progress,
     )
 
 
@@ -143,9 +155,11 @@ def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, 
                     state_dict, source = cached["state_dict"], "cache"
                     tags = {"cache_file": str(path), "source_run_id": cached.get("run_id", "")}
                 else:
+                    say(f"teacher {teacher.name}: training {teacher.train.epochs} epochs on {len(train_ids):,} images")
                     state_dict, source = train_teacher(cfg, index, data, train_ids, val_ids, track, run_id)
                     save_cached_weights(path, {"state_dict": state_dict, "run_id": run_id})
                     tags = {"cache_file": str(path)}
+        say(f"teacher {teacher.name}: {SOURCE_WORDS[source]}" + (f" ({time.perf_counter() - started:.0f} s)" if source == "trained" else ""))
         model = build_model(teacher, data.input_shape, data.num_classes)
         load_weights(model, state_dict, where=f"teachers.{index}")
         if teacher.prune_amount > 0:
@@ -154,7 +168,8 @@ def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, 
         tracking.set_tags(track.uri, run_id, {"source": source, "teacher_fingerprint": weights_fp, "dataset": data.name, **tags})
         if (source != "cache" or teacher.prune_amount > 0) and cfg.tracking.log_models:
             example = np.zeros((1, *data.input_shape), dtype=np.float32)
-            tracking.log_torch_model(track.uri, run_id, model, name="model", input_example=example)
+            tracking.log_torch_model(track.uri, run_id, model, name="model", spec=spec_of(teacher).model_dump(mode="json"), input_shape=data.input_shape,
+                                     num_classes=data.num_classes, input_example=example)
         wall = time.perf_counter() - started
         tracking.log_metrics(track.uri, run_id, {"wall_s": wall})
     return TeacherWeights(teacher, state_dict, weights_fp, source, run_id, wall)
@@ -187,6 +202,8 @@ def soft_target_key(cfg: JobConfig, teachers: list[TeacherWeights], data: Datase
         "transform": {"mean": list(data.mean), "std": list(data.std)},
         "views": soft_target_views(cfg, data).fingerprint_parts(),
         "encoding": st.encoding,
+        # bf16 inference, TF32 and cuDNN change the logits' low bits: a cache made on a GPU is not the CPU's.
+        "inference": {"device": "cuda" if teacher_gpus(st.gpus_per_actor(cfg.train.use_gpu)) > 0 else "cpu", "precision": st.precision},
         "top_k": st.top_k if st.encoding == "topk" else None,
         "ensemble": st.ensemble if len(teachers) > 1 else None,
     })
@@ -211,10 +228,12 @@ def _all_images(data: DatasetArrays) -> Split:
 
 def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> ray.data.Dataset:
     st = cfg.soft_targets
-    gpus = teacher_gpus(st.num_gpus_per_actor)  # GPUs when the cluster has them, else the CPU
+    gpus = teacher_gpus(st.gpus_per_actor(cfg.train.use_gpu))  # GPUs when the cluster has them, else the CPU
     views = soft_target_views(cfg, data)
     predictor_kwargs: dict[str, Any] = {
-        "teachers": [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "state_dict": t.state_dict, "weight": t.config.weight} for t in teachers],
+        # Weights as object-store references: small constructor arguments, fetched once per actor.
+        "teachers": [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "state_dict": ray.put(t.state_dict),
+                      "weight": t.config.weight} for t in teachers],
         "input_shape": data.input_shape,
         "num_classes": data.num_classes,
         "mean": data.mean,
@@ -227,6 +246,7 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
         "use_gpu": gpus > 0,
         "views": asdict(views),
         "forward_batch": st.batch_size,
+        "precision": st.precision,
     }
     return to_ray_dataset(_all_images(data)).map_batches(
         TeacherPredictor,
@@ -295,6 +315,8 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
             "rows": rows, "teacher_forward_rows": forward_rows, "wall_s": wall, "rows_per_s": rows / wall, "cache_lock_wait_s": lock_wait_s,
             "cache_bytes": size, "views": views.count,
         })
+    say(f"soft targets: {'cache hit' if cache_hit else 'generated'}, {rows:,} rows ({views.count} view(s) per training image), "
+        f"{forward_rows:,} teacher forward rows" + (f", {forward_rows / wall:,.0f} rows/s" if forward_rows else "") + f", {wall:.0f} s")
     return SoftTargets(key, by_id[0], by_id[1], len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id, size)
 
 
@@ -348,6 +370,7 @@ def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft:
                   teachers: list[TeacherWeights] | None = None) -> StudentsResult:
     started = time.perf_counter()
     members = student_members(cfg, run_ids, data, soft)
+    say(f"students: {', '.join(m.name for m in members)}; {cfg.train.epochs} epochs on {len(train_ids):,} images, {soft.views} view(s) each")
     state_dicts, _ = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}",
                                      teachers=teachers)
     return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)

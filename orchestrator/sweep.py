@@ -9,6 +9,7 @@ itself, once its test metrics and MLflow runs are written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,10 +29,11 @@ from orchestrator import tracking
 from orchestrator.chains import assistant_as_teacher, chain_label, plan_chain, stage_key, stage_registry
 from orchestrator.cluster import check_cluster
 from orchestrator.config import ConfigError, JobConfig, SearchDim, StudentConfig, spec_of
-from orchestrator.evaluate import classification_metrics, predict_logits
+from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
 from orchestrator.pipeline import Prepared, init_ray, prepare, teacher_test_logits
+from orchestrator.progress import progress_printer
 from orchestrator.stages import (
     SoftTargets,
     TeacherWeights,
@@ -74,16 +76,18 @@ def search_space(cfg: JobConfig) -> dict[str, Any]:
     return space
 
 
-def max_concurrent_trials(cfg: JobConfig) -> int:
-    """Trials that fit beside the teacher actor pool, so Ray Data always keeps CPUs to run."""
+def max_concurrent_trials(cfg: JobConfig, resources: dict[str, float] | None = None) -> int:
+    """Trials that fit at once: each needs its workers' CPUs (and GPUs), beside a teacher actor pool that
+    Ray Data must always be able to run (an assistant's soft targets are made inside a trial)."""
     if cfg.sweep.max_concurrent_trials:
         return cfg.sweep.max_concurrent_trials
-    resources = ray.cluster_resources()
-    if cfg.train.use_gpu:
-        return max(1, int(resources.get("GPU", 0)))
-    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
-    data_cpus = cfg.soft_targets.num_actors * cfg.soft_targets.num_cpus_per_actor
-    return max(1, int((resources.get("CPU", 1) - data_cpus) // per_trial))
+    resources = ray.cluster_resources() if resources is None else resources
+    train, st = cfg.train, cfg.soft_targets
+    fits = [(resources.get("CPU", 1) - st.num_actors * st.num_cpus_per_actor) / (train.num_workers * train.cpus_per_worker)]
+    if train.use_gpu:
+        teacher_gpus_needed = st.num_actors * st.gpus_per_actor(True) if resources.get("GPU") else 0.0
+        fits.append((resources.get("GPU", 0) - teacher_gpus_needed) / train.num_workers)  # one GPU per worker
+    return max(1, int(min(fits)))
 
 
 def trial_config(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
@@ -117,7 +121,7 @@ def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets
     with tracking.run_scope(track.uri, track.experiment_id, f"stage:{stage.name}", parent_id=track.parent_id,
                             tags={"role": "assistant", "stage_key": key, "parent_soft_target_fingerprint": parent_soft.fingerprint}) as run_id:
         tracking.log_params(track.uri, run_id, tracking.flatten(stage.spec.model_dump(mode="json")))
-        stage_track = TrackingContext(track.uri, track.experiment_id, run_id)
+        stage_track = track.child(run_id)
         started = time.perf_counter()
         while True:
             cached = load_cached_weights(path)
@@ -201,7 +205,8 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             tracking.set_tags(uri, trial_run, {"final_stage_run_id": stage_run, "soft_target_fingerprints": soft.fingerprint, "lineage": ">".join(lineage)})
             if base.tracking.log_models:
                 example = np.zeros((1, *ctx.prep.data.input_shape), dtype=np.float32)
-                tracking.log_torch_model(uri, stage_run, model, name="model", input_example=example)
+                tracking.log_torch_model(uri, stage_run, model, name="model", spec=spec_of(student).model_dump(mode="json"),
+                                         input_shape=ctx.prep.data.input_shape, num_classes=ctx.prep.data.num_classes, input_example=example)
     tune.report(last_epoch | test)  # last: a STOP on it kills nothing left to do
 
 
@@ -219,7 +224,9 @@ def _replay_finished_trial(ctx: SweepContext, trial_id: str) -> bool:
 
 def _test_metrics(ctx: SweepContext, model: torch.nn.Module) -> dict[str, float]:
     data = ctx.prep.data
-    logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
+    logits = predict_logits(model.to(eval_device(ctx.prep.cfg.train.use_gpu)), data.test.images, mean=data.mean, std=data.std,
+                            precision=ctx.prep.cfg.train.precision)
+    model.cpu()
     metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test_logits(ctx.prep, ctx.soft))
     return {f"test_{k}": v for k, v in metrics.items()}
 
@@ -298,13 +305,16 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     uri = prep.tracking_uri
     rows_before = teacher_forward_rows()
     parent_id = _parent_run(prep, state_path, resume)
+    stack = contextlib.ExitStack()
     try:
         track = TrackingContext(uri, prep.experiment_id, parent_id)
+        sink = stack.enter_context(progress_printer())  # the teacher's epochs; Tune's table is the trials' progress
         if not resume:
             tree = cfg.model_dump(mode="json")
             tracking.log_params(uri, parent_id, tracking.flatten(tree))
             tracking.log_dict(uri, parent_id, tree, "config.json")  # `distill report` rebuilds the config from it
-        teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
+        teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track.with_progress(sink))
+                    for i in range(len(cfg.teachers))]
         soft = soft_target_stage(cfg, teachers, prep.data, track)
         ctx = SweepContext(prep, teachers, soft, parent_id)
         registry = stage_registry(parent_id)
@@ -323,6 +333,8 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     except BaseException:
         tracking.end_run(uri, parent_id, "FAILED")
         raise
+    finally:
+        stack.close()
     tracking.end_run(uri, parent_id, "FINISHED")
     return summary
 

@@ -14,6 +14,7 @@ from orchestrator.config import ModelSpec
 from orchestrator.data import normalize_images
 from orchestrator.models import build_model, load_weights
 from orchestrator.soft_targets import encode_logits
+from orchestrator.precision import autocast
 from orchestrator.views import ViewPolicy, views_of
 
 COUNTER_NAME = "kd-teacher-forward-rows"
@@ -86,13 +87,17 @@ class TeacherPredictor:
         use_gpu: bool,
         views: Mapping[str, Any] | None = None,
         forward_batch: int = 4096,
+        precision: str = "auto",
     ) -> None:
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.models = []
         for teacher in teachers:
             model = build_model(ModelSpec.model_validate(teacher["spec"]), tuple(input_shape), num_classes)
-            load_weights(model, teacher["state_dict"], where=f"teacher {teacher['name']}")
+            # Weights come as an object-store reference (each actor fetches them once) or, in tests, inline.
+            state = teacher["state_dict"]
+            state = ray.get(state) if isinstance(state, ray.ObjectRef) else state
+            load_weights(model, state, where=f"teacher {teacher['name']}")
             self.models.append(model.to(self.device).eval())
         self.weights = [float(t["weight"]) for t in teachers]
         self.mean, self.std = tuple(mean), tuple(std)
@@ -100,6 +105,7 @@ class TeacherPredictor:
         self.encoding, self.top_k, self.ensemble = encoding, top_k, ensemble
         self.policy = ViewPolicy(**(views or {}))
         self.forward_batch = max(1, forward_batch)
+        self.precision = precision
         self.counter = forward_row_counter()
 
     def _expand(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -113,17 +119,20 @@ class TeacherPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["id"].astype(np.int64)
         rows, out_ids, views = self._expand(ids)
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+        images = torch.from_numpy(np.array(batch["image"], copy=True))  # Ray's zero-copy batch is read-only; torch warns on those
+        cuda = self.device.type == "cuda"
+        # The batch's uint8 images cross to the device once (pinned, non-blocking); views are cut and
+        # normalised there, and only the logits come back.
+        images = images.pin_memory().to(self.device, non_blocking=True) if cuda else images
+        ids_t, rows_t, views_t = (torch.from_numpy(a).to(self.device) for a in (out_ids, rows, views))
         chunks = []
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision, self.device):
             for start in range(0, len(rows), self.forward_batch):
                 part = slice(start, start + self.forward_batch)
-                uint8 = views_of(images[torch.from_numpy(rows[part])].to(self.device), torch.from_numpy(out_ids[part]).to(self.device),
-                                 torch.from_numpy(views[part]).to(self.device), self.policy)
-                x = normalize_images(uint8, self.mean, self.std)
-                outputs = [model(x) for model in self.models]
+                x = normalize_images(views_of(images[rows_t[part]], ids_t[part], views_t[part], self.policy), self.mean, self.std)
+                outputs = [model(x).float() for model in self.models]
                 logits = outputs[0] if len(outputs) == 1 else ensemble_logits(outputs, self.weights, rule=self.ensemble)
-                chunks.append(logits.float().cpu())
+                chunks.append(logits.cpu())
         self.counter.add.remote(len(rows))
         logits = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
         return {"id": out_ids, "view": views.astype(np.int16), **encode_logits(logits, encoding=self.encoding, top_k=self.top_k)}

@@ -43,16 +43,16 @@ class LossTerm(BaseModel):
     """One weighted term of a student's loss."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    name: str
-    weight: float = Field(1.0, ge=0.0)
-    temperature: float | None = Field(None, gt=0.0)  # default: kd.temperature
-    standardize: bool = False
-    tckd_weight: float = Field(1.0, ge=0.0)  # DKD's alpha (Zhao et al. use 1)
-    nckd_weight: float = Field(8.0, ge=0.0)  # DKD's beta (8 on CIFAR-100 in the paper)
-    layers: dict[str, str] = Field(default_factory=dict)  # student module name -> teacher module name
-    p: float = Field(2.0, gt=0.0)  # attention transfer exponent
-    distance_weight: float = Field(1.0, ge=0.0)
-    angle_weight: float = Field(2.0, ge=0.0)
+    name: str = Field(description="`ce`, `kd`, `dkd`, `fitnet`, `at`, `rkd` or `dml`")
+    weight: float = Field(1.0, ge=0.0, description="the term's weight in the sum (0 skips it)")
+    temperature: float | None = Field(None, gt=0.0, description="kd, dkd, dml: the term's own T (default: kd.temperature; dml: 1)")
+    standardize: bool = Field(False, description="kd, dkd: z-score both logit vectors first (logit standardization, Sun et al. 2024)")
+    tckd_weight: float = Field(1.0, ge=0.0, description="dkd: weight of the target-class term (DKD's alpha; Zhao et al. use 1)")
+    nckd_weight: float = Field(8.0, ge=0.0, description="dkd: weight of the non-target term (DKD's beta; 8 on CIFAR-100 in the paper)")
+    layers: dict[str, str] = Field(default_factory=dict, description="fitnet, at, rkd: {student module: teacher module} (rkd: one pair, or none for the logits)")
+    p: float = Field(2.0, gt=0.0, description="at: the exponent of the attention maps")
+    distance_weight: float = Field(1.0, ge=0.0, description="rkd: weight of the distance-wise term")
+    angle_weight: float = Field(2.0, ge=0.0, description="rkd: weight of the angle-wise term")
 
     @model_validator(mode="after")
     def _params_fit_the_term(self) -> "LossTerm":

@@ -101,13 +101,41 @@ def check_reachable(uri: str, *, timeout_s: float = 5.0) -> None:
 def ensure_experiment(uri: str, name: str) -> str:
     check_reachable(uri)
     # Schema creation/migration chatter on a new SQLite store is not the user's business.
-    for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.pyfunc", "mlflow.models.model"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a tqdm bar per model download otherwise
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=_default_artifact_location(uri))
+    if experiment is None:
+        experiment_id = mlflow_client.create_experiment(name, artifact_location=_default_artifact_location(uri), tags=EXPERIMENT_TAGS)
+    else:
+        experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND) is None:  # made by an older version, or by hand
+            mlflow_client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
+    return experiment_id
+
+
+# Without this tag the MLflow 3 UI opens an experiment in its GenAI view (traces, an assistant panel);
+# "custom_model_development" makes it open on the training runs.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
+def log_datasets(uri: str, run_id: str, datasets: list[Mapping[str, Any]]) -> None:
+    """Record what a run read as MLflow dataset inputs (the runs table's Dataset column): each a mapping with
+    name, digest, source, context (training / validation / test / soft_targets) and rows. Nothing is copied."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [
+        DatasetInput(
+            Dataset(name=d["name"], digest=str(d["digest"])[:36], source_type="local",
+                    source=json.dumps({"uri": redact(str(d["source"]))}), profile=json.dumps({"num_rows": int(d["rows"])})),
+            tags=[InputTag("mlflow.data.context", d["context"])],
+        )
+        for d in datasets
+    ]
+    if inputs:
+        client(uri).log_inputs(run_id, datasets=inputs)
 
 
 def _default_artifact_location(uri: str) -> str | None:
@@ -201,30 +229,34 @@ def log_artifact(uri: str, run_id: str, local_path: str | Path, artifact_path: s
     client(uri).log_artifact(run_id, str(local_path), artifact_path)
 
 
-def log_torch_model(uri: str, run_id: str, model: Any, *, name: str, input_example: Any = None) -> str:
-    """Log a torch module under `run_id`; returns the model URI (`runs:/<id>/<name>`).
+def log_torch_model(uri: str, run_id: str, model: Any, *, name: str, spec: Mapping[str, Any], input_shape: Any, num_classes: int,
+                    input_example: Any = None) -> str:
+    """Log a torch module under `run_id` as its state dict and architecture (mlflow_model_code.py); returns its URI.
 
-    mlflow.pytorch.log_model only writes to the active run, so the run is activated
-    briefly. It is not ended here: the caller's run_scope decides its final status.
+    The run is activated briefly (log_model writes to the active run) and not ended here: the caller's
+    run_scope decides its final status.
     """
+    import torch
+
     mlflow.set_tracking_uri(uri)
-    # MLflow runs the input example through the model to infer a signature: in train mode
-    # that would update BatchNorm statistics and log (and leave) different weights.
     model.eval()
-    active = mlflow.start_run(run_id=run_id)
-    try:
-        mlflow.pytorch.log_model(
-            model,
-            name=name,
-            input_example=input_example,
-            # pickle keeps load_model returning a plain nn.Module (state_dict() works); pt2 would trace.
-            serialization_format="pickle",
-            # Explicit requirements skip MLflow's slow import-scanning inference.
-            pip_requirements=_model_requirements(),
-        )
-    finally:
-        # Pop mlflow's active-run stack without terminating the run.
-        _detach_active_run(active)
+    with tempfile.TemporaryDirectory(prefix="kd-model-") as scratch:
+        weights, meta = Path(scratch) / "weights.pt", Path(scratch) / "spec.json"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        meta.write_text(json.dumps({"spec": dict(spec), "input_shape": list(input_shape), "num_classes": int(num_classes)}))
+        active = mlflow.start_run(run_id=run_id)
+        try:
+            mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(__file__).with_name("mlflow_model_code.py")),
+                artifacts={"weights": str(weights), "spec": str(meta)},
+                input_example=input_example,
+                # Explicit requirements skip MLflow's slow import-scanning inference.
+                pip_requirements=_model_requirements(),
+            )
+        finally:
+            # Pop mlflow's active-run stack without terminating the run.
+            _detach_active_run(active)
     return f"runs:/{run_id}/{name}"
 
 
@@ -243,8 +275,9 @@ def _model_requirements() -> list[str]:
 
 
 def load_torch_model(uri: str, model_uri: str) -> Any:
+    """The torch module of a model logged by `log_torch_model` (`runs:/...`, `models:/name@alias`), on the CPU."""
     mlflow.set_tracking_uri(uri)
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
 
 
 def artifact_text(uri: str, run_id: str, path: str) -> str:

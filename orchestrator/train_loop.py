@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from orchestrator.objectives import build_objective, step_members
 from orchestrator.online import OnlineTeacher, layer_pairs
 from orchestrator.soft_targets import decode_logits, logit_columns
 from orchestrator.term_config import LossTerm
+from orchestrator.precision import autocast, grad_scaler
+from orchestrator.progress import emit
 from orchestrator.views import ViewPolicy, epoch_views, random_views, views_of
 
 STATE_FILE = "state.pt"
@@ -67,6 +70,7 @@ class LoopConfig(BaseModel):
     seed: int
     train_rows: int  # rows of the whole train dataset (all workers): sizes the per-step LR schedule
     has_val: bool = True  # False with dataset.val_fraction 0: no "val" dataset, no per-epoch validation
+    progress_sink: str | None = None  # the job's progress.ProgressSink; None: print (Ray forwards it when verbose)
     views: dict[str, Any] = {}  # the ViewPolicy students draw from (views.py); the cache holds the same views in cached mode
     tracking_uri: str | None = None
     # online: these teachers (name, spec, weight; weights via OBJECTS_KEY) run in the worker on every batch.
@@ -82,6 +86,7 @@ class Member:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: Any  # an objectives.Objective (with any adapters), or a bare LOSSES function
+    scaler: Any = None  # a torch.amp.GradScaler when training in fp16 on a GPU
 
     @property
     def plain_model(self) -> torch.nn.Module:
@@ -141,7 +146,9 @@ class ShardBatches:
     def collect(self) -> dict[str, torch.Tensor]:
         if self.tensors is None:
             parts: dict[str, list[torch.Tensor]] = {}
-            for batch in self.shard.iter_torch_batches(batch_size=8192):
+            # On the host (device="cpu"), pinned when a GPU will read it: the shard (with every view's soft targets)
+            # stays out of GPU memory; each batch crosses on its own (train_one_epoch).
+            for batch in self.shard.iter_torch_batches(batch_size=8192, device="cpu"):
                 for key, value in batch.items():
                     parts.setdefault(key, []).append(value)
             tensors = {key: torch.cat(values) for key, values in parts.items()}
@@ -150,6 +157,8 @@ class ShardBatches:
             if "id" in tensors and len(tensors["id"]):
                 order = torch.argsort(tensors["id"])
                 tensors = {key: value[order] for key, value in tensors.items()}
+            if torch.cuda.is_available():
+                tensors = {key: value.pin_memory() for key, value in tensors.items()}
             self.tensors = tensors
         return self.tensors
 
@@ -161,7 +170,7 @@ class ShardBatches:
             return
         tensors = self.collect()
         n = len(next(iter(tensors.values())))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)).to(next(iter(tensors.values())).device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))  # on the host, like the shard
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             yield {key: value[index] for key, value in tensors.items()}
@@ -194,8 +203,11 @@ def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, epoch: 
     totals = {m.config.name: torch.zeros((), dtype=torch.float64, device=device) for m in members}
     rows = 0
     for batch in batches:
-        images = batch["image"].to(device)
-        labels = batch["label"].to(device).long()
+        # uint8 crosses to the device (a quarter of float32's bytes, from pinned memory: non-blocking);
+        # views and normalisation happen there.
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        images = batch["image"]
+        labels = batch["label"].long()
         teacher = None
         if loop.encoding is None:  # a teacher training on labels
             images = random_views(images, own_augmentation, generator)
@@ -207,7 +219,7 @@ def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, epoch: 
                 teacher = cached_teacher_logits(batch, loop, views).to(device)
         x = normalize_images(images, loop.mean, loop.std)
         # The online teacher (or None) sees the same view as the students.
-        losses = step_members(members, x, labels, teacher, teacher_model, max_norm=loop.optim.max_norm)
+        losses = step_members(members, x, labels, teacher, teacher_model, max_norm=loop.optim.max_norm, precision=loop.optim.precision)
         for name, loss in losses.items():
             totals[name] += loss.double() * len(labels)  # stays on the device: no host sync per step
         rows += len(labels)
@@ -223,10 +235,11 @@ def validate(members: list[Member], val: dict[str, torch.Tensor], loop: LoopConf
     results = {}
     for member in members:
         model = member.plain_model.eval()
-        logits = torch.cat([
-            model(normalize_images(images[i : i + 4096].to(device), loop.mean, loop.std)).float().cpu()
-            for i in range(0, len(images), 4096)
-        ])
+        with autocast(loop.optim.precision, device):
+            logits = torch.cat([
+                model(normalize_images(images[i : i + 4096].to(device, non_blocking=True), loop.mean, loop.std)).float().cpu()
+                for i in range(0, len(images), 4096)
+            ])
         results[member.config.name] = classification_metrics(logits, labels, teacher)
     return results
 
@@ -267,7 +280,7 @@ def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher |
         if state is not None:
             optimizer.load_state_dict(state["optimizers"][config.name])
             scheduler.load_state_dict(state["schedulers"][config.name])
-        members.append(Member(config, model, optimizer, scheduler, objective))
+        members.append(Member(config, model, optimizer, scheduler, objective, grad_scaler(loop.optim.precision, ray.train.torch.get_device())))
     return members
 
 
@@ -287,8 +300,14 @@ def _format_line(stage: str, name: str, epoch: int, epochs: int, train_loss: flo
 
 def _quiet_worker_logs() -> None:
     """One line per epoch per model is the progress; Ray's per-report INFO lines and the
-    ingest progress bars of every epoch would bury it."""
-    for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+    ingest progress bars of every epoch would bury it (distill -v keeps them)."""
+    if os.environ.get("KD_VERBOSE"):
+        return
+    from ray.train.v2._internal.execution import context
+
+    # Ray Train's "Reporting training result N: TrainingReport(...)" comes from a logger named after its
+    # file path, outside the "ray.train" tree that RunConfig's LoggingConfig filters.
+    for name in ("ray.train", context.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -341,7 +360,7 @@ def train_loop_per_worker(config: dict) -> None:
             _log_epoch(loop, members, metrics, epoch)
             for member in members:
                 name = member.config.name
-                print(_format_line(loop.stage, name, epoch, loop.optim.epochs, train_loss[name], val_metrics.get(name, {}), seconds), flush=True)
+                emit(loop.progress_sink, _format_line(loop.stage, name, epoch, loop.optim.epochs, train_loss[name], val_metrics.get(name, {}), seconds))
             with tempfile.TemporaryDirectory() as directory:
                 save_state(members, epoch, Path(directory))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

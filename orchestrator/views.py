@@ -116,8 +116,6 @@ def apply_views(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: 
     """
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise TypeError(f"apply_views expects uint8 (B, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-    if max_shift == 0 and not bool_any(flip):
-        return images
     b, _, h, w = images.shape
     device = images.device
     dx, dy, flip = (torch.as_tensor(t, device=device).to(torch.int64) for t in (dx, dy, flip))
@@ -132,16 +130,9 @@ def apply_views(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: 
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def bool_any(flags: Any) -> bool:
-    """Whether any flip is set; a Python bool for the fast path (one host read per batch, not per row)."""
-    if isinstance(flags, torch.Tensor):
-        return bool(flags.any()) if flags.numel() else False
-    return bool(np.any(flags))
-
-
 def views_of(images: torch.Tensor, ids: torch.Tensor, views: torch.Tensor, policy: ViewPolicy) -> torch.Tensor:
     """View `views[b]` of example `ids[b]` for every row of a uint8 batch."""
-    if policy.count == 1 and policy.max_shift == 0:
+    if policy.grid_size == 1:  # decided by the policy, never by the data: no host read of a GPU tensor
         return images
     dx, dy, flip = policy.params(ids.to(torch.int64), views.to(torch.int64))
     return apply_views(images, dx, dy, flip, fill=policy.fill, max_shift=policy.max_shift)

@@ -40,6 +40,7 @@ def files(tmp_path_factory) -> Path:
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "typed.yaml").write_text("kd:\n  temperature: hot\n")
     (root / "unknown.yaml").write_text("name: x\nepochs: 5\n")
+    (root / "empty.yaml").write_text("")
     digits_mlp = ModelSpec(family="mlp", hidden=[16])
     torch.manual_seed(0)
     torch.save(build_model(digits_mlp, (1, 8, 8), 5).state_dict(), root / "five_classes.pt")
@@ -109,7 +110,7 @@ CASES = {
     "YAML top level not a mapping": (["run", "{f}/list.yaml"], "top level must be a mapping, got list"),
     "wrong type in the file": (["run", "{f}/typed.yaml"], "kd.temperature: Input should be a valid number"),
     "unknown key in the file": (["run", "{f}/unknown.yaml"], "epochs: unknown key"),
-    "config is a directory": (["run", "{f}"], "config file not found"),
+    "config is a directory": (["run", "{f}"], "config file {f} is a folder, not a YAML file"),
     "override without =": (["run", DIGITS, "kd.temperature"], "override 'kd.temperature': expected key=value"),
     "override value not YAML": (["run", DIGITS, "kd.alpha=[1"], "override kd.alpha: value is not valid YAML"),
     "override into a missing list item": (["run", DIGITS, "students.7.hidden=[8]"], "students.7: no list item '7'"),
@@ -147,6 +148,13 @@ CASES = {
     "bias correction without validation": (["run", DIGITS, "dataset.val_fraction=0", "transfer.exclude_classes=[3]", "transfer.bias_correction=true"],
                                            "dataset.val_fraction: the validation split is empty; transfer.bias_correction"),
     "excluded class out of range": (["run", DIGITS, "transfer.exclude_classes=[12]"], "transfer.exclude_classes: class 12 does not exist"),
+    # Paths: empty, or the wrong kind of thing
+    "empty config file": (["run", "{f}/empty.yaml"], "{f}/empty.yaml: the config file is empty"),
+    "cache folder that is a file": (["run", DIGITS, "soft_targets.cache_dir={f}/good.pt"], "soft_targets.cache_dir: {f}/good.pt is a file, not a folder"),
+    "storage folder that is a file": (["sweep", SWEEP, "train.storage_path={f}/good.pt"], "train.storage_path: {f}/good.pt is a file, not a folder"),
+    "dataset root that is a file": (["run", DIGITS, "dataset.name=fashion_mnist", "dataset.root={f}/good.pt"], "dataset.root: {f}/good.pt is a file, not a folder"),
+    "checkpoint that is a folder": (["run", DIGITS, "teachers.0.checkpoint={f}/mnist"], "teachers.0.checkpoint: {f}/mnist is a folder, not a file"),
+    "empty cache path": (["run", DIGITS, "soft_targets.cache_dir=''"], "soft_targets.cache_dir: empty path"),
     # Checkpoints
     "checkpoint with the wrong class count": (
         ["run", DIGITS, "teachers.0.family=mlp", "teachers.0.hidden=[16]", "teachers.0.checkpoint={f}/five_classes.pt"],

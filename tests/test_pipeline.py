@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -93,7 +92,7 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     assert soft_run.data.metrics["teacher_forward_rows"] == 1797  # train + test, each row once
     assert soft_run.data.tags["cache_hit"] == "False"
 
-    model = mlflow.pytorch.load_model(f"runs:/{student.info.run_id}/model", map_location="cpu")
+    model = tracking.load_torch_model(mlflow_uri, f"runs:/{student.info.run_id}/model")
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
     # Second run, same config and cache: no teacher training, no teacher inference.
@@ -138,7 +137,7 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     assert pruned.data.tags["teacher_fingerprint"] != second_teacher.data.tags["teacher_fingerprint"]
     assert max(runs["soft-targets"], key=lambda r: r.info.start_time).data.tags["cache_hit"] == "False"
     assert teacher_forward_rows() == rows_before + 1797
-    pruned_model = mlflow.pytorch.load_model(f"runs:/{pruned.info.run_id}/model", map_location="cpu")
+    pruned_model = tracking.load_torch_model(mlflow_uri, f"runs:/{pruned.info.run_id}/model")
     zeros = sum(int((m.weight == 0).sum()) for m in pruned_model.modules() if isinstance(m, torch.nn.Conv2d))
     assert zeros > 0  # the logged model is the pruned one
 

@@ -22,16 +22,21 @@ import readme_results  # noqa: E402
 
 @pytest.fixture
 def copies(tmp_path) -> tuple[Path, Path]:
-    """(README copy, results folder copy): the tests edit these, never the committed files."""
-    readme = tmp_path / "README.md"
-    shutil.copy(REPO / "README.md", readme)
+    """(docs/results.md copy, results folder copy), and a README copy beside them: the tests edit these, never the committed files."""
+    readme = tmp_path / "results.md"
+    shutil.copy(REPO / "docs" / "results.md", readme)
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
     results = tmp_path / "results"
     shutil.copytree(REPO / "benchmarks" / "results", results)
     return readme, results
 
 
+def documents(readme: Path) -> list[str]:
+    return ["--readme", str(readme), "--readme", str(readme.parent / "README.md")]
+
+
 def check(readme: Path, results: Path) -> int:
-    return readme_results.main(["--check", "--readme", str(readme), "--results", str(results)])
+    return readme_results.main(["--check", *documents(readme), "--results", str(results)])
 
 
 def block(readme: Path, name: str) -> str:
@@ -54,10 +59,10 @@ def test_a_changed_number_in_the_json_makes_its_block_stale(copies, capsys):
     before = block(readme, "methods")
 
     assert check(readme, results) == 1
-    assert "stale results block(s): methods " in capsys.readouterr().err
+    assert "stale results block(s): results.md:methods " in capsys.readouterr().err
 
     outside_before = readme.read_text().replace(before, "")
-    assert readme_results.main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert readme_results.main([*documents(readme), "--results", str(results)]) == 0
     after = block(readme, "methods")
     assert after != before and "| 4321 |" in after
     assert readme.read_text().replace(after, "") == outside_before  # the hand-written text is untouched
@@ -75,7 +80,7 @@ def test_a_missing_json_renders_not_run_yet(copies):
     readme, results = copies
     for name in ("pipeline", "sweep_cost"):
         (results / f"{name}.json").unlink()
-    readme_results.main(["--readme", str(readme), "--results", str(results)])
+    readme_results.main([*documents(readme), "--results", str(results)])
     assert block(readme, "pipeline") == "not run yet: python benchmarks/bench_pipeline.py\n"
     assert block(readme, "sweep_cost").startswith("not run yet: python benchmarks/bench_sweep.py")
     assert "not run yet" not in block(readme, "growth")  # only the missing ones

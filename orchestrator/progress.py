@@ -1,0 +1,114 @@
+"""What a person sees while a job runs: this project's lines, one per epoch and stage, and nothing of Ray's.
+
+By default Ray's own output stays in its session logs (`ray.init(log_to_driver=False)`): no worker
+prefixes, no Ray Data progress bars, no per-report dumps. Train workers send their epoch lines to a
+`ProgressSink` actor of the job instead, and the driver prints them (`progress_printer`). Errors
+still reach the console in full: Ray raises a worker's exception, with its traceback, in the driver.
+`distill -v` (KD_VERBOSE=1) turns Ray's output back on.
+
+Lines are printed with rich, which leaves out colours and control codes when stdout is not a
+terminal (CI, `ray job logs`): plain lines, one per event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+
+import ray
+
+VERBOSE_ENV = "KD_VERBOSE"
+SINK_NAMESPACE = "kd-orchestrator"
+
+
+def verbose() -> bool:
+    return bool(os.environ.get(VERBOSE_ENV))
+
+
+def console():
+    from rich.console import Console
+
+    # Piped output would otherwise be cut to 80 columns; `highlight=False`: no colouring of numbers.
+    return Console(width=None if Console().is_terminal else 120, highlight=False, soft_wrap=True)
+
+
+def say(line: str) -> None:
+    """A line of the driver's own (stage starts and ends)."""
+    console().print(line)
+
+
+@ray.remote(num_cpus=0)
+class ProgressSink:
+    """Collects progress lines from train workers until the driver drains them."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def emit(self, line: str) -> None:
+        self.lines.append(line)
+
+    def drain(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def emit(sink_name: str | None, line: str) -> None:
+    """From a worker: hand `line` to the job's sink (fire and forget), or print it when there is none."""
+    if sink_name:
+        try:
+            ray.get_actor(sink_name, namespace=SINK_NAMESPACE).emit.remote(line)
+            return
+        except ValueError:  # the driver is gone (a test calling the loop directly): print instead
+            pass
+    print(line, flush=True)
+
+
+@contextlib.contextmanager
+def progress_printer(interval_s: float = 0.5) -> Iterator[str | None]:
+    """Start the job's sink and a thread printing what reaches it; yields the sink's name (None when verbose:
+    then workers print, and Ray forwards their output)."""
+    if verbose():
+        yield None
+        return
+    name = f"kd-progress-{uuid.uuid4().hex[:12]}"
+    sink = ProgressSink.options(name=name, namespace=SINK_NAMESPACE).remote()
+    out = console()
+    stop = threading.Event()
+
+    def pump() -> None:
+        while True:
+            finished = stop.wait(interval_s)
+            try:
+                for line in ray.get(sink.drain.remote(), timeout=30):
+                    out.print(line)
+            except Exception:  # noqa: BLE001  (Ray shutting down under us: progress is best effort)
+                return
+            if finished:
+                return
+
+    thread = threading.Thread(target=pump, name="kd-progress", daemon=True)
+    thread.start()
+    try:
+        yield name
+    finally:
+        stop.set()
+        thread.join(timeout=35)
+        with contextlib.suppress(Exception):
+            ray.kill(sink)
+
+
+def quiet_driver_logs() -> None:
+    """The driver's share of the quiet: Ray Data's execution logs and progress bars, Ray core's start-up INFO."""
+    if verbose():
+        return
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray.data", "ray.train", "ray.tune", "ray._private.worker"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,58 @@
+"""What a person sees: a short `distill run` as a user starts it, its console read back (not a TTY, as in CI)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import tracking
+
+pytestmark = pytest.mark.integration
+REPO_ROOT = Path(__file__).resolve().parents[1]
+JOB = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.train.epochs=2", "train.epochs=2", "soft_targets.num_actors=1",
+       "views.max_shift=1", "tracking.experiment=console"]
+NOISE = ("TrainingReport(", "A new progress UI", "Pickle", "pickle", "(pid=", "Running Dataset", "Token authentication")
+ESCAPE = re.compile(r"\x1b\[")
+
+
+def _distill(args: list[str], workdir: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KD_VERBOSE")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_default_console_is_ours_and_verbose_brings_rays_back(tmp_path):
+    quiet = _distill(JOB, tmp_path)
+    lines = quiet.splitlines()
+    assert len(lines) <= 60, quiet
+    for noise in NOISE:
+        assert noise not in quiet, f"{noise!r} in the default console:\n{quiet}"
+    assert not ESCAPE.search(quiet)  # not a terminal: plain lines
+    # One line per epoch per model, then the table.
+    assert sum("[teacher:cnn] epoch" in line for line in lines) == 2
+    assert sum("[distill:mlp16-baseline] epoch" in line for line in lines) == 2
+    assert any(line.startswith("teacher cnn: training 2 epochs") for line in lines)
+    assert any("kd-orchestrator results (test set)" in line for line in lines)
+
+    # The MLflow side: a training experiment, the parent's datasets and artifacts.
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("console")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client.search_runs([experiment.experiment_id], "tags.job = 'distill'")[0]
+    contexts = {d.tags[0].value: d.dataset.name for d in parent.inputs.dataset_inputs}
+    assert contexts == {"training": "digits-train", "validation": "digits-validation", "test": "digits-test", "soft_targets": "digits-soft-targets"}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"summary.json", "summary.md", "plots/val_accuracy.png"} <= artifacts
+    student = client.search_runs([experiment.experiment_id], "tags.role = 'student'")[0]
+    model = tracking.load_torch_model(f"sqlite:///{tmp_path / 'mlflow.db'}", f"runs:/{student.info.run_id}/model")
+    assert sum(p.numel() for p in model.parameters()) > 0  # rebuilt from its state dict and spec, nothing unpickled
+
+    loud = _distill(["run", *JOB[1:], "-v"], tmp_path)
+    assert "(pid=" in loud or "TrainingReport(" in loud  # Ray's own lines are back
