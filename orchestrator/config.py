@@ -16,15 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.errors import ConfigError, RayStartError  # noqa: F401  (re-exported: callers import them from here)
 from orchestrator.term_config import LossTerm, check_students, parse_loss
 
 
-class ConfigError(ValueError):
-    """A bad configuration or input, reported as one line (exit code 2 in the CLI)."""
-
-
-class RayStartError(RuntimeError):
-    """The local Ray did not come up (overloaded machine, port taken): the CLI reports one line, exit 1."""
 
 
 class _Strict(BaseModel):

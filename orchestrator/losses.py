@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 from orchestrator.loss_common import check_alpha as _check_alpha
 from orchestrator.loss_common import check_logits as _check_logits
 from orchestrator.loss_common import check_temperature as _check_temperature

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 
 
 def build_command(*, host: str, port: int, backend_store_uri: str, artifacts_destination: str, workers: int) -> list[str]:

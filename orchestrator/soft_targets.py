@@ -48,7 +48,7 @@ from orchestrator.cache_manifest import (  # noqa: F401  (ID_COLUMN, CacheCorrup
     load_table,
     validate,
 )
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and ray are heavy; only the functions that need them import them
     import ray.data

@@ -339,9 +339,6 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     return summary
 
 
-def naive_forward_rows(rows: int, trials: int, epochs: int) -> int:
-    """Teacher rows a sweep costs when every trial runs the teacher every epoch (train split only)."""
-    return rows * trials * epochs
 
 
 

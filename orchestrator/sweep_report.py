@@ -87,7 +87,6 @@ def register_champion(cfg: JobConfig, prep, best: pd.Series, parent_id: str, tea
 
 
 def finish_sweep(cfg: JobConfig, prep, results, parent_id: str, teachers, soft, *, forward_rows: int, stage_stats: dict[str, int]) -> dict[str, Any]:
-    from orchestrator.sweep import naive_forward_rows
 
     uri, metric = prep.tracking_uri, cfg.sweep.metric
     closed = close_stopped_trials(prep, parent_id)
@@ -125,3 +124,8 @@ def finish_sweep(cfg: JobConfig, prep, results, parent_id: str, teachers, soft, 
 
     print_sweep_summary(summary, metric, uri)
     return summary
+
+
+def naive_forward_rows(rows: int, trials: int, epochs: int) -> int:
+    """Teacher rows a sweep costs when every trial runs the teacher every epoch (train split only)."""
+    return rows * trials * epochs

@@ -1,4 +1,8 @@
-"""Shared fixtures: one real local Ray cluster per test session, a real SQLite MLflow store per test."""
+"""Shared fixtures: a real local Ray cluster shared by the tests that need one, a real SQLite MLflow store per test.
+
+Tests that use a Ray cluster or a real MLflow store end to end are marked `integration` here, from
+their fixtures, so no test can forget the mark: `pytest -m "not integration"` runs the fast ones.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,54 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tests of these modules start Ray or `distill` processes of their own (not through ray_session).
+PROCESS_MODULES = {"test_faults", "test_local_ray", "test_cluster_integration", "test_console", "test_sweep"}
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A real local Ray with 2 CPUs, started once for the whole session."""
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "ray_session" in item.fixturenames or item.module.__name__.rsplit(".", 1)[-1] in PROCESS_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
+def _start_ray():
     import ray
 
     # Workers must import `orchestrator` from this checkout even when it is not installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A real local Ray with 2 CPUs, started by the first module that needs it and kept for the next ones.
+
+    Module-scoped, not session-scoped: a test that needs no Ray in this process (test_bad_input's
+    `no_ray`) may stop it, and the next module that needs one starts it again, whatever the order.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        _start_ray()
     yield ray
-    ray.shutdown()
+
+
+@pytest.fixture
+def no_ray():
+    """This process without a Ray: a command run in it must start (or refuse to start) its own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -78,8 +78,9 @@ def workdir(tmp_path, monkeypatch, store) -> Path:
 
 
 @pytest.fixture
-def ray_tmpdir(monkeypatch):
-    """Where a Ray started by the command would put its session (short: Ray's socket paths have a length limit)."""
+def ray_tmpdir(monkeypatch, no_ray):
+    """Where a Ray started by the command would put its session (short: Ray's socket paths have a length limit);
+    no Ray of the test session in this process, whichever tests ran before."""
     with tempfile.TemporaryDirectory(prefix="kdray") as folder:
         monkeypatch.setenv("RAY_TMPDIR", folder)
         yield Path(folder)
@@ -87,7 +88,7 @@ def ray_tmpdir(monkeypatch):
 
 def assert_bad_input(argv: list[str], message: str, workdir: Path, ray_tmpdir: Path, capfd) -> str:
     """Runs `distill <argv>` in this process and checks the contract; returns the error line."""
-    assert not ray.is_initialized(), "these checks must run without a Ray of the test session"
+    assert not ray.is_initialized()  # the no_ray fixture saw to it
     code = cli_main(argv)
     err = capfd.readouterr().err
     assert code == 2, err[-3000:]

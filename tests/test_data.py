@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 import time
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -254,9 +256,8 @@ def test_fingerprints(digits, mnist):
     assert limited.fingerprint("test") != digits.fingerprint("test")
     # Cached after the first call: the 47 MB MNIST train split is not rehashed.
     first = mnist.fingerprint("train")
-    start = time.perf_counter()
-    assert mnist.fingerprint("train") == first
-    assert time.perf_counter() - start < 1e-3
+    with mock.patch("orchestrator.data.hashlib.sha256", side_effect=AssertionError("rehashed")):
+        assert mnist.fingerprint("train") == first
     with pytest.raises(ValueError, match="'train' or 'test'"):
         mnist.fingerprint("val")
 
@@ -272,11 +273,9 @@ def test_split_rejects_wrong_dtypes():
 
 
 def test_to_ray_dataset_full_mnist(ray_session, mnist):
-    start = time.perf_counter()
     ds = to_ray_dataset(mnist.train)
-    assert time.perf_counter() - start < 10  # ~1 s on 2 cores; a row-by-row build would take minutes
     assert ds.count() == 60_000
-    assert ds.num_blocks() >= 2
+    assert ds.num_blocks() == 8  # ceil(60,000 / 8,192 rows per block): whole Arrow blocks, not rows
     assert ds.schema().names == ["id", "image", "label"]
     ids = np.concatenate([batch["id"] for batch in ds.iter_batches(batch_size=8192, batch_format="numpy")])
     assert np.array_equal(ids, np.arange(60_000))

@@ -448,15 +448,15 @@ def test_ctrl_c_during_a_ray_train_run_is_a_keyboard_interrupt(ray_session, tmp_
 
         pathlib.Path(config["started"]).touch()
         clock.sleep(300)
+        pathlib.Path(config["started"]).with_name("finished").touch()
 
     ours = signal.getsignal(signal.SIGINT)
     trainer = TorchTrainer(train_func, train_loop_config={"started": str(started)}, scaling_config=ScalingConfig(num_workers=1),
                            run_config=RunConfig(storage_path=str(tmp_path), name="ctrl-c-train"))
     _ctrl_c_once_started(started)
-    began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         train_fit_noticing_ctrl_c(trainer)
-    assert started.exists() and time.monotonic() - began < 200  # aborted, not after the worker's 300 s
+    assert started.exists() and not (tmp_path / "finished").exists()  # aborted, not after the worker's 300 s
     assert signal.getsignal(signal.SIGINT) is ours  # Ray Train's handler does not outlive the run
 
 
@@ -477,13 +477,13 @@ def test_ctrl_c_during_a_tune_run_is_a_keyboard_interrupt(ray_session, tmp_path)
         for step in range(3000):
             clock.sleep(0.1)
             tune.report({"step": step})
+        pathlib.Path(config["started"]).with_name("finished").touch()
 
     ours = signal.getsignal(signal.SIGINT)
     tuner = tune.Tuner(trainable, param_space={"started": str(started)}, run_config=tune.RunConfig(storage_path=str(tmp_path), name="ctrl-c"))
     _ctrl_c_once_started(started)
-    began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         fit_noticing_ctrl_c(tuner)
-    assert started.exists() and time.monotonic() - began < 200  # stopped early, not after the trial's 300 s
+    assert started.exists() and not (tmp_path / "finished").exists()  # stopped early, not after the trial's 300 s
     assert signal.getsignal(signal.SIGINT) is ours  # a later Ctrl-C is not swallowed by Tune's handler
     assert tune.Tuner.can_restore(str(tmp_path / "ctrl-c"))  # Tune's state was saved: --resume can continue

@@ -34,8 +34,9 @@ def test_digits_every_method_family_online_teacher_with_jitter(ray_session, work
     names = ["kd", "dkd-ls", "features", "dml-a", "dml-b", "born-again"]
     assert [(r["role"], r["name"]) for r in rows] == [("teacher", "cnn")] + [("student", n) for n in names]
     for row in rows[1:]:
-        # Four epochs of a small CNN on 8x8 digits: far above chance (0.1) whatever the loss.
-        assert row["test_accuracy"] > 0.4, row
+        # Trained, not broken (chance is 0.1): this test is the plumbing of every family in one job; what each
+        # loss computes is pinned in test_objectives.py and test_*_losses.py, whether it helps in benchmarks/.
+        assert row["test_accuracy"] > 0.3, row
         assert row["params"] == rows[1]["params"]  # the reported model is the bare student: no adapters
 
     client = MlflowClient(mlflow_uri)
