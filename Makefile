@@ -40,9 +40,11 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --quick
 
-# The README's "## Results" blocks, rendered anew from benchmarks/results/*.json (--check: only compare).
+# The results blocks of README.md and docs/results.md, rendered anew from benchmarks/results/*.json, and
+# docs/configuration.md from the schema (the tests check both).
 results: $(STAMP)
 	$(BIN)/python benchmarks/readme_results.py
+	$(BIN)/python -m orchestrator.config_doc
 
 clean:
 	rm -rf .kd_cache ray_results mlflow.db mlartifacts summary.json

@@ -64,6 +64,7 @@ class Objective(nn.Module):
         self.uses_dml = uses_dml(loss)
         self.student_layers = [s for t in self.terms if t.needs_teacher_features for s in t.layers]
         self.teacher_layers = [t_name for t in self.terms if t.needs_teacher_features for t_name in t.layers.values()]
+        self.epoch = 0  # set by the train loop at each epoch's start: term warm-ups read it
         self.adapters = nn.ModuleDict()
         for j, term in enumerate(self.terms):
             if term.name == "fitnet":
@@ -76,7 +77,8 @@ class Objective(nn.Module):
         total = x.logits.new_zeros(())
         for j, term in enumerate(self.terms):
             if term.weight > 0:  # a zero weight skips the term, so it cannot bring in inf or NaN
-                total = total + term.weight * self._term(j, term, x)
+                ramp = min(1.0, (self.epoch + 1) / term.warmup_epochs) if term.warmup_epochs else 1.0
+                total = total + term.weight * ramp * self._term(j, term, x)
         return total
 
     def _term(self, j: int, term: LossTerm, x: StepInputs) -> Tensor:

@@ -116,10 +116,12 @@ class OnlineTeacher:
         self.weights = [float(t["weight"]) for t in teachers]
         self.ensemble, self.layers = ensemble, list(dict.fromkeys(layers))
         self.shapes = feature_shapes(self.models[0], self.layers, input_shape, where="teacher") if self.layers else {}
+        self.rows = 0  # rows this worker's teachers ran on: the job's teacher_forward_rows, measured
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with tap_features(self.models[0], self.layers, where="teacher") as features:
             outputs = [model(images) for model in self.models]
         logits = outputs[0] if len(outputs) == 1 else ensemble_logits(outputs, self.weights, rule=self.ensemble)
+        self.rows += len(images)
         return logits.float(), dict(features)

@@ -218,10 +218,11 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         driver_peak["soft_targets"] = peak_rss_mb()
         teacher_test = teacher_test_logits(prep, soft)
         rows = _teacher_rows(prep, teachers, teacher_test)
-        rows += distill_students(prep, soft, teachers, teacher_test, track)
+        student_rows, online_rows = distill_students(prep, soft, teachers, teacher_test, track)
+        rows += student_rows
         driver_peak["students"] = peak_rss_mb()
         stage_walls = {"teacher": sum(t.wall_s for t in teachers), "soft_targets": soft.wall_s, "students": rows[-1]["wall_s"]}
-        tracking.log_metrics(uri, parent_id, {f"wall_s_{k}": v for k, v in stage_walls.items()} | {"teacher_forward_rows": soft.forward_rows}
+        tracking.log_metrics(uri, parent_id, {f"wall_s_{k}": v for k, v in stage_walls.items()} | {"teacher_forward_rows": soft.forward_rows + online_rows}
                              | {f"driver_peak_rss_mb_{k}": v for k, v in driver_peak.items()})
         tracking.set_tags(uri, parent_id, {"soft_target_fingerprint": soft.fingerprint, "teacher_run_ids": ",".join(t.run_id for t in teachers)})
         tracking.log_dict(uri, parent_id, rows, "summary.json")
@@ -248,7 +249,9 @@ def log_job_artifacts(uri: str, parent_id: str, rows: list[dict], *, has_val: bo
         tracking.log_artifact(uri, parent_id, member_curves(histories, metric, Path(out)), "plots")
 
 
-def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWeights], teacher_test: torch.Tensor, track: TrackingContext) -> list[dict]:
+def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWeights], teacher_test: torch.Tensor,
+                     track: TrackingContext) -> tuple[list[dict], int]:
+    """Students and twins trained, scored and logged; returns their rows and the rows an online teacher ran on."""
     cfg, data, uri = prep.cfg, prep.data, prep.tracking_uri
     lineage = {
         "teacher_run_ids": ",".join(t.run_id for t in teachers),
@@ -279,7 +282,7 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
         result = student_stage(cfg, data, prep.student_train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
         result = later_generations(prep, result, track, run_ids)  # born-again students: generations 2..k
         rows = score_students(prep, result, teacher_test, run_ids)
-    return rows
+    return rows, result.online_teacher_rows
 
 
 def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: dict[str, str]) -> list[dict]:
@@ -314,7 +317,8 @@ def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: 
         if m.role == "student" and uses_kd_section(m.loss):
             row |= {"temperature": m.kd.temperature, "alpha": m.kd.alpha if isinstance(m.loss, str) else None}
         rows.append(row)
-    rows = [pair_with_twin(row, correct, errors) for row in rows]
+    twin_of = {m.name: m.twin for m in result.members}
+    rows = [pair_with_twin(row, twin_of.get(row["name"]), correct, errors) for row in rows]
     for row in rows:
         if "errors_saved" in row:
             tracking.log_metrics(uri, row["mlflow_run_id"], {"errors_saved_vs_twin": row["errors_saved"], "mcnemar_p": row["mcnemar_p"]})

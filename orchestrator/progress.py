@@ -32,8 +32,9 @@ def verbose() -> bool:
 def console():
     from rich.console import Console
 
-    # Piped output would otherwise be cut to 80 columns; `highlight=False`: no colouring of numbers.
-    return Console(width=None if Console().is_terminal else 120, highlight=False, soft_wrap=True)
+    # Piped output would otherwise be cut to 80 columns; `highlight=False`: no colouring of numbers;
+    # `markup=False`: "[teacher:cnn]" is text, not a rich style tag.
+    return Console(width=None if Console().is_terminal else 140, highlight=False, markup=False, soft_wrap=True)
 
 
 def say(line: str) -> None:
@@ -112,3 +113,5 @@ def quiet_driver_logs() -> None:
     context.print_on_execution_start = False
     for name in ("ray.data", "ray.train", "ray.tune", "ray._private.worker"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, set ..." answers our own setting above.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

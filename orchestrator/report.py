@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from rich.console import Console
 from rich.table import Table
 
+from orchestrator.progress import console as progress_console
 from orchestrator.scoring import SIGNIFICANT, verdicts
 from orchestrator.tracking import ui_command
 
 
 def summary_table(rows: Sequence[Mapping]) -> Table:
     table = Table(title="kd-orchestrator results (test set)")
-    for header in ("role", "name", "test acc", "test errors", "vs twin", "T / alpha", "params", "size MB", "agreement", "wall s"):
-        table.add_column(header, justify="left" if header in ("role", "name") else "right")
+    for header in ("role", "name", "test errors", "test acc", "vs twin", "T / alpha", "params", "agreement", "wall s"):
+        table.add_column(header, justify="left" if header in ("role", "name") else "right", no_wrap=True)
     for row in rows:
         table.add_row(
-            row["role"], row["name"], f"{row['test_accuracy']:.4f}", str(row["test_errors"]), vs_twin(row), kd_label(row),
-            f"{row['params']:,}", f"{row['size_mb']:.3f}", f"{row['agreement']:.4f}", f"{row['wall_s']:.1f}",
+            row["role"], row["name"], str(row["test_errors"]), f"{row['test_accuracy']:.4f}", vs_twin(row), kd_label(row),
+            f"{row['params']:,}", f"{row['agreement']:.4f}", f"{row['wall_s']:.0f}",
         )
     return table
 
@@ -49,8 +49,7 @@ def kd_label(row: Mapping) -> str:
 
 
 def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], soft, tracking_uri: str) -> None:
-    # Piped output would otherwise be cut to 80 columns and the names truncated.
-    console = Console(width=None if Console().is_terminal else 120)
+    console = progress_console()
     console.print(summary_table(rows))
     if any("errors_saved" in row for row in rows):
         console.print("vs twin: test errors saved against the same student trained on labels alone, same views and batches "
@@ -66,7 +65,7 @@ def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], sof
 
 
 def print_sweep_summary(summary: Mapping, metric: str, tracking_uri: str) -> None:
-    console = Console(width=None if Console().is_terminal else 120)
+    console = progress_console()
     trials = summary["trials"]
     table = Table(title="sweep trials (best first)")
     for header in ("trial", "chain", "student", "T", "alpha", "lr", "epochs", metric, "test acc"):

@@ -22,18 +22,13 @@ SIGNIFICANT = 0.05
 BIAS_SHIFTS = np.arange(0.0, 10.01, 0.25)
 
 
-def twin_name(student: str) -> str:
-    return f"{student}-baseline"
-
-
-def pair_with_twin(row: dict, correct: Mapping[str, np.ndarray], errors: Mapping[str, int]) -> dict:
+def pair_with_twin(row: dict, twin: str | None, correct: Mapping[str, np.ndarray], errors: Mapping[str, int]) -> dict:
     """A student's row with its twin's errors and the paired test added (unchanged when it has no twin)."""
-    twin = twin_name(row["name"])
     if row["role"] != "student" or twin not in correct:
         return row
     paired = mcnemar(correct[row["name"]], correct[twin])
     return row | {
-        "twin_errors": errors[twin], "errors_saved": paired.errors_saved, "discordant_student_only": paired.b,
+        "twin": twin, "twin_errors": errors[twin], "errors_saved": paired.errors_saved, "discordant_student_only": paired.b,
         "discordant_twin_only": paired.c, "mcnemar_p": round(paired.p_value, 6),
     }
 

@@ -95,6 +95,7 @@ class StudentsResult:
     members: list[MemberConfig]
     wall_s: float
     run_ids: dict[str, str] = field(default_factory=dict)
+    online_teacher_rows: int = 0  # rows the online teacher ran on inside the workers (teacher_mode online)
 
 
 def teacher_seed(cfg: JobConfig, teacher: TeacherConfig) -> int:
@@ -329,13 +330,25 @@ def student_member(cfg: JobConfig, student: StudentConfig, data: DatasetArrays, 
 
 
 def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays, soft: SoftTargets | None) -> list[MemberConfig]:
-    """Every student, each followed by its label-only twin (the baseline) when `baseline` is on."""
-    members = []
+    """Every student, each followed by its label-only twin (the baseline) when `baseline` is on.
+
+    Students of one architecture share one twin (`<first such student>-baseline`): with the same seed,
+    views and batches, two twins of one architecture would be the same model trained twice.
+    """
+    members, twins = [], {}
     for student in cfg.students:
-        members.append(student_member(cfg, student, data, soft, run_id=run_ids.get(student.name)))
+        member = student_member(cfg, student, data, soft, run_id=run_ids.get(student.name))
         if cfg.baseline:
-            name = f"{student.name}-baseline"
-            members.append(MemberConfig(name=name, role="baseline", spec=spec_of(student), loss="ce", run_id=run_ids.get(name)))
+            spec = spec_of(student)
+            key = spec.model_dump_json()
+            new_twin = key not in twins
+            twins.setdefault(key, f"{student.name}-baseline")
+            member = member.model_copy(update={"twin": twins[key]})
+            members.append(member)
+            if new_twin:
+                members.append(MemberConfig(name=twins[key], role="baseline", spec=spec, loss="ce", run_id=run_ids.get(twins[key])))
+        else:
+            members.append(member)
     return members
 
 
@@ -371,6 +384,6 @@ def student_stage(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft:
     started = time.perf_counter()
     members = student_members(cfg, run_ids, data, soft)
     say(f"students: {', '.join(m.name for m in members)}; {cfg.train.epochs} epochs on {len(train_ids):,} images, {soft.views} view(s) each")
-    state_dicts, _ = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}",
-                                     teachers=teachers)
-    return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids)
+    state_dicts, last = distill_members(cfg, data, train_ids, val_ids, soft, track, members, run_name=f"{cfg.name}-students-{track.parent_id[:8]}",
+                                        teachers=teachers)
+    return StudentsResult(state_dicts, members, time.perf_counter() - started, run_ids, int(last.get("online_teacher_rows", 0)))

@@ -200,8 +200,9 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
             model.load_state_dict(states[student.name])
             test = _test_metrics(ctx, model)
-            tracking.log_metrics(uri, stage_run, test | {"params": count_params(model)})
-            tracking.log_metrics(uri, trial_run, test | {"params": count_params(model)})
+            counted = {"params": count_params(model), "online_teacher_rows": last_epoch.get("online_teacher_rows", 0)}
+            tracking.log_metrics(uri, stage_run, test | counted)
+            tracking.log_metrics(uri, trial_run, test | counted)
             tracking.set_tags(uri, trial_run, {"final_stage_run_id": stage_run, "soft_target_fingerprints": soft.fingerprint, "lineage": ">".join(lineage)})
             if base.tracking.log_models:
                 example = np.zeros((1, *ctx.prep.data.input_shape), dtype=np.float32)

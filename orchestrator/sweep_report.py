@@ -37,6 +37,7 @@ def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
             "epochs_run": int(result.metrics.get("training_iteration", 0)),
             metric: result.metrics.get(metric),
             "params": run.data.metrics.get("params"),
+            "online_teacher_rows": run.data.metrics.get("online_teacher_rows", 0.0),
             "test_accuracy": run.data.metrics.get("test_accuracy"),
             "mlflow_run_id": run.info.run_id,
             "final_stage_run_id": run.data.tags.get("final_stage_run_id"),
@@ -95,8 +96,8 @@ def finish_sweep(cfg: JobConfig, prep, results, parent_id: str, teachers, soft, 
     counts = {
         "trials": len(trials),
         "trials_stopped_early": closed,
-        # online: besides any soft-target pass, the teacher ran on every train row of every epoch a trial ran
-        "teacher_forward_rows": forward_rows + (len(prep.train_ids) * int(trials["epochs_run"].sum()) if cfg.teacher_mode == "online" else 0),
+        # online: besides any soft-target pass, the rows the teachers ran on inside the trials' workers, as they counted them
+        "teacher_forward_rows": forward_rows + int(trials["online_teacher_rows"].fillna(0).sum()) if len(trials) else forward_rows,
         "naive_teacher_forward_rows": naive_forward_rows(len(prep.train_ids), len(trials), cfg.train.epochs),
         "stages_trained": stats["produced"],
         "stage_reuses": stats["reused"],

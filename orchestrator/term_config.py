@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 TERM_PARAMS: dict[str, frozenset[str]] = {
     "ce": frozenset(),
     "kd": frozenset({"temperature", "standardize"}),
-    "dkd": frozenset({"temperature", "standardize", "tckd_weight", "nckd_weight"}),
+    "dkd": frozenset({"temperature", "standardize", "tckd_weight", "nckd_weight", "warmup_epochs"}),
     "fitnet": frozenset({"layers"}),
     "at": frozenset({"layers", "p"}),
     "rkd": frozenset({"layers", "distance_weight", "angle_weight"}),
@@ -53,6 +53,7 @@ class LossTerm(BaseModel):
     p: float = Field(2.0, gt=0.0, description="at: the exponent of the attention maps")
     distance_weight: float = Field(1.0, ge=0.0, description="rkd: weight of the distance-wise term")
     angle_weight: float = Field(2.0, ge=0.0, description="rkd: weight of the angle-wise term")
+    warmup_epochs: int = Field(0, ge=0, description="dkd: ramp the term's weight linearly over the first N epochs (Zhao et al. 2022 use 20 on CIFAR-100; 0: off)")
 
     @model_validator(mode="after")
     def _params_fit_the_term(self) -> "LossTerm":

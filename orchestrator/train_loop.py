@@ -52,6 +52,7 @@ class MemberConfig(BaseModel):
     loss: str | list[LossTerm]
     run_id: str | None = None
     kd: KDConfig = KDConfig(temperature=1.0, alpha=0.0)  # this member's resolved T and alpha (kd_settings.py)
+    twin: str | None = None  # a student's label-only twin (the member it is compared with)
 
 
 class LoopConfig(BaseModel):
@@ -198,6 +199,8 @@ def train_one_epoch(members: list[Member], batches, loop: LoopConfig, *, epoch: 
     """
     for member in members:
         member.model.train()
+        if hasattr(member.loss_fn, "epoch"):
+            member.loss_fn.epoch = epoch  # loss-term warm-ups (dkd warmup_epochs)
     policy = ViewPolicy(**loop.views) if loop.views else ViewPolicy(fill=loop.fill)
     own_augmentation = ViewPolicy(max_shift=loop.optim.input_jitter, flip=loop.optim.flip, fill=loop.fill)
     totals = {m.config.name: torch.zeros((), dtype=torch.float64, device=device) for m in members}
@@ -284,6 +287,17 @@ def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher |
     return members
 
 
+def all_workers_sum(value: int, device) -> int:
+    """`value` summed over the Ray Train workers (every rank must call it at the same point)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(value)
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 def _teacher_layers(loss) -> list[str]:
     return [teacher_layer for _, teacher_layer in layer_pairs(loss)]
 
@@ -349,6 +363,8 @@ def train_loop_per_worker(config: dict) -> None:
         val_metrics = validate(members, val.collect(), loop, device=device) if val is not None and len(val.collect()) else {}
         seconds = time.perf_counter() - started
         metrics: dict[str, float] = {"epoch": epoch, "epoch_s": seconds, "worker_peak_rss_mb": peak_rss_mb()}
+        if teacher_model is not None:  # every worker's online-teacher rows so far (this run; a restart counts afresh)
+            metrics["online_teacher_rows"] = all_workers_sum(teacher_model.rows, device)
         for name, loss in train_loss.items():
             metrics[f"{name}/train_loss"] = loss
             for key, value in val_metrics.get(name, {}).items():

@@ -14,7 +14,7 @@ from orchestrator import tracking
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]
-JOB = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.train.epochs=2", "train.epochs=2", "soft_targets.num_actors=1",
+JOB = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.train.epochs=2", "train.epochs=1", "soft_targets.num_actors=1",
        "views.max_shift=1", "tracking.experiment=console"]
 NOISE = ("TrainingReport(", "A new progress UI", "Pickle", "pickle", "(pid=", "Running Dataset", "Token authentication")
 ESCAPE = re.compile(r"\x1b\[")
@@ -37,7 +37,7 @@ def test_default_console_is_ours_and_verbose_brings_rays_back(tmp_path):
     assert not ESCAPE.search(quiet)  # not a terminal: plain lines
     # One line per epoch per model, then the table.
     assert sum("[teacher:cnn] epoch" in line for line in lines) == 2
-    assert sum("[distill:mlp16-baseline] epoch" in line for line in lines) == 2
+    assert sum("[distill:mlp16-baseline] epoch 1/1" in line for line in lines) == 1
     assert any(line.startswith("teacher cnn: training 2 epochs") for line in lines)
     assert any("kd-orchestrator results (test set)" in line for line in lines)
 

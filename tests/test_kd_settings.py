@@ -80,3 +80,17 @@ def test_max_norm_caps_rows_of_linear_weights_only():
     apply_max_norm(model, 2.0)
     assert torch.allclose(model[0].weight.norm(dim=1), torch.full((3,), 2.0))
     assert torch.allclose(model[2].weight, torch.full((2, 3), 0.01))  # already inside the ball: untouched
+
+
+def test_students_of_one_architecture_share_one_twin():
+    from types import SimpleNamespace
+
+    from orchestrator.stages import student_members
+
+    cfg = load_config(DIGITS, ["students=[{name: a, family: mlp, hidden: [8]}, {name: b, family: mlp, hidden: [8], loss: dkd},"
+                               " {name: c, family: mlp, hidden: [4]}]"])
+    data = SimpleNamespace(input_shape=(1, 8, 8), num_classes=10)
+    members = student_members(cfg, {}, data, None)
+    assert [(m.name, m.role, m.twin) for m in members] == [
+        ("a", "student", "a-baseline"), ("a-baseline", "baseline", None), ("b", "student", "a-baseline"),
+        ("c", "student", "c-baseline"), ("c-baseline", "baseline", None)]

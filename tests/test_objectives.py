@@ -162,3 +162,16 @@ def test_checkpoint_keeps_adapters_apart_from_the_student(tmp_path):
     fresh.loss_fn.load_state_dict(state["objectives"]["s"])
     fresh.optimizer.load_state_dict(state["optimizers"]["s"])  # same parameter list: student, then adapters
     assert torch.equal(fresh.loss_fn.adapters["1_0"].proj.weight, member.loss_fn.adapters["1_0"].proj.weight)
+
+
+def test_dkd_warm_up_ramps_its_weight_over_the_first_epochs():
+    s, y, t = _logits()
+    terms = parse_loss([{"name": "ce"}, {"name": "dkd", "weight": 2.0, "warmup_epochs": 4}])
+    objective = Objective(terms, KD)
+    full = 2.0 * dkd_loss(s, y, t, temperature=4.0, tckd_weight=1.0, nckd_weight=8.0)
+    ce = nn.functional.cross_entropy(s, y)
+    for epoch, share in ((0, 0.25), (1, 0.5), (3, 1.0), (9, 1.0)):
+        objective.epoch = epoch
+        assert objective(StepInputs(s, y, t)).item() == pytest.approx((ce + share * full).item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="kd does not take 'warmup_epochs'"):
+        validate_config({"students": [{"name": "s", "loss": [{"name": "kd", "warmup_epochs": 3}]}]})

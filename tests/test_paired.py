@@ -48,14 +48,14 @@ def _row(role, name, errors):
 
 def test_pair_with_twin_and_verdicts():
     correct = {"s": np.array([1, 1, 0, 1], dtype=bool), "s-baseline": np.array([1, 0, 1, 0], dtype=bool)}
-    rows = [_row("teacher", "t", 3), pair_with_twin(_row("student", "s", 1), correct, {"s": 1, "s-baseline": 2}), _row("baseline", "s-baseline", 2)]
+    rows = [_row("teacher", "t", 3), pair_with_twin(_row("student", "s", 1), "s-baseline", correct, {"s": 1, "s-baseline": 2}), _row("baseline", "s-baseline", 2)]
     assert rows[1]["errors_saved"] == 1 and rows[1]["twin_errors"] == 2 and rows[1]["discordant_student_only"] == 2
     lines = verdicts(rows)
     # The student won, but the teacher (3 errors) is worse than the twin (2): one warning, about the teacher.
     assert len(lines) == 1 and "teacher t" in lines[0] and "nothing to teach" in lines[0]
     rows[1] = rows[1] | {"errors_saved": -4, "mcnemar_p": 0.01}
     assert any("lost to its label-only twin by 4" in line and "significant" in line for line in verdicts(rows))
-    assert pair_with_twin(_row("student", "lonely", 1), correct, {}) == _row("student", "lonely", 1)
+    assert pair_with_twin(_row("student", "lonely", 1), None, correct, {}) == _row("student", "lonely", 1)
 
 
 def test_bias_shift_recovers_a_suppressed_class():
