@@ -47,7 +47,13 @@ class Experiment:
 
 EXPERIMENTS = [
     Experiment("mnist_2x800", "configs/mnist_hinton.yaml", target="distilled <= 74 mean test errors (Hinton et al.), McNemar p < 0.05"),
+    Experiment("mnist_2x800_unlabelled", "configs/mnist_hinton.yaml", ("transfer.labels=false",),
+               target="no labels for the student (the teacher's soft targets alone) against the twin that has them"),
     Experiment("mnist_2x30", "configs/mnist_hinton_small.yaml", target="distilled beats labels-only by >= 15 mean errors, p < 0.05"),
+    Experiment("mnist_2x30_views9", "configs/mnist_hinton_small.yaml", ("views.max_shift=1",),
+               target="the same, 9 views (shifts within [-1, 1]^2) instead of 25: how much the views themselves decide"),
+    Experiment("mnist_2x30_noviews", "configs/mnist_hinton_small.yaml", ("views.max_shift=0",),
+               target="the same, no views: the untouched images only"),
     Experiment("mnist_2x30_online", "configs/mnist_hinton_small.yaml", ("teacher_mode=online",), compare_to="mnist_2x30",
                target="online teacher on the same views and epochs: accuracy within one sd of the cache, cache >= 3x faster"),
     Experiment("fashion_cnn", "configs/fashion_kd.yaml", target="distilled beats labels-only by >= 0.5 points mean, p < 0.05"),
