@@ -158,7 +158,7 @@ def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, m
     ])
     assert code == 0
     rows = json.loads((workdir / "s.json").read_text())
-    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "wide"), ("teacher", "narrow"), ("student", "mlp30"), ("baseline", "mlp30-baseline")]
+    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "wide"), ("teacher", "narrow"), ("student", "mlp800"), ("baseline", "mlp800-baseline")]
     assert rows[0]["params"] == 784 * 64 + 64 + 64 * 10 + 10
     assert rows[1]["params"] == 784 * 32 + 32 + 32 * 10 + 10
     # agreement is measured against the ensemble's soft targets, so neither member agrees perfectly
@@ -168,6 +168,6 @@ def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, m
     assert runs["teacher:wide"][0].data.tags["source"] == "checkpoint"
     assert runs["teacher:narrow"][0].data.tags["source"] == "checkpoint"
     assert runs["soft-targets"][0].data.metrics["teacher_forward_rows"] == 3000 * 9 + 500  # mnist_kd.yaml: 9 views of each training image
-    history = MlflowClient(mlflow_uri).get_metric_history(runs["student:mlp30"][0].info.run_id, "val_accuracy")
+    history = MlflowClient(mlflow_uri).get_metric_history(runs["student:mlp800"][0].info.run_id, "val_accuracy")
     assert len(history) == 2
 
