@@ -215,6 +215,9 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         driver_peak = {"teacher": peak_rss_mb()}  # the driver's peak so far, after each stage
         soft = soft_target_stage(cfg, teachers, data, track)
         tracking.log_datasets(uri, parent_id, dataset_inputs(prep, soft))
+        for t in teachers:  # what each teacher trained on (or would have: given ones too), and what the soft-target pass made
+            tracking.log_datasets(uri, t.run_id, [d for d in dataset_inputs(prep, students=False) if d["context"] != "test"])
+        tracking.log_datasets(uri, soft.run_id, [d for d in dataset_inputs(prep, soft) if d["context"] == "soft_targets"])
         driver_peak["soft_targets"] = peak_rss_mb()
         teacher_test = teacher_test_logits(prep, soft)
         rows = _teacher_rows(prep, teachers, teacher_test)
