@@ -115,3 +115,6 @@ def quiet_driver_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # "Progress bars disabled. To enable, set ..." answers our own setting above.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # "The Ray cluster currently does not have any available CPUs. The Dataset job will hang": said
+    # whenever our own sized actor pool or Train workers hold every CPU for a moment; nothing to act on.
+    logging.getLogger("ray.data.dataset").setLevel(logging.ERROR)

@@ -138,7 +138,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     finished = [r for r in trials if r.info.status == "FINISHED"]
     assert sorted({r.data.tags["trial_id"] for r in finished}) == sorted(r.data.tags["trial_id"] for r in finished)
     assert len(finished) == 4
-    assert all(0.5 < r.data.metrics["test_accuracy"] <= 1 for r in finished)
+    assert all(0.3 < r.data.metrics["test_accuracy"] <= 1 for r in finished)  # 3 epochs of a KD student on a 4-epoch teacher; chance is 0.1
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     # Trials that finished before the kill and before the Ctrl-C were not run again.
     done_before_kill = [r for r in finished if r.info.end_time < killed_at]
