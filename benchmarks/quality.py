@@ -157,11 +157,12 @@ def render(report: dict) -> str:
             test = f"{stats['pooled_p']:.2g} ({', '.join(f'{p:.2g}' for p in stats['p_per_seed'])})" if "pooled_p" in stats else "-"
             closure = f"{stats['gap_closure']:.0%}" if stats.get("gap_closure") is not None else "-"
             kd = f"{stats['temperature']:g} / {stats['alpha']:g}" if stats.get("temperature") and stats.get("alpha") is not None else "-"
-            rows.append([f"{name} `{entry['config']}`{' ' + ' '.join(entry['overrides']) if entry['overrides'] else ''}", stats["student"], kd,
+            rows.append([f"{name} `{entry['config']}`{' ' + ' '.join(entry['overrides']) if entry['overrides'] else ''}", stats["student"],
+                         len(entry["runs"]), kd,
                          round(mean_sd(stats["teacher_errors"])[0]), twin, f"{stats['errors_mean_sd'][0]:.1f} ± {stats['errors_mean_sd'][1]:.1f}",
                          saved, test, closure, stats["verdict"]])
-    lines += table(["experiment", "student", "T / alpha", "teacher errors", "labels-only twin errors", "distilled errors",
-                    "errors saved", "McNemar p pooled (per seed)", "gap closure", "target"], rows, "lllrrrrrrl")
+    lines += table(["experiment", "student", "seeds", "T / alpha", "teacher errors", "labels-only twin errors", "distilled errors",
+                    "errors saved", "McNemar p pooled (per seed)", "gap closure", "target"], rows, "llrlrrrrrrl")
     digit3 = report["experiments"].get("mnist_digit3", {}).get("students", {})
     for stats in digit3.values():
         if "bias_shift" in stats:
@@ -170,7 +171,7 @@ def render(report: dict) -> str:
                       f"{mean_sd(stats['excluded_class_errors_before_bias_correction'])[0]:.0f} of them on 3s, before the bias fix; "
                       f"{stats['errors_mean_sd'][0]:.0f} ({mean_sd(stats['excluded_class_errors'])[0]:.0f} on 3s) after raising the 3's bias by "
                       f"{mean_sd(stats['bias_shift'])[0]:.2f} (chosen on validation). Paper: 206 (133), then 109 (14) at +3.5 chosen on the test set."]
-    lines += ["", "Errors are on the 10,000 test images, mean ± sd over seeds; the twin is the same student trained on labels alone on "
+    lines += ["", "Errors are on the 10,000 test images, mean ± sd over seeds (a row with fewer than 3 seeds is unfinished: no claim); the twin is the same student trained on labels alone on "
               "the same views, batches and epochs. Errors saved = twin minus distilled. Gap closure (saved / (twin - teacher)) only "
               f"where the gap is at least {MIN_GAP_FOR_CLOSURE} errors. Runs and their load: benchmarks/results/quality.json."]
     return "\n".join(lines) + "\n"
