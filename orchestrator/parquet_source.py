@@ -1,0 +1,162 @@
+"""Bring-your-own data: a train and a test parquet source, read with pyarrow into the project's arrays.
+
+A source is a parquet file or a folder of them, on local disk or behind any pyarrow URI (s3://,
+gs://, hdfs://, file://), written by whatever made it: pandas, Spark, Ray Data, Hugging Face
+datasets. The config names the columns. Images may be
+
+- encoded bytes (PNG, JPEG, anything Pillow opens), decoded to grey or RGB as stored;
+- nested lists, (H, W) or (H, W, C) per row, or one flat list with `dataset.image_shape` = [C, H, W];
+- uint8 pixels, other integers in [0, 255], or floats in [0, 1].
+
+Anything else is refused with one line naming the source and the column (a ConfigError, so the CLI
+exits 2 before Ray starts): a missing column, no rows, a null or non-integer label, a label outside
+the class range, NaN pixels, images of mixed shapes.
+
+The rows are read into the driver here, like every other source today; a reader in the Ray workers
+would keep these checks.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from orchestrator.config import DatasetConfig
+from orchestrator.errors import ConfigError
+
+DEFAULT_IMAGE_COLUMN = "image"
+DEFAULT_LABEL_COLUMN = "label"
+
+
+def load_parquet(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(train images, train labels, test images, test labels, number of classes) from the two sources.
+
+    Images are uint8 (N, C, H, W), labels int64 (N,); checked as described in the module docstring."""
+    image_column = cfg.image_column or DEFAULT_IMAGE_COLUMN
+    label_column = cfg.label_column or DEFAULT_LABEL_COLUMN
+    splits = []
+    for field, where in (("train_path", cfg.train_path), ("test_path", cfg.test_path)):
+        table = _read(where, [image_column, label_column, *([cfg.id_column] if cfg.id_column else [])], field)
+        if cfg.id_column:
+            table = _ordered_by_id(table, cfg.id_column, where)
+        labels = _labels(table.column(label_column), where, label_column)
+        images = _images(table.column(image_column), where, image_column, cfg.image_shape)
+        splits.append((images, labels))
+    (train_images, train_labels), (test_images, test_labels) = splits
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise ConfigError(f"dataset: images in {cfg.train_path} are {train_images.shape[1:]} but in {cfg.test_path} {test_images.shape[1:]}")
+    num_classes = cfg.num_classes or int(train_labels.max()) + 1
+    for where, labels in ((cfg.train_path, train_labels), (cfg.test_path, test_labels)):
+        if labels.max() >= num_classes:
+            raise ConfigError(f"dataset: {where} column {label_column!r} has label {int(labels.max())}, outside [0, {num_classes}) "
+                              f"({'dataset.num_classes' if cfg.num_classes else 'the largest training label + 1'})")
+    return train_images, train_labels, test_images, test_labels, num_classes
+
+
+def _read(where: str, columns: list[str], field: str) -> pa.Table:
+    try:
+        schema = pq.read_schema(where) if Path(where).is_file() else pq.ParquetDataset(where).schema
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise ConfigError(f"dataset.{field}: cannot read parquet {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ConfigError(f"dataset: {where} has no column {missing[0]!r} (columns: {', '.join(schema.names)})")
+    table = pq.read_table(where, columns=columns)
+    if table.num_rows == 0:
+        raise ConfigError(f"dataset.{field}: {where} has no rows")
+    return table
+
+
+def _ordered_by_id(table: pa.Table, id_column: str, where: str) -> pa.Table:
+    ids = table.column(id_column)
+    if ids.null_count:
+        raise ConfigError(f"dataset: {where} column {id_column!r} has {ids.null_count} null id(s)")
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        raise ConfigError(f"dataset: {where} column {id_column!r} has repeated ids")
+    return table.sort_by(id_column)
+
+
+def _labels(column: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
+    if column.null_count:
+        raise ConfigError(f"dataset: {where} column {name!r} has {column.null_count} missing label(s)")
+    if not pa.types.is_integer(column.type):
+        raise ConfigError(f"dataset: {where} column {name!r} must hold integer class ids, not {column.type}")
+    labels = column.to_numpy().astype(np.int64)
+    if labels.min() < 0:
+        raise ConfigError(f"dataset: {where} column {name!r} has a negative label ({int(labels.min())})")
+    return labels
+
+
+def _images(column: pa.ChunkedArray, where: str, name: str, image_shape: list[int] | None) -> np.ndarray:
+    if column.null_count:
+        raise ConfigError(f"dataset: {where} column {name!r} has {column.null_count} missing image(s)")
+    column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        pixels = _decoded(column, where, name)
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        pixels = _from_lists(column, where, name)
+    else:
+        raise ConfigError(f"dataset: {where} column {name!r} is {kind}: expected encoded image bytes or lists of pixels")
+    if image_shape is not None:
+        if int(np.prod(pixels.shape[1:])) != int(np.prod(image_shape)):
+            raise ConfigError(f"dataset: {where} column {name!r} has {int(np.prod(pixels.shape[1:]))} pixels per image, "
+                              f"dataset.image_shape {image_shape} needs {int(np.prod(image_shape))}")
+        return np.ascontiguousarray(pixels.reshape(len(pixels), *image_shape))
+    if pixels.ndim == 2:
+        raise ConfigError(f"dataset: {where} column {name!r} holds flat pixel lists: set dataset.image_shape to [C, H, W]")
+    if pixels.ndim == 3:  # (N, H, W): one channel
+        return np.ascontiguousarray(pixels[:, None])
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (N, H, W, C), the way images are stored, to (N, C, H, W)
+
+
+def _from_lists(column: pa.Array, where: str, name: str) -> np.ndarray:
+    """Nested list rows of one shape to an (N, ...) uint8 array, without a Python loop over rows."""
+    shape = [len(column)]
+    values: pa.Array = column
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
+            raise ConfigError(f"dataset: {where} column {name!r} has images of mixed shapes ({int(lengths.min())} and {int(lengths.max())} "
+                              f"values at depth {len(shape)})")
+        shape.append(int(lengths[0]) if len(lengths) else 0)
+        values = pc.list_flatten(values)
+    if values.null_count:
+        raise ConfigError(f"dataset: {where} column {name!r} has missing pixel values")
+    return _to_uint8(values.to_numpy(zero_copy_only=False).reshape(shape), where, name)
+
+
+def _decoded(column: pa.Array, where: str, name: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for row, data in enumerate(column.to_pylist()):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                images.append(np.asarray(image.convert("L" if image.mode in ("1", "L", "I;16", "I") else "RGB"), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ConfigError(f"dataset: {where} column {name!r} row {row} is not a readable image ({type(exc).__name__})") from None
+        if images[-1].shape != images[0].shape:
+            raise ConfigError(f"dataset: {where} column {name!r} has images of mixed shapes ({images[0].shape} and {images[-1].shape}, row {row})")
+    return np.stack(images)
+
+
+def _to_uint8(pixels: np.ndarray, where: str, name: str) -> np.ndarray:
+    if pixels.dtype == np.uint8:
+        return pixels
+    if np.issubdtype(pixels.dtype, np.floating):
+        if not np.isfinite(pixels).all():
+            raise ConfigError(f"dataset: {where} column {name!r} has NaN or infinite pixels")
+        if pixels.min() < 0 or pixels.max() > 1:
+            raise ConfigError(f"dataset: {where} column {name!r} has float pixels outside [0, 1] ({pixels.min():g} to {pixels.max():g})")
+        return np.rint(pixels * 255).astype(np.uint8)
+    if np.issubdtype(pixels.dtype, np.integer):
+        if pixels.min() < 0 or pixels.max() > 255:
+            raise ConfigError(f"dataset: {where} column {name!r} has integer pixels outside [0, 255] ({pixels.min()} to {pixels.max()})")
+        return pixels.astype(np.uint8)
+    raise ConfigError(f"dataset: {where} column {name!r} holds {pixels.dtype} values, not pixels")
