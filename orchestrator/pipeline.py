@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.interrupts import reclaim_sigterm
 from orchestrator.local_ray import start_local_ray
-from orchestrator.progress import VERBOSE_ENV, progress_printer, quiet_driver_logs, verbose
+from orchestrator.progress import VERBOSE_ENV, copy_job_logs, progress_printer, quiet_driver_logs, verbose
 from orchestrator.memory import peak_rss_mb
 from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
@@ -207,7 +208,7 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
     check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     uri, data = prep.tracking_uri, prep.data
     with tracking.run_scope(uri, prep.experiment_id, cfg.name, tags={"job": "distill", "dataset": data.name}) as parent_id, \
-            progress_printer() as sink:
+            ray_logs_attached(uri, parent_id), progress_printer() as sink:
         track = TrackingContext(uri, prep.experiment_id, parent_id, sink)
         tracking.log_params(uri, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
         tracking.log_dict(uri, parent_id, cfg.model_dump(mode="json"), "config.json")
@@ -236,6 +237,31 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
 
     print_summary(rows, stage_walls, soft, uri)
     return rows
+
+
+@contextlib.contextmanager
+def ray_logs_attached(uri: str, run_id: str) -> Iterator[None]:
+    """On the way out of a job, finished or failed (not interrupted: Ctrl-C must be quick), the Ray worker
+    logs the console left out, attached to its run as ray_logs/."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        attach_ray_logs(uri, run_id)
+        raise
+    attach_ray_logs(uri, run_id)
+
+
+def attach_ray_logs(uri: str, run_id: str) -> None:
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="kd-ray-logs-") as out:
+            if copy_job_logs(Path(out)):
+                tracking.log_artifacts(uri, run_id, out, "ray_logs")
+    except Exception:  # noqa: BLE001  (best effort: the logs stay in Ray's session folder; the job's result must not depend on them)
+        pass
 
 
 def log_job_artifacts(uri: str, parent_id: str, rows: list[dict], *, has_val: bool) -> None:

@@ -18,6 +18,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 
@@ -118,3 +119,27 @@ def quiet_driver_logs() -> None:
     # "The Ray cluster currently does not have any available CPUs. The Dataset job will hang": said
     # whenever our own sized actor pool or Train workers hold every CPU for a moment; nothing to act on.
     logging.getLogger("ray.data.dataset").setLevel(logging.ERROR)
+
+
+def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20) -> list[Path]:
+    """This job's Ray worker logs on the driver's node (the stdout and stderr of every task and actor it ran
+    there: what the console left out), each cut to its last `max_bytes`, copied into dest for MLflow.
+
+    On the embedded default that is every worker of the job; on a cluster, the head node's share (each
+    node keeps its own in its session folder, `ray logs`). [] when the folder cannot be found."""
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == here), None)
+    if node is None or not node.get("ObjectStoreSocketName"):
+        return []
+    # <session>/sockets/plasma_store: Ray has no public call for the session folder itself.
+    logs = Path(node["ObjectStoreSocketName"]).parent.parent / "logs"
+    job = ray.get_runtime_context().get_job_id()
+    copied = []
+    for path in sorted(logs.glob(f"worker-*-{job}-*")):
+        if path.suffix not in (".out", ".err") or path.stat().st_size == 0:
+            continue
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            (dest / path.name).write_bytes(f.read())
+        copied.append(dest / path.name)
+    return copied

@@ -32,7 +32,7 @@ from orchestrator.config import ConfigError, JobConfig, SearchDim, StudentConfig
 from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
-from orchestrator.pipeline import Prepared, init_ray, prepare, teacher_test_logits
+from orchestrator.pipeline import Prepared, attach_ray_logs, init_ray, prepare, teacher_test_logits
 from orchestrator.progress import progress_printer
 from orchestrator.stages import (
     SoftTargets,
@@ -332,10 +332,12 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
         tracking.end_run(uri, parent_id, "KILLED")
         raise
     except BaseException:
+        attach_ray_logs(uri, parent_id)
         tracking.end_run(uri, parent_id, "FAILED")
         raise
     finally:
         stack.close()
+    attach_ray_logs(uri, parent_id)
     tracking.end_run(uri, parent_id, "FINISHED")
     return summary
 

@@ -229,6 +229,10 @@ def log_artifact(uri: str, run_id: str, local_path: str | Path, artifact_path: s
     client(uri).log_artifact(run_id, str(local_path), artifact_path)
 
 
+def log_artifacts(uri: str, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
 def log_torch_model(uri: str, run_id: str, model: Any, *, name: str, spec: Mapping[str, Any], input_shape: Any, num_classes: int,
                     input_example: Any = None) -> str:
     """Log a torch module under `run_id` as its state dict and architecture (mlflow_model_code.py); returns its URI.

@@ -50,6 +50,9 @@ def test_default_console_is_ours_and_verbose_brings_rays_back(tmp_path):
     assert contexts == {"training": "digits-train", "validation": "digits-validation", "test": "digits-test", "soft_targets": "digits-soft-targets"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"summary.json", "summary.md", "plots/val_accuracy.png"} <= artifacts
+    # What the console left out is kept: the job's Ray worker logs, attached to the parent run.
+    ray_logs = [a.path for a in client.list_artifacts(parent.info.run_id, "ray_logs")]
+    assert ray_logs and all(re.fullmatch(r"ray_logs/worker-\w+-\w+-\d+\.(out|err)", p) for p in ray_logs), ray_logs
     student = client.search_runs([experiment.experiment_id], "tags.role = 'student'")[0]
     model = tracking.load_torch_model(f"sqlite:///{tmp_path / 'mlflow.db'}", f"runs:/{student.info.run_id}/model")
     assert sum(p.numel() for p in model.parameters()) > 0  # rebuilt from its state dict and spec, nothing unpickled
