@@ -38,8 +38,14 @@ def console():
     return Console(width=None if Console().is_terminal else 140, highlight=False, markup=False, soft_wrap=True)
 
 
+# The open progress_printer's "print what the sink holds now", so a stage's last epoch lines come before its end line.
+_flush_progress: list = []
+
+
 def say(line: str) -> None:
-    """A line of the driver's own (stage starts and ends)."""
+    """A line of the driver's own (stage starts and ends), after the workers' lines that came before it."""
+    for flush in _flush_progress:
+        flush()
     console().print(line)
 
 
@@ -80,23 +86,34 @@ def progress_printer(interval_s: float = 0.5) -> Iterator[str | None]:
     sink = ProgressSink.options(name=name, namespace=SINK_NAMESPACE).remote()
     out = console()
     stop = threading.Event()
+    lock = threading.Lock()  # one drain-and-print at a time, so lines keep their order
+
+    def flush() -> None:
+        with lock:
+            for line in ray.get(sink.drain.remote(), timeout=30):
+                out.print(line)
 
     def pump() -> None:
         while True:
             finished = stop.wait(interval_s)
             try:
-                for line in ray.get(sink.drain.remote(), timeout=30):
-                    out.print(line)
+                flush()
             except Exception:  # noqa: BLE001  (Ray shutting down under us: progress is best effort)
                 return
             if finished:
                 return
 
+    def flush_quietly() -> None:
+        with contextlib.suppress(Exception):
+            flush()
+
     thread = threading.Thread(target=pump, name="kd-progress", daemon=True)
     thread.start()
+    _flush_progress.append(flush_quietly)
     try:
         yield name
     finally:
+        _flush_progress.remove(flush_quietly)
         stop.set()
         thread.join(timeout=35)
         with contextlib.suppress(Exception):
@@ -119,6 +136,8 @@ def quiet_driver_logs() -> None:
     # "The Ray cluster currently does not have any available CPUs. The Dataset job will hang": said
     # whenever our own sized actor pool or Train workers hold every CPU for a moment; nothing to act on.
     logging.getLogger("ray.data.dataset").setLevel(logging.ERROR)
+    # A resumed sweep's "Failed to fetch metrics for 1 trial(s)": the trial that was pending at the kill, about to rerun.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20) -> list[Path]:

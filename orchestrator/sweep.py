@@ -33,7 +33,7 @@ from orchestrator.evaluate import classification_metrics, eval_device, predict_l
 from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
 from orchestrator.pipeline import Prepared, attach_ray_logs, init_ray, prepare, teacher_test_logits
-from orchestrator.progress import progress_printer
+from orchestrator.progress import progress_printer, verbose
 from orchestrator.stages import (
     SoftTargets,
     TeacherWeights,
@@ -268,6 +268,8 @@ def build_tuner(cfg: JobConfig, ctx: SweepContext, *, storage: Path, resume: boo
         ),
         run_config=tune.RunConfig(
             name=sweep_dir_name(cfg), storage_path=str(storage),
+            # 1: the trial table only; Tune's per-report "Result for <trial>" dumps come back with -v.
+            verbose=3 if verbose() else 1,
             progress_reporter=tune.CLIReporter(
                 metric_columns={cfg.sweep.metric: "val", "training_iteration": "ep"},
                 parameter_columns={k: v for k, v in SHORT_NAMES.items() if k in search_space(cfg)},

@@ -39,6 +39,9 @@ def test_default_console_is_ours_and_verbose_brings_rays_back(tmp_path):
     assert sum("[teacher:cnn] epoch" in line for line in lines) == 2
     assert sum("[distill:mlp16-baseline] epoch 1/1" in line for line in lines) == 1
     assert any(line.startswith("teacher cnn: training 2 epochs") for line in lines)
+    # A stage's end line comes after its last epoch line, not before it.
+    last_epoch = max(i for i, line in enumerate(lines) if "[teacher:cnn] epoch" in line)
+    assert next(i for i, line in enumerate(lines) if line.startswith("teacher cnn: trained")) > last_epoch, quiet
     assert any("kd-orchestrator results (test set)" in line for line in lines)
 
     # The MLflow side: a training experiment, the parent's datasets and artifacts.

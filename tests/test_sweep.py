@@ -201,6 +201,8 @@ def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session,
               "tracking.experiment=sweep-online"]  # one trial: the count, not the search, is under test
     proc = _sweep(online, tmp_path, address)
     assert proc.wait(timeout=600) == 0, (tmp_path / "sweep-0.log").read_text()[-3000:]
+    console = (tmp_path / "sweep-0.log").read_text()
+    assert "Number of trials: 1/1" in console and "Result for sweep_trial" not in console  # Tune's table, not its per-report dumps
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sweep-online").experiment_id], max_results=100)
