@@ -252,7 +252,7 @@ def bench_soft_targets(arrays, repeats: int, threads: int, tries: int, budget_s:
     teacher_cfg = TeacherConfig(name="teacher", family="mlp", hidden=[1200, 1200])
     cfg = JobConfig(teachers=[teacher_cfg])  # soft_targets: the production defaults
     teachers = [TeacherWeights(teacher_cfg, state, state_dict_fingerprint(state), "bench", "", 0.0)]
-    forward_row_counter()  # soft_target_stage creates it before generating, so does this
+    forward_row_counter(), forward_row_counter("job")  # soft_target_stage creates them before generating, so does this
 
     train = arrays.train
     empty = Split(train.images[:0], train.labels[:0])
@@ -618,7 +618,7 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
     teacher_cfg = TeacherConfig(name="teacher", family="mlp", hidden=[1200, 1200])
     cfg = JobConfig(teachers=[teacher_cfg])  # soft_targets: the production defaults
     teachers = [TeacherWeights(teacher_cfg, state, state_dict_fingerprint(state), "bench", "", 0.0)]
-    forward_row_counter()
+    forward_row_counter(), forward_row_counter("job")
     before = round(peak_rss_mb(), 1)  # MNIST loaded, Ray started, teacher built
     hwm_ok = reset_driver_hwm()
     out: dict = {"base_rows": base_rows, "factors": list(GROWTH_FACTORS), "rounds": rounds, "config": cfg.soft_targets.model_dump(),

@@ -286,7 +286,7 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
     columns = ["id", "view", *logit_columns(st.encoding)]
     views = soft_target_views(cfg, data)
     shape = {"n_train": len(data.train.labels), "n_test": len(data.test.labels), "views": views.count}
-    counter = forward_row_counter()
+    counter = forward_row_counter("job")  # this job's rows only: a job beside it on the cluster does not count here
     rows_before = ray.get(counter.total.remote())
     with tracking.run_scope(track.uri, track.experiment_id, "soft-targets", parent_id=track.parent_id, tags={"role": "soft_targets"}) as run_id:
         tracking.log_params(track.uri, run_id, tracking.flatten(st.model_dump()))

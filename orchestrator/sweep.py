@@ -306,7 +306,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     init_ray(ray_address, cfg)
     check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     uri = prep.tracking_uri
-    rows_before = teacher_forward_rows()
+    rows_before = teacher_forward_rows("job")
     parent_id = _parent_run(prep, state_path, resume)
     stack = contextlib.ExitStack()
     try:
@@ -327,7 +327,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
         from orchestrator.sweep_report import finish_sweep
 
         stage_stats = ray.get(registry.stats.remote())
-        summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows() - rows_before, stage_stats=stage_stats)
+        summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows("job") - rows_before, stage_stats=stage_stats)
         ray.kill(registry)
     except KeyboardInterrupt:
         tracking.end_running_descendants(uri, prep.experiment_id, parent_id)  # trials and stages Tune stopped mid-run

@@ -52,12 +52,28 @@ class ForwardRowCounter:
         return self.rows
 
 
-def forward_row_counter() -> Any:
+_JOB_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
+def forward_row_counter(scope: str = "cluster") -> Any:
+    """Rows the teachers ran on. `cluster`: every job's since the cluster started (detached; tests and benchmarks
+    compare it across drivers). `job`: this driver's job only (owned by the driver, gone with it), what a job
+    reports, whatever other jobs run beside it. The driver creates its job counter before any actor adds to it:
+    one first made by an actor would end with that actor."""
+    if scope == "job":
+        context = ray.get_runtime_context()
+        name = f"{COUNTER_NAME}-job-{context.get_job_id()}"
+        key = (context.get_node_id(), name)  # a restarted Ray numbers its jobs from 1 again, on a new node id
+        if key not in _JOB_COUNTERS:  # held here: a non-detached actor ends when the last handle to it goes
+            _JOB_COUNTERS[key] = ForwardRowCounter.options(name=name, namespace=COUNTER_NAMESPACE, get_if_exists=True).remote()
+        return _JOB_COUNTERS[key]
+    if scope != "cluster":
+        raise ValueError(f"scope must be 'cluster' or 'job', got {scope!r}")
     return ForwardRowCounter.options(name=COUNTER_NAME, namespace=COUNTER_NAMESPACE, get_if_exists=True, lifetime="detached").remote()
 
 
-def teacher_forward_rows() -> int:
-    return ray.get(forward_row_counter().total.remote())
+def teacher_forward_rows(scope: str = "cluster") -> int:
+    return ray.get(forward_row_counter(scope).total.remote())
 
 
 class TeacherPredictor:
@@ -106,7 +122,7 @@ class TeacherPredictor:
         self.policy = ViewPolicy(**(views or {}))
         self.forward_batch = max(1, forward_batch)
         self.precision = precision
-        self.counter = forward_row_counter()
+        self.counters = [forward_row_counter(), forward_row_counter("job")]
 
     def _expand(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row of the input batch, id, view) of every output row: all views of train rows, view 0 of test rows."""
@@ -133,7 +149,8 @@ class TeacherPredictor:
                 outputs = [model(x).float() for model in self.models]
                 logits = outputs[0] if len(outputs) == 1 else ensemble_logits(outputs, self.weights, rule=self.ensemble)
                 chunks.append(logits.cpu())
-        self.counter.add.remote(len(rows))
+        for counter in self.counters:
+            counter.add.remote(len(rows))
         logits = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
         return {"id": out_ids, "view": views.astype(np.int16), **encode_logits(logits, encoding=self.encoding, top_k=self.top_k)}
 

@@ -70,6 +70,48 @@ def test_predictor_matches_the_model_and_counts_rows(ray_session):
     assert teacher_forward_rows() - before == 5
 
 
+# Another driver on the same cluster, running the teacher on 7 rows: its own job, its own count.
+OTHER_JOB = """
+import sys, time
+import numpy as np, ray, torch
+from orchestrator.config import ModelSpec
+from orchestrator.models import build_model
+from orchestrator.teachers import TeacherPredictor, forward_row_counter, teacher_forward_rows
+
+ray.init(address=sys.argv[1])
+forward_row_counter("job")
+spec = ModelSpec(family="mlp", hidden=[8])
+teacher = {"name": "t", "spec": spec.model_dump(), "state_dict": build_model(spec, (1, 4, 4), 3).state_dict(), "weight": 1.0}
+predictor = TeacherPredictor([teacher], input_shape=(1, 4, 4), num_classes=3, mean=(0.5,), std=(0.25,), n_train=0,
+                             encoding="fp32", top_k=5, ensemble="logits", threads=1, use_gpu=False)
+predictor({"id": np.arange(7), "image": np.zeros((7, 1, 4, 4), np.uint8), "label": np.zeros(7, np.int64)})
+for _ in range(50):
+    if teacher_forward_rows("job") == 7:
+        break
+    time.sleep(0.1)
+print("OTHER JOB ROWS", teacher_forward_rows("job"))
+"""
+
+
+def test_a_jobs_count_is_its_own_beside_another_job(ray_session, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from orchestrator.teachers import forward_row_counter
+
+    forward_row_counter("job")  # the driver makes its job's counter first, as soft_target_stage does
+    cluster_before, job_before = teacher_forward_rows(), teacher_forward_rows("job")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RAY_ADDRESS", None)
+    other = subprocess.run([sys.executable, "-c", OTHER_JOB, ray_session.get_runtime_context().gcs_address], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert "OTHER JOB ROWS 7" in other.stdout, other.stderr[-3000:]
+    assert teacher_forward_rows() - cluster_before == 7  # the cluster saw the other job's rows
+    assert teacher_forward_rows("job") == job_before  # this job did not
+
+
 def test_predictor_gives_every_view_of_train_rows_and_view_0_of_test_rows(ray_session):
     """Each (id, view) row holds the teacher's logits for exactly that view of that image."""
     spec = ModelSpec(family="cnn", channels=[4], hidden=[])
