@@ -60,13 +60,14 @@ def load_parquet(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _read(where: str, columns: list[str], field: str) -> pa.Table:
     try:
-        schema = pq.read_schema(where) if Path(where).is_file() else pq.ParquetDataset(where).schema
+        dataset = pq.ParquetDataset(where)  # a file or a folder, local or a URI: footers only until read()
+        schema = dataset.schema
     except (OSError, pa.ArrowException, ValueError) as exc:
         raise ConfigError(f"dataset.{field}: cannot read parquet {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise ConfigError(f"dataset: {where} has no column {missing[0]!r} (columns: {', '.join(schema.names)})")
-    table = pq.read_table(where, columns=columns)
+    table = dataset.read(columns=columns)
     if table.num_rows == 0:
         raise ConfigError(f"dataset.{field}: {where} has no rows")
     return table

@@ -248,12 +248,12 @@ def ray_logs_attached(uri: str, run_id: str) -> Iterator[None]:
     except KeyboardInterrupt:
         raise
     except BaseException:
-        attach_ray_logs(uri, run_id)
+        _attach_ray_logs(uri, run_id)
         raise
-    attach_ray_logs(uri, run_id)
+    _attach_ray_logs(uri, run_id)
 
 
-def attach_ray_logs(uri: str, run_id: str) -> None:
+def _attach_ray_logs(uri: str, run_id: str) -> None:
     import tempfile
 
     try:

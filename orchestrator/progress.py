@@ -155,10 +155,11 @@ def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20) -> list[Path]:
     job = ray.get_runtime_context().get_job_id()
     copied = []
     for path in sorted(logs.glob(f"worker-*-{job}-*")):
-        if path.suffix not in (".out", ".err") or path.stat().st_size == 0:
+        size = path.stat().st_size
+        if path.suffix not in (".out", ".err") or size == 0:
             continue
         with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - max_bytes))
+            f.seek(max(0, size - max_bytes))
             (dest / path.name).write_bytes(f.read())
         copied.append(dest / path.name)
     return copied

@@ -9,7 +9,6 @@ itself, once its test metrics and MLflow runs are written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from orchestrator.config import ConfigError, JobConfig, SearchDim, StudentConfig
 from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
-from orchestrator.pipeline import Prepared, attach_ray_logs, init_ray, prepare, teacher_test_logits
+from orchestrator.pipeline import Prepared, init_ray, prepare, ray_logs_attached, teacher_test_logits
 from orchestrator.progress import progress_printer, verbose
 from orchestrator.stages import (
     SoftTargets,
@@ -308,38 +307,35 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     uri = prep.tracking_uri
     rows_before = teacher_forward_rows("job")
     parent_id = _parent_run(prep, state_path, resume)
-    stack = contextlib.ExitStack()
     try:
-        track = TrackingContext(uri, prep.experiment_id, parent_id)
-        sink = stack.enter_context(progress_printer())  # the teacher's epochs; Tune's table is the trials' progress
-        if not resume:
-            tree = cfg.model_dump(mode="json")
-            tracking.log_params(uri, parent_id, tracking.flatten(tree))
-            tracking.log_dict(uri, parent_id, tree, "config.json")  # `distill report` rebuilds the config from it
-        teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track.with_progress(sink))
-                    for i in range(len(cfg.teachers))]
-        soft = soft_target_stage(cfg, teachers, prep.data, track)
-        ctx = SweepContext(prep, teachers, soft, parent_id)
-        registry = stage_registry(parent_id)
-        if resume:
-            ray.get(registry.reset_running.remote())
-        results = fit_noticing_ctrl_c(build_tuner(cfg, ctx, storage=storage, resume=resume))
-        from orchestrator.sweep_report import finish_sweep
+        # The sink prints the teacher's epochs (Tune's table is the trials' progress); the Ray logs are attached on the
+        # way out, finished or failed.
+        with ray_logs_attached(uri, parent_id), progress_printer() as sink:
+            track = TrackingContext(uri, prep.experiment_id, parent_id)
+            if not resume:
+                tree = cfg.model_dump(mode="json")
+                tracking.log_params(uri, parent_id, tracking.flatten(tree))
+                tracking.log_dict(uri, parent_id, tree, "config.json")  # `distill report` rebuilds the config from it
+            teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track.with_progress(sink))
+                        for i in range(len(cfg.teachers))]
+            soft = soft_target_stage(cfg, teachers, prep.data, track)
+            ctx = SweepContext(prep, teachers, soft, parent_id)
+            registry = stage_registry(parent_id)
+            if resume:
+                ray.get(registry.reset_running.remote())
+            results = fit_noticing_ctrl_c(build_tuner(cfg, ctx, storage=storage, resume=resume))
+            from orchestrator.sweep_report import finish_sweep
 
-        stage_stats = ray.get(registry.stats.remote())
-        summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows("job") - rows_before, stage_stats=stage_stats)
-        ray.kill(registry)
+            stage_stats = ray.get(registry.stats.remote())
+            summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows("job") - rows_before, stage_stats=stage_stats)
+            ray.kill(registry)
     except KeyboardInterrupt:
         tracking.end_running_descendants(uri, prep.experiment_id, parent_id)  # trials and stages Tune stopped mid-run
         tracking.end_run(uri, parent_id, "KILLED")
         raise
     except BaseException:
-        attach_ray_logs(uri, parent_id)
         tracking.end_run(uri, parent_id, "FAILED")
         raise
-    finally:
-        stack.close()
-    attach_ray_logs(uri, parent_id)
     tracking.end_run(uri, parent_id, "FINISHED")
     return summary
 
