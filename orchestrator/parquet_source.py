@@ -19,7 +19,6 @@ would keep these checks.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
