@@ -7,6 +7,7 @@ typed object with `JobConfig.model_validate(d)` in their first line.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -99,6 +100,28 @@ class ModelSpec(_Strict):
         if family in ("mlp", "cnn") or family.startswith(("torchvision:", "import:")):
             return family
         raise ValueError(f"unknown model family {family!r} (mlp, cnn, torchvision:<arch>, import:<module>:<Class>)")
+
+    @model_validator(mode="after")
+    def _fields_belong_to_the_family(self) -> "ModelSpec":
+        # A size given to a family that does not read it (channels on an mlp) would be silently ignored.
+        # Compared with the default, not with "was it given": specs logged with every field (MLflow models,
+        # caches) must still load.
+        kind = self.family.split(":")[0]
+        used = _FAMILY_FIELDS[kind]
+        stray = [name for name in _FAMILY_FIELDS["*"] - used if getattr(self, name) != ModelSpec.model_fields[name].get_default(call_default_factory=True)]
+        if stray:
+            raise ValueError(f"{', '.join(sorted(stray))}: not used by family {kind} (it reads {', '.join(sorted(used))})")
+        return self
+
+
+# Which ModelSpec fields each family reads (models.build_model); "*" is every size field.
+_FAMILY_FIELDS = {
+    "*": frozenset({"hidden", "channels", "dropout", "input_dropout", "kwargs", "weights"}),
+    "mlp": frozenset({"hidden", "dropout", "input_dropout", "weights"}),
+    "cnn": frozenset({"channels", "hidden", "dropout", "weights"}),
+    "torchvision": frozenset({"kwargs", "weights"}),
+    "import": frozenset({"kwargs", "weights"}),
+}
 
 
 def spec_of(model: ModelSpec) -> ModelSpec:
@@ -303,6 +326,22 @@ class SearchSpace(_Strict):
     lr: SearchDim | None = Field(None, description="train.lr")
     student: SearchDim | None = Field(None, description="names from `students`")
     chain: SearchDim | None = Field(None, description="lists of assistant model specs between teacher and student; [] = direct KD")
+    paths: dict[str, SearchDim] = Field(default_factory=dict, description=(
+        "any other field of the students' training by its dotted path, under kd., train., students.N. or transfer.labels "
+        "(e.g. `train.weight_decay: {loguniform: [1.0e-5, 1.0e-3]}`, `students.0.hidden: {grid: [[16], [32]]}`); "
+        "teachers, data, views and soft targets are shared by every trial, so they cannot be swept"))
+
+    def named(self) -> dict[str, SearchDim]:
+        """The set dimensions by their Tune parameter names: the short ones (temperature, ...) and the dotted paths."""
+        dims = {name: dim for name, dim in self if name != "paths" and dim is not None}
+        return dims | dict(self.paths)
+
+
+# Where a swept path may point: what one trial's student training reads. The rest (teachers, dataset, views,
+# soft targets, tracking, the sweep itself) is prepared once for all trials.
+SWEEPABLE_PREFIXES = ("kd.", "train.", "students.", "transfer.labels")
+# Swept paths that duplicate a short dimension: one spelling only.
+_SHORT_PATHS = {"kd.temperature": "temperature", "kd.alpha": "alpha", "train.lr": "lr"}
 
 
 # What a sampled value must satisfy: the same ranges KDConfig and TrainConfig enforce on fixed values.
@@ -335,7 +374,7 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _space_usable(self) -> "SweepConfig":
-        dims = {k: v for k, v in self.space if v is not None}
+        dims = self.space.named()
         if not dims:
             raise ValueError("space: empty search space (set at least one of temperature, alpha, lr, student, chain)")
         for name in ("temperature", "alpha", "lr"):
@@ -408,6 +447,8 @@ class JobConfig(_Strict):
 
     def _check_sweep(self, sweep: SweepConfig) -> None:
         names = [s.name for s in self.students]
+        for path, dim in sweep.space.paths.items():
+            self._check_swept_path(path, dim)
         if sweep.space.student is not None:
             unknown = [v for v in sweep.space.student.values() or [] if v not in names]
             if unknown:
@@ -421,6 +462,44 @@ class JobConfig(_Strict):
                         ModelSpec.model_validate(spec)
                     except ValidationError as err:
                         raise ValueError(f"sweep.space.chain.{i}.{j}: {_format_error(err)}") from None
+
+    def _check_swept_path(self, path: str, dim: SearchDim) -> None:
+        """A swept path must name a field of the students' training, and every value it can take must be valid there."""
+        where = f"sweep.space.paths.{path}"
+        if path in _SHORT_PATHS:
+            raise ValueError(f"{where}: sweep it as sweep.space.{_SHORT_PATHS[path]}")
+        if not path.startswith(SWEEPABLE_PREFIXES):
+            raise ValueError(f"{where}: only paths under {', '.join(SWEEPABLE_PREFIXES)} can be swept (the rest is shared by every trial)")
+        if dim.values() is not None:
+            samples = dim.values()
+        else:  # the bounds, and a point between them: a float range on an integer field fails here, not in a trial
+            low, high = dim.uniform or dim.loguniform
+            samples = [low, high, math.sqrt(low * high) if dim.loguniform else (low + high) / 2]
+        tree = self.model_dump(mode="json", exclude={"sweep"})
+        for value in samples:
+            trial = copy.deepcopy(tree)
+            try:
+                if not _field_exists(trial, path.split(".")):
+                    raise ValueError(f"{where}: no such field")
+                apply_override(trial, path.split("."), value)
+                JobConfig.model_validate(trial)
+            except ConfigError as err:
+                raise ValueError(f"{where}: {err}") from None
+            except ValidationError as err:
+                raise ValueError(f"{where}: {value!r}: {_format_error(err)}") from None
+
+
+def _field_exists(tree: Any, parts: list[str]) -> bool:
+    """Whether a dotted path names something already in a dumped config (a sweep must not invent keys)."""
+    node = tree
+    for part in parts:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
 
 
 def _format_error(err: ValidationError) -> str:

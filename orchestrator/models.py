@@ -201,9 +201,6 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes:
     """
     shape = _check_shape(input_shape, num_classes)
     family = spec.family
-    if family in ("mlp", "cnn") and spec.kwargs:
-        # Silently ignoring them would hide a typo or a misplaced setting.
-        raise ConfigError(f"model {family}: kwargs are only used by torchvision: and import: families")
     if family == "mlp":
         model = _build_mlp(spec, shape, num_classes)
     elif family == "cnn":

@@ -27,7 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator import tracking
 from orchestrator.chains import assistant_as_teacher, chain_label, plan_chain, stage_key, stage_registry
 from orchestrator.cluster import check_cluster
-from orchestrator.config import ConfigError, JobConfig, SearchDim, StudentConfig, spec_of
+from orchestrator.config import ConfigError, JobConfig, SearchDim, StudentConfig, apply_override, spec_of
 from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params, state_dict_fingerprint
@@ -63,9 +63,7 @@ def _dimension(dim: SearchDim) -> Any:
 def search_space(cfg: JobConfig) -> dict[str, Any]:
     """Tune's param_space. Chains are sampled by index: Optuna only takes choices of plain values."""
     space: dict[str, Any] = {}
-    for name, dim in cfg.sweep.space:
-        if dim is None:
-            continue
+    for name, dim in cfg.sweep.space.named().items():
         if name == "chain":
             indices = list(range(len(dim.values())))
             dim = SearchDim(grid=indices) if dim.grid is not None else SearchDim(choice=indices)
@@ -91,6 +89,12 @@ def max_concurrent_trials(cfg: JobConfig, resources: dict[str, float] | None = N
 
 def trial_config(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
     """The job config a trial's final stage trains with: one student, the sampled hyperparameters."""
+    if cfg.sweep is not None and cfg.sweep.space.paths:  # swept dotted paths first (students.N. refers to the job's list)
+        tree = cfg.model_dump(mode="json")
+        for path in cfg.sweep.space.paths:
+            if path in params:
+                apply_override(tree, path.split("."), params[path])
+        cfg = JobConfig.model_validate(tree)
     student = next((s for s in cfg.students if s.name == params.get("student")), cfg.students[0])
     kd = cfg.kd.model_copy(update={k: float(params[k]) for k in ("temperature", "alpha") if k in params})
     train = cfg.train.model_copy(update={"lr": float(params["lr"])} if "lr" in params else {})
@@ -271,7 +275,7 @@ def build_tuner(cfg: JobConfig, ctx: SweepContext, *, storage: Path, resume: boo
             verbose=3 if verbose() else 1,
             progress_reporter=tune.CLIReporter(
                 metric_columns={cfg.sweep.metric: "val", "training_iteration": "ep"},
-                parameter_columns={k: v for k, v in SHORT_NAMES.items() if k in search_space(cfg)},
+                parameter_columns={k: SHORT_NAMES.get(k, k) for k in search_space(cfg)},
                 max_column_length=12, max_report_frequency=30, sort_by_metric=True,
             ),
         ),

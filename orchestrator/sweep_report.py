@@ -34,6 +34,7 @@ def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
             "temperature": float(params.get("temperature", "nan")),  # every trial logs its resolved T and alpha
             "alpha": float(params.get("alpha", "nan")),
             "lr": float(params.get("lr", cfg.train.lr)),
+            **{path: params.get(path) for path in cfg.sweep.space.paths},  # swept dotted paths, as MLflow logged them
             "epochs_run": int(result.metrics.get("training_iteration", 0)),
             metric: result.metrics.get(metric),
             "params": run.data.metrics.get("params"),

@@ -72,7 +72,7 @@ def checkpoints(tmp_path) -> Path:
         (["run", DIGITS, "teachers.0.checkpoint=/nonexistent/t.pt"], "checkpoint not found: /nonexistent/t.pt"),
         (["run", DIGITS, "teachers.0.family=mlp", "teachers.0.hidden=[32]", "teachers.0.checkpoint={ckpt}/mlp16.pt"], "checkpoint does not fit the model"),
         (["run", DIGITS, "teachers.0.family=mlp", "teachers.0.hidden=[16]", "teachers.0.checkpoint={ckpt}/pickled.pt"], "refusing to unpickle code"),
-        (["run", DIGITS, "students.0.family=import:wrong_models:FiveWay"], "students.0: model outputs 5 classes but the dataset has 10"),
+        (["run", DIGITS, "students=[{name: five, family: 'import:wrong_models:FiveWay'}]"], "students.0: model outputs 5 classes but the dataset has 10"),
         (["run", DIGITS, "train.input_jitter=2"], "train.input_jitter: students train on views; set views.max_shift"),
         (["run", DIGITS, "tracking.tracking_uri=http://127.0.0.1:9"], "tracking.tracking_uri: cannot use MLflow store http://127.0.0.1:9"),
     ],

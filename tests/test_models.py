@@ -142,7 +142,6 @@ def test_torchvision_kwargs_pass_through():
         (ModelSpec(family="torchvision:resnet18", kwargs={"weights": "IMAGENET1K_V1"}), "would download"),
         (ModelSpec(family="torchvision:resnet18", kwargs={"num_classes": 5}), "num_classes is set by the dataset"),
         (ModelSpec(family="torchvision:resnet18", kwargs={"bogus": 1}), "cannot construct"),
-        (ModelSpec(family="mlp", kwargs={"x": 1}), "kwargs are only used by"),
         (ModelSpec(family="import:no_such_module_kd:Net"), r"cannot import 'no_such_module_kd' \(ModuleNotFoundError"),
         (ModelSpec(family="import:torch.nn:NoSuchLayer"), "has no attribute 'NoSuchLayer'"),
         (ModelSpec(family="import:torch.nn:Linear", kwargs={"bogus": 1}), r"Linear\(\*\*\{'bogus': 1\}\) failed"),

@@ -38,6 +38,17 @@ def test_search_space_and_trial_config():
     assert cfg.kd.temperature == 4.0  # the base config is untouched
 
 
+def test_any_students_field_is_swept_by_its_dotted_path():
+    cfg = load_config(CONFIG, ["sweep.space.paths={train.weight_decay: {loguniform: [1.0e-5, 1.0e-3]}, students.0.hidden: {grid: [[8], [24]]}}"])
+    space = search_space(cfg)
+    assert space["students.0.hidden"] == {"grid_search": [[8], [24]]}
+    assert space["train.weight_decay"].lower == 1e-5 and space["train.weight_decay"].upper == 1e-3
+    assert {"temperature", "chain"} <= set(space)  # beside the short dimensions the config already sweeps
+    trial = trial_config(cfg, {"train.weight_decay": 3e-4, "students.0.hidden": [24], "temperature": 2.0, "chain": 0})
+    assert trial.train.weight_decay == 3e-4 and trial.students[0].hidden == [24] and trial.kd.temperature == 2.0
+    assert cfg.train.weight_decay == 0.0 and cfg.students[0].hidden == [16]  # the base config is untouched
+
+
 def test_seeds_repeat_every_point_against_one_teacher():
     cfg = load_config(CONFIG, ["seed=5", "sweep.seeds=3"])
     assert search_space(cfg)["seed"] == {"grid_search": [5, 6, 7]}
