@@ -407,6 +407,9 @@ class JobConfig(_Strict):
     teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()], description="one teacher, or several (a weighted ensemble)")
     students: list[StudentConfig] = Field(default_factory=lambda: [StudentConfig()], description="trained together, every batch read once")
     baseline: bool = Field(True, description="also train each student on labels alone (its twin), on the same views and batches")
+    chain: list[ModelSpec] = Field(default_factory=list, description=(
+        "teacher-assistant chain (Mirzadeh et al. 2020): model specs distilled in turn between the teachers and the students, "
+        "each teaching the next through its own cached soft targets; [] = the students learn from the teachers directly"))
     kd: KDConfig = Field(default_factory=KDConfig, description="temperature and alpha of the `kd`-family losses")
     views: ViewsConfig = Field(default_factory=ViewsConfig, description="the augmented views students and twins train on; soft targets are cached per view")
     transfer: TransferConfig = Field(default_factory=TransferConfig, description="what the students learn from (Hinton et al.'s transfer set)")
@@ -441,6 +444,10 @@ class JobConfig(_Strict):
             if isinstance(student.loss, str) and student.loss not in LOSSES:
                 raise ValueError(f"students.{i}.loss: unknown loss {student.loss!r} (known: {', '.join(sorted(LOSSES))})")
         check_students(self)
+        if self.chain and self.sweep is not None:
+            raise ValueError("chain: a sweep varies its chains with sweep.space.chain")
+        if self.chain and self.teacher_mode == "online":
+            raise ValueError("chain: the online teacher runs the teachers themselves in the workers; a chain needs teacher_mode cached")
         if self.sweep is not None:
             self._check_sweep(self.sweep)
         return self

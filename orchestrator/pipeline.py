@@ -18,7 +18,9 @@ import torch
 
 from orchestrator import preflight, tracking
 from orchestrator.cluster import check_cluster
-from orchestrator.config import ConfigError, JobConfig
+from orchestrator.chain_runner import run_chain
+from orchestrator.chains import StageRegistry
+from orchestrator.config import ConfigError, JobConfig, spec_of
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.interrupts import reclaim_sigterm
 from orchestrator.local_ray import start_local_ray
@@ -144,7 +146,7 @@ def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
     reclaim_sigterm()  # ray.init installs its own SIGTERM handler (a bare sys.exit)
 
 
-def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: torch.Tensor) -> list[dict]:
+def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: torch.Tensor, role: str = "teacher") -> list[dict]:
     rows = []
     data = prep.data
     for t in teachers:
@@ -155,7 +157,7 @@ def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: 
         model.cpu()
         metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test)
         tracking.log_metrics(prep.tracking_uri, t.run_id, {f"test_{k}": v for k, v in metrics.items()})
-        rows.append(_row("teacher", t.config.name, metrics, model, t.wall_s, t.run_id))
+        rows.append(_row(role, t.config.name, metrics, model, t.wall_s, t.run_id))
     return rows
 
 
@@ -222,7 +224,12 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         driver_peak["soft_targets"] = peak_rss_mb()
         teacher_test = teacher_test_logits(prep, soft)
         rows = _teacher_rows(prep, teachers, teacher_test)
-        student_rows, online_rows = distill_students(prep, soft, teachers, teacher_test, track)
+        assistants: list[TeacherWeights] = []
+        if cfg.chain:  # the students learn from the last assistant's soft targets; agreement and KL stay the teachers'
+            first = cfg.students[0]
+            soft, assistants = run_chain(cfg, prep, soft, cfg.chain, first.name, spec_of(first), track, StageRegistry.remote())
+            rows += _teacher_rows(prep, assistants, teacher_test, role="assistant")
+        student_rows, online_rows = distill_students(prep, soft, teachers, teacher_test, track, assistants=assistants)
         rows += student_rows
         driver_peak["students"] = peak_rss_mb()
         stage_walls = {"teacher": sum(t.wall_s for t in teachers), "soft_targets": soft.wall_s, "students": rows[-1]["wall_s"]}
@@ -279,8 +286,9 @@ def log_job_artifacts(uri: str, parent_id: str, rows: list[dict], *, has_val: bo
 
 
 def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWeights], teacher_test: torch.Tensor,
-                     track: TrackingContext) -> tuple[list[dict], int]:
-    """Students and twins trained, scored and logged; returns their rows and the rows an online teacher ran on."""
+                     track: TrackingContext, assistants: list[TeacherWeights] = ()) -> tuple[list[dict], int]:
+    """Students and twins trained, scored and logged; returns their rows and the rows an online teacher ran on.
+    With a chain, `soft` is the last assistant's and `assistants` are the chain's stages, teacher side first."""
     cfg, data, uri = prep.cfg, prep.data, prep.tracking_uri
     lineage = {
         "teacher_run_ids": ",".join(t.run_id for t in teachers),
@@ -289,6 +297,9 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
         "soft_target_run_id": soft.run_id,
         "dataset": data.name,
     }
+    if assistants:
+        lineage |= {"assistant_run_ids": ",".join(a.run_id for a in assistants),
+                    "lineage": ">".join([",".join(t.run_id for t in teachers), *(a.run_id for a in assistants)])}
     members = student_members(cfg, {}, data, soft)
     rows = []
     with contextlib.ExitStack() as stack:

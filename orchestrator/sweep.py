@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,13 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import tracking
-from orchestrator.chains import assistant_as_teacher, chain_label, plan_chain, stage_key, stage_registry
+from orchestrator.chain_runner import run_chain
+from orchestrator.chains import chain_label, stage_registry
 from orchestrator.cluster import check_cluster
-from orchestrator.config import ConfigError, JobConfig, SearchDim, StudentConfig, apply_override, spec_of
+from orchestrator.config import ConfigError, JobConfig, SearchDim, apply_override, spec_of
 from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.interrupts import fit_noticing_ctrl_c
-from orchestrator.models import build_model, count_params, state_dict_fingerprint
+from orchestrator.models import build_model, count_params
 from orchestrator.pipeline import Prepared, init_ray, prepare, ray_logs_attached, teacher_test_logits
 from orchestrator.progress import progress_printer, verbose
 from orchestrator.stages import (
@@ -44,7 +44,6 @@ from orchestrator.stages import (
 )
 from orchestrator.teachers import teacher_forward_rows
 from orchestrator.train_loop import MemberConfig
-from orchestrator.weights_cache import load_cached_weights, save_cached_weights, weights_file
 
 STATE_FILE = "kd_sweep.json"
 SHORT_NAMES = {"temperature": "T", "alpha": "a", "lr": "lr", "student": "stud", "chain": "chain"}  # narrow trial table
@@ -115,44 +114,6 @@ class SweepContext:
     sweep_run_id: str
 
 
-def _assistant_stage(cfg: JobConfig, ctx: SweepContext, parent_soft: SoftTargets, stage, track: TrackingContext):
-    """Train (or reuse) one assistant of a chain; returns its weights and its soft targets."""
-    prep = ctx.prep
-    key = stage_key(cfg, parent_soft.fingerprint, stage, prep.data.fingerprint("train"))
-    path = weights_file(cfg.soft_targets.cache_dir, "stages", key)
-    registry = stage_registry(ctx.sweep_run_id)
-    with tracking.run_scope(track.uri, track.experiment_id, f"stage:{stage.name}", parent_id=track.parent_id,
-                            tags={"role": "assistant", "stage_key": key, "parent_soft_target_fingerprint": parent_soft.fingerprint}) as run_id:
-        tracking.log_params(track.uri, run_id, tracking.flatten(stage.spec.model_dump(mode="json")))
-        stage_track = track.child(run_id)
-        started = time.perf_counter()
-        while True:
-            cached = load_cached_weights(path)
-            if cached is not None:
-                ray.get(registry.count_reuse.remote())
-                weights = TeacherWeights(assistant_as_teacher(stage), cached["state_dict"], state_dict_fingerprint(cached["state_dict"]), "reused", cached["run_id"], 0.0)
-                tracking.set_tags(track.uri, run_id, {"reused": True, "source_run_id": cached["run_id"]})
-                return weights, soft_target_stage(cfg, [weights], prep.data, stage_track)
-            if ray.get(registry.claim.remote(key)):
-                break
-            ray.get(registry.wait.remote(key))  # another trial is training it: wait, then reuse
-        try:
-            as_student = StudentConfig.model_validate({**stage.spec.model_dump(), "name": stage.name, "loss": "kd"})
-            member = student_member(cfg, as_student, prep.data, parent_soft, run_id=run_id).model_copy(update={"role": "assistant"})
-            states, _ = distill_members(cfg, prep.data, prep.student_train_ids, prep.val_ids, parent_soft, track, [member], run_name=f"{cfg.name}-{key[:12]}")
-            state_dict = states[stage.name]
-            weights = TeacherWeights(assistant_as_teacher(stage), state_dict, state_dict_fingerprint(state_dict), "trained", run_id, time.perf_counter() - started)
-            # Soft targets before publishing: a waiting trial then finds them cached, not re-run.
-            soft = soft_target_stage(cfg, [weights], prep.data, stage_track)
-            save_cached_weights(path, {"state_dict": state_dict, "run_id": run_id})
-            tracking.set_tags(track.uri, run_id, {"reused": False})
-        except BaseException:
-            ray.get(registry.publish.remote(key, False))
-            raise
-        ray.get(registry.publish.remote(key, True))
-        return weights, soft
-
-
 class ReportAllButLastEpoch(TuneReportCallback):
     """Forward each epoch's metrics to Tune, except the last one.
 
@@ -189,9 +150,8 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         tracking.log_params(uri, trial_run, {**{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
         track = TrackingContext(uri, experiment_id, trial_run)
         soft, lineage = ctx.soft, [t.run_id for t in ctx.teachers]
-        for stage in plan_chain(chain, student.name, spec_of(student))[:-1]:
-            weights, soft = _assistant_stage(base, ctx, soft, stage, track)
-            lineage.append(weights.run_id)
+        soft, assistants = run_chain(base, ctx.prep, soft, chain, student.name, spec_of(student), track, stage_registry(ctx.sweep_run_id))
+        lineage += [a.run_id for a in assistants]
         with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
                                 tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
             member = student_member(cfg, student, ctx.prep.data, soft, run_id=stage_run)

@@ -171,3 +171,31 @@ def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, m
     history = MlflowClient(mlflow_uri).get_metric_history(runs["student:mlp800"][0].info.run_id, "val_accuracy")
     assert len(history) == 2
 
+
+
+def test_distill_run_with_an_assistant_chain_reuses_its_stage(ray_session, workdir, mlflow_uri):
+    """`chain:` in `distill run`: teacher -> assistant -> students, the assistant memoised for the next job."""
+    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [*FAST, "train.epochs=2", "students=[{name: mlp16, family: mlp, hidden: [16]}]",
+                                                            "chain=[{family: mlp, hidden: [48]}]", "tracking.experiment=chain"])
+    rows = run_job(cfg)
+    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "cnn"), ("assistant", "assistant1"), ("student", "mlp16"), ("baseline", "mlp16-baseline")]
+    assert rows[1]["test_accuracy"] > 0.5 and rows[1]["params"] == 64 * 48 + 48 + 48 * 10 + 10
+
+    client = MlflowClient(mlflow_uri)
+    runs = _runs_by_name(client, "chain")
+    stage, student = runs["stage:assistant1"][0], runs["student:mlp16"][0]
+    assert stage.data.tags["role"] == "assistant" and stage.data.tags["reused"] == "False"
+    # The student learnt from the assistant's soft targets, not the teacher's; its lineage names both.
+    assistant_soft = [r for r in runs["soft-targets"] if r.data.tags["mlflow.parentRunId"] == stage.info.run_id]
+    assert len(assistant_soft) == 1
+    assert student.data.tags["soft_target_fingerprint"] == assistant_soft[0].data.tags["soft_target_fingerprint"]
+    assert student.data.tags["assistant_run_ids"] == stage.info.run_id
+    assert student.data.tags["lineage"] == f"{runs['teacher:cnn'][0].info.run_id}>{stage.info.run_id}"
+
+    # The same job again: the assistant and both caches are reused, no teacher or assistant runs again.
+    rows_before = teacher_forward_rows()
+    again = run_job(cfg)
+    assert teacher_forward_rows() == rows_before
+    assert [r["test_errors"] for r in again[:2]] == [r["test_errors"] for r in rows[:2]]
+    second_stage = max(_runs_by_name(client, "chain")["stage:assistant1"], key=lambda r: r.info.start_time)
+    assert second_stage.data.tags["reused"] == "True" and second_stage.data.tags["source_run_id"] == stage.info.run_id

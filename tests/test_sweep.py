@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
@@ -151,6 +152,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     assert len(finished) == 4
     assert all(0.3 < r.data.metrics["test_accuracy"] <= 1 for r in finished)  # 3 epochs of a KD student on a 4-epoch teacher; chance is 0.1
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    assert {r.data.params["train.weight_decay"] for r in finished} <= {"0.0", "0.0001"}  # the swept dotted path, as sampled
     # Trials that finished before the kill and before the Ctrl-C were not run again.
     done_before_kill = [r for r in finished if r.info.end_time < killed_at]
     done_before_ctrl_c = [r for r in finished if r.info.end_time < interrupted_at]
@@ -181,6 +183,8 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     # Artifacts and the champion.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"trials.csv", "plots/direct_vs_chain.png", "plots/accuracy_vs_params.png"} <= artifacts
+    trials_csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path)))
+    assert len(trials_csv) == 4 and set(trials_csv["train.weight_decay"]) <= {0.0, 1e-4}
     champion = client.get_model_version_by_alias("digits_sweep-student", "champion")
     assert champion.tags["sweep_run_id"] == parent.info.run_id
     assert champion.tags["trial_id"] == parent.data.tags["champion_trial"]
