@@ -169,15 +169,15 @@ CASES = {
     "empty cache path": (["run", DIGITS, "soft_targets.cache_dir=''"], "soft_targets.cache_dir: empty path"),
     # Checkpoints
     "checkpoint with the wrong class count": (
-        ["run", DIGITS, "teachers.0.family=mlp", "teachers.0.hidden=[16]", "teachers.0.checkpoint={f}/five_classes.pt"],
+        ["run", DIGITS, "teachers=[{name: cnn, family: mlp, hidden: [16]}]", "teachers.0.checkpoint={f}/five_classes.pt"],
         "'out.weight' has shape (5, 16) in the checkpoint but (10, 16) in the model",
     ),
     "checkpoint of another architecture": (
-        ["run", DIGITS, "teachers.0.family=mlp", "teachers.0.hidden=[16]", "teachers.0.checkpoint={f}/cnn.pt"],
+        ["run", DIGITS, "teachers=[{name: cnn, family: mlp, hidden: [16]}]", "teachers.0.checkpoint={f}/cnn.pt"],
         "teachers.0: checkpoint does not fit the model: missing key",
     ),
     "checkpoint with NaN weights": (
-        ["run", DIGITS, "teachers.0.family=mlp", "teachers.0.hidden=[16]", "teachers.0.checkpoint={f}/nan.pt"],
+        ["run", DIGITS, "teachers=[{name: cnn, family: mlp, hidden: [16]}]", "teachers.0.checkpoint={f}/nan.pt"],
         "teachers.0: checkpoint tensor 'fc1.weight' holds NaN or inf values",
     ),
     "checkpoint truncated": (["run", DIGITS, "teachers.0.checkpoint={f}/truncated.pt"], "truncated.pt cannot be read"),

@@ -381,7 +381,7 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_TMPDIR": str(ray_tmp),
            "AWS_SECRET_ACCESS_KEY": SENTINEL, "KD_API_TOKEN": SENTINEL}
     env.pop("RAY_ADDRESS", None)
-    argv = [sys.executable, "-m", "orchestrator.cli", "run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.family=mlp", "teachers.0.hidden=[64]",
+    argv = [sys.executable, "-m", "orchestrator.cli", "run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers=[{name: cnn, family: mlp, hidden: [64]}]",
             f"teachers.0.checkpoint={tmp_path / 't.pt'}", "tracking.experiment=ctrl-c", "-v"]  # -v: Ray prints its dashboard address
     with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
         # Its own process group, as a shell gives a foreground job: Ctrl-C signals the whole group.
