@@ -376,7 +376,7 @@ class SweepConfig(_Strict):
     def _space_usable(self) -> "SweepConfig":
         dims = self.space.named()
         if not dims:
-            raise ValueError("space: empty search space (set at least one of temperature, alpha, lr, student, chain)")
+            raise ValueError("space: empty search space (set at least one of temperature, alpha, lr, student, chain, paths)")
         for name in ("temperature", "alpha", "lr"):
             dim = dims.get(name)
             for value in (dim.values() or []) if dim else []:
@@ -483,11 +483,11 @@ class JobConfig(_Strict):
             low, high = dim.uniform or dim.loguniform
             samples = [low, high, math.sqrt(low * high) if dim.loguniform else (low + high) / 2]
         tree = self.model_dump(mode="json", exclude={"sweep"})
+        if not _field_exists(tree, path.split(".")):
+            raise ValueError(f"{where}: no such field")
         for value in samples:
             trial = copy.deepcopy(tree)
             try:
-                if not _field_exists(trial, path.split(".")):
-                    raise ValueError(f"{where}: no such field")
                 apply_override(trial, path.split("."), value)
                 JobConfig.model_validate(trial)
             except ConfigError as err:

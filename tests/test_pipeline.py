@@ -185,6 +185,7 @@ def test_distill_run_with_an_assistant_chain_reuses_its_stage(ray_session, workd
     runs = _runs_by_name(client, "chain")
     stage, student = runs["stage:assistant1"][0], runs["student:mlp16"][0]
     assert stage.data.tags["role"] == "assistant" and stage.data.tags["reused"] == "False"
+    assert (Path(cfg.soft_targets.cache_dir) / "stages" / f"{stage.data.tags['stage_key']}.pt").is_file()  # memoised for the next job
     # The student learnt from the assistant's soft targets, not the teacher's; its lineage names both.
     assistant_soft = [r for r in runs["soft-targets"] if r.data.tags["mlflow.parentRunId"] == stage.info.run_id]
     assert len(assistant_soft) == 1
