@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from orchestrator import tracking
-from orchestrator.chains import Stage, assistant_as_teacher, plan_chain, stage_key
+from orchestrator.chains import Stage, assistant_as_teacher, assistant_stages, stage_key
 from orchestrator.config import JobConfig, ModelSpec, StudentConfig
 from orchestrator.models import state_dict_fingerprint
 from orchestrator.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, soft_target_stage, student_member
@@ -58,11 +58,11 @@ def assistant_stage(cfg: JobConfig, prep: Any, parent_soft: SoftTargets, stage: 
         return weights, soft
 
 
-def run_chain(cfg: JobConfig, prep: Any, soft: SoftTargets, assistants: list[ModelSpec], student_name: str, student: ModelSpec,
-              track: TrackingContext, registry: Any) -> tuple[SoftTargets, list[TeacherWeights]]:
+def run_chain(cfg: JobConfig, prep: Any, soft: SoftTargets, assistants: list[ModelSpec], track: TrackingContext,
+              registry: Any) -> tuple[SoftTargets, list[TeacherWeights]]:
     """Every assistant of the chain in order; returns the soft targets the students learn from and the assistants."""
     trained = []
-    for stage in plan_chain(assistants, student_name, student)[:-1]:
+    for stage in assistant_stages(assistants):
         weights, soft = assistant_stage(cfg, prep, soft, stage, track, registry)
         trained.append(weights)
     return soft, trained

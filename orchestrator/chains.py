@@ -24,13 +24,11 @@ REGISTRY_NAMESPACE = "kd-orchestrator"
 class Stage:
     name: str
     spec: ModelSpec
-    final: bool
 
 
-def plan_chain(assistants: list[ModelSpec], student_name: str, student: ModelSpec) -> list[Stage]:
-    """teacher -> assistant1 -> ... -> student, as the list of stages to train in order."""
-    stages = [Stage(f"assistant{i + 1}", spec, final=False) for i, spec in enumerate(assistants)]
-    return stages + [Stage(student_name, student, final=True)]
+def assistant_stages(assistants: list[ModelSpec]) -> list[Stage]:
+    """teacher -> assistant1 -> ... -> (the students): the assistants, in the order they are trained."""
+    return [Stage(f"assistant{i + 1}", spec) for i, spec in enumerate(assistants)]
 
 
 def chain_label(assistants: list[ModelSpec]) -> str:

@@ -7,7 +7,6 @@ typed object with `JobConfig.model_validate(d)` in their first line.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import re
@@ -108,15 +107,15 @@ class ModelSpec(_Strict):
         # caches) must still load.
         kind = self.family.split(":")[0]
         used = _FAMILY_FIELDS[kind]
-        stray = [name for name in _FAMILY_FIELDS["*"] - used if getattr(self, name) != ModelSpec.model_fields[name].get_default(call_default_factory=True)]
+        stray = [name for name, field in ModelSpec.model_fields.items()
+                 if name != "family" and name not in used and getattr(self, name) != field.get_default(call_default_factory=True)]
         if stray:
             raise ValueError(f"{', '.join(sorted(stray))}: not used by family {kind} (it reads {', '.join(sorted(used))})")
         return self
 
 
-# Which ModelSpec fields each family reads (models.build_model); "*" is every size field.
+# Which ModelSpec fields each family reads (models.build_model).
 _FAMILY_FIELDS = {
-    "*": frozenset({"hidden", "channels", "dropout", "input_dropout", "kwargs", "weights"}),
     "mlp": frozenset({"hidden", "dropout", "input_dropout", "weights"}),
     "cnn": frozenset({"channels", "hidden", "dropout", "weights"}),
     "torchvision": frozenset({"kwargs", "weights"}),
@@ -482,18 +481,23 @@ class JobConfig(_Strict):
         else:  # the bounds, and a point between them: a float range on an integer field fails here, not in a trial
             low, high = dim.uniform or dim.loguniform
             samples = [low, high, math.sqrt(low * high) if dim.loguniform else (low + high) / 2]
-        tree = self.model_dump(mode="json", exclude={"sweep"})
-        if not _field_exists(tree, path.split(".")):
+        if not _field_exists(self.model_dump(mode="json"), path.split(".")):
             raise ValueError(f"{where}: no such field")
         for value in samples:
-            trial = copy.deepcopy(tree)
             try:
-                apply_override(trial, path.split("."), value)
-                JobConfig.model_validate(trial)
+                with_values(self, {path: value}, exclude={"sweep"})  # the sweep left out: it would check itself again
             except ConfigError as err:
                 raise ValueError(f"{where}: {err}") from None
             except ValidationError as err:
                 raise ValueError(f"{where}: {value!r}: {_format_error(err)}") from None
+
+
+def with_values(cfg: JobConfig, values: dict[str, Any], *, exclude: set[str] | None = None) -> JobConfig:
+    """A copy of `cfg` with these dotted-path values set (as `a.b=value` overrides are), validated anew."""
+    tree = cfg.model_dump(mode="json", exclude=exclude)
+    for path, value in values.items():
+        apply_override(tree, path.split("."), value)
+    return JobConfig.model_validate(tree)
 
 
 def _field_exists(tree: Any, parts: list[str]) -> bool:

@@ -20,7 +20,7 @@ from orchestrator import preflight, tracking
 from orchestrator.cluster import check_cluster
 from orchestrator.chain_runner import run_chain
 from orchestrator.chains import StageRegistry
-from orchestrator.config import ConfigError, JobConfig, spec_of
+from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data import DatasetArrays, load_arrays, split_train_val
 from orchestrator.interrupts import reclaim_sigterm
 from orchestrator.local_ray import start_local_ray
@@ -226,8 +226,9 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         rows = _teacher_rows(prep, teachers, teacher_test)
         assistants: list[TeacherWeights] = []
         if cfg.chain:  # the students learn from the last assistant's soft targets; agreement and KL stay the teachers'
-            first = cfg.students[0]
-            soft, assistants = run_chain(cfg, prep, soft, cfg.chain, first.name, spec_of(first), track, StageRegistry.remote())
+            registry = StageRegistry.remote()
+            soft, assistants = run_chain(cfg, prep, soft, cfg.chain, track, registry)
+            ray.kill(registry)
             rows += _teacher_rows(prep, assistants, teacher_test, role="assistant")
         student_rows, online_rows = distill_students(prep, soft, teachers, teacher_test, track, assistants=assistants)
         rows += student_rows

@@ -27,7 +27,7 @@ from orchestrator import tracking
 from orchestrator.chain_runner import run_chain
 from orchestrator.chains import chain_label, stage_registry
 from orchestrator.cluster import check_cluster
-from orchestrator.config import ConfigError, JobConfig, SearchDim, apply_override, spec_of
+from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
 from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.interrupts import fit_noticing_ctrl_c
 from orchestrator.models import build_model, count_params
@@ -89,11 +89,7 @@ def max_concurrent_trials(cfg: JobConfig, resources: dict[str, float] | None = N
 def trial_config(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
     """The job config a trial's final stage trains with: one student, the sampled hyperparameters."""
     if cfg.sweep is not None and cfg.sweep.space.paths:  # swept dotted paths first (students.N. refers to the job's list)
-        tree = cfg.model_dump(mode="json")
-        for path in cfg.sweep.space.paths:
-            if path in params:
-                apply_override(tree, path.split("."), params[path])
-        cfg = JobConfig.model_validate(tree)
+        cfg = with_values(cfg, {path: params[path] for path in cfg.sweep.space.paths if path in params})
     student = next((s for s in cfg.students if s.name == params.get("student")), cfg.students[0])
     kd = cfg.kd.model_copy(update={k: float(params[k]) for k in ("temperature", "alpha") if k in params})
     train = cfg.train.model_copy(update={"lr": float(params["lr"])} if "lr" in params else {})
@@ -150,7 +146,7 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         tracking.log_params(uri, trial_run, {**{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
         track = TrackingContext(uri, experiment_id, trial_run)
         soft, lineage = ctx.soft, [t.run_id for t in ctx.teachers]
-        soft, assistants = run_chain(base, ctx.prep, soft, chain, student.name, spec_of(student), track, stage_registry(ctx.sweep_run_id))
+        soft, assistants = run_chain(base, ctx.prep, soft, chain, track, stage_registry(ctx.sweep_run_id))
         lineage += [a.run_id for a in assistants]
         with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
                                 tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
