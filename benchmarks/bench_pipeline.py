@@ -341,7 +341,7 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> list
     """train_one_epoch over the same in-memory tensors and the same batching code as a Ray worker."""
     import torch
 
-    from orchestrator.losses import get_loss
+    from orchestrator.losses.objective import Objective
     from orchestrator.models import build_model
     from orchestrator.train_loop import Member, ShardBatches, build_optimizer, build_scheduler, train_one_epoch
 
@@ -350,7 +350,7 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> list
     torch.manual_seed(loop.seed)
     model = build_model(config.spec, loop.input_shape, loop.num_classes)
     optimizer = build_optimizer(model.parameters(), loop.optim)
-    member = Member(config, model, optimizer, build_scheduler(optimizer, loop.optim), get_loss(config.loss))
+    member = Member(config, model, optimizer, build_scheduler(optimizer, loop.optim), Objective(config.loss, config.kd))
     batches = ShardBatches(None, batch_size=loop.optim.batch_size, in_memory=True, seed=loop.seed)
     batches.tensors = tensors
     generator = torch.Generator().manual_seed(loop.seed)

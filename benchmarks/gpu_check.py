@@ -40,7 +40,7 @@ def step_timings(steps: int) -> dict:
 
     from orchestrator.config import KDConfig, ModelSpec, TrainConfig
     from orchestrator.models import build_model
-    from orchestrator.objectives import build_objective, step_members
+    from orchestrator.losses.objective import build_objective, step_members
     from orchestrator.precision import grad_scaler
     from orchestrator.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
 

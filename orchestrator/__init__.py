@@ -23,7 +23,8 @@ _PUBLIC = {
     "run_soft_targets_job": "orchestrator.pipeline",
     "run_sweep": "orchestrator.sweep",  # Ray Tune over T, alpha, lr, students and teacher-assistant chains
     "run_report": "orchestrator.compress_report",  # quantize, measure and export a finished run's models
-    "LOSSES": "orchestrator.losses",
+    "TERMS": "orchestrator.losses.terms",  # the loss terms a config names, each its own parameter model
+    "SHORTHANDS": "orchestrator.losses.terms",  # loss: kd | dkd | kd_ls | dkd_ls | ce, built from terms
     "ViewPolicy": "orchestrator.views",
     "mcnemar": "orchestrator.paired",
 }

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import ConfigError, RayStartError  # noqa: F401  (re-exported: callers import them from here)
-from orchestrator.term_config import LossTerm, check_students, parse_loss
+from orchestrator.losses.terms import SHORTHANDS, LossTerm, check_students, parse_loss
 
 
 
@@ -437,11 +437,9 @@ class JobConfig(_Strict):
             names = [item.name for item in items]
             if len(names) != len(set(names)):
                 raise ValueError(f"{group}: names must be unique, got {names}")
-        from orchestrator.losses import LOSSES  # local: losses imports torch
-
         for i, student in enumerate(self.students):
-            if isinstance(student.loss, str) and student.loss not in LOSSES:
-                raise ValueError(f"students.{i}.loss: unknown loss {student.loss!r} (known: {', '.join(sorted(LOSSES))})")
+            if isinstance(student.loss, str) and student.loss not in SHORTHANDS:
+                raise ValueError(f"students.{i}.loss: unknown loss {student.loss!r} (known: {', '.join(sorted(SHORTHANDS))})")
         check_students(self)
         if self.chain and self.sweep is not None:
             raise ValueError("chain: a sweep varies its chains with sweep.space.chain")

@@ -34,21 +34,25 @@ MLflow parent run (params and `config.json`).
 """
 
 
-def _model_of(annotation) -> tuple[type[BaseModel] | None, bool]:
-    """(the BaseModel inside an annotation, whether it is a list of them)."""
+def _models_of(annotation) -> tuple[list[type[BaseModel]], bool]:
+    """(the BaseModels inside an annotation: several for a union of them, whether it is a list of them)."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _models_of(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
+        found: list[type[BaseModel]] = []
+        many = False
         for arg in typing.get_args(annotation):
-            model, many = _model_of(arg)
-            if model is not None:
-                return model, many
-        return None, False
+            models, arg_many = _models_of(arg)
+            found += models
+            many = many or (arg_many and bool(models))
+        return found, many
     if origin is list:
-        model, _ = _model_of(typing.get_args(annotation)[0])
-        return model, model is not None
+        models, _ = _models_of(typing.get_args(annotation)[0])
+        return models, bool(models)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, False
-    return None, False
+        return [annotation], False
+    return [], False
 
 
 def _default(field) -> str:
@@ -67,17 +71,22 @@ def _default(field) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def _sections(model: type[BaseModel], prefix: str, out: list[tuple[str, type[BaseModel], list[tuple[str, str, str]]]]) -> None:
+def _sections(model: type[BaseModel], prefix: str, out: list[tuple[str, type[BaseModel], list[tuple[str, str, str]]]],
+              title: str | None = None) -> None:
     rows, nested = [], []
-    for name, field in model.model_fields.items():
+    fields = sorted(model.model_fields.items(), key=lambda item: item[0] != "name")  # a union's tag first
+    for name, field in fields:
         key = f"{prefix}{name}"
-        sub, many = _model_of(field.annotation)
-        if sub is not None:
-            nested.append((f"{key}[]." if many else f"{key}.", sub))
+        subs, many = _models_of(field.annotation)
+        for sub in subs:
+            # a union discriminated on `name` (the loss terms): one section per member, titled by its tag
+            tag = sub.model_fields["name"].default if len(subs) > 1 and "name" in sub.model_fields else None
+            sub_prefix = f"{key}[]." if many else f"{key}."
+            nested.append((sub_prefix, sub, sub_prefix.rstrip(".") + (f" (name: {tag})" if tag else "")))
         rows.append((f"`{key}{'[]' if many else ''}`", _default(field), field.description or ""))
-    out.append((prefix.rstrip(".") or "job", model, rows))
-    for sub_prefix, sub in nested:
-        _sections(sub, sub_prefix, out)
+    out.append((title or prefix.rstrip(".") or "job", model, rows))
+    for sub_prefix, sub, sub_title in nested:
+        _sections(sub, sub_prefix, out, sub_title)
 
 
 def reference_markdown() -> str:

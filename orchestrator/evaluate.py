@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.data import normalize_images
-from orchestrator.losses import kl_to_teacher, top1_agreement
+from orchestrator.losses.hinton import kl_to_teacher, top1_agreement
 
 
 def eval_device(use_gpu: bool) -> torch.device:

@@ -19,7 +19,7 @@ from torch import nn
 from orchestrator.config import ConfigError, ModelSpec
 from orchestrator.models import build_model, load_weights
 from orchestrator.teachers import ensemble_logits
-from orchestrator.term_config import terms_of
+from orchestrator.losses.terms import TEACHER_FEATURES, terms_of
 
 __all__ = ["OnlineTeacher", "check_feature_layers", "feature_shapes", "tap_features"]
 
@@ -72,7 +72,7 @@ def feature_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence
 
 def layer_pairs(loss: Any) -> list[tuple[str, str]]:
     """(student layer, teacher layer) pairs of every feature term of a loss, in order."""
-    return [pair for term in terms_of(loss) if term.needs_teacher_features for pair in term.layers.items()]
+    return [pair for term in terms_of(loss) for pair in term.layer_pairs()]
 
 
 def check_feature_layers(cfg: Any, data: Any) -> None:
@@ -83,7 +83,7 @@ def check_feature_layers(cfg: Any, data: Any) -> None:
     for i, student in enumerate(cfg.students):
         model = build_model(student, data.input_shape, data.num_classes)
         for j, term in enumerate(terms_of(student.loss)):
-            if not term.needs_teacher_features:
+            if TEACHER_FEATURES not in term.needs():
                 continue
             where = f"students.{i}.loss.{j}"
             s_shapes = feature_shapes(model, list(term.layers), data.input_shape, where=f"{where} student")

@@ -32,7 +32,7 @@ from orchestrator.born_again import later_generations
 from orchestrator.kd_settings import is_auto
 from orchestrator.scoring import class_errors, correct_bias, pair_with_twin
 from orchestrator.online import check_feature_layers
-from orchestrator.term_config import describe_loss, uses_kd_section
+from orchestrator.losses.terms import describe_loss, uses_kd_section
 from orchestrator.soft_targets import decode_logits, fingerprint
 from orchestrator.stages import (
     SoftTargets,
@@ -92,7 +92,7 @@ def prepare(cfg: JobConfig) -> Prepared:
     for group, items in (("teachers", cfg.teachers), ("students", cfg.students)):
         for i, spec in enumerate(items):
             check_output_size(build_model(spec, data.input_shape, data.num_classes), data.input_shape, data.num_classes, where=f"{group}.{i}")
-    # train.input_jitter with cached soft targets is refused by the config itself (term_config.check_students).
+    # train.input_jitter with cached soft targets is refused by the config itself (losses/terms.py check_students).
     check_feature_layers(cfg, data)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     # Files first (nothing written yet), then the tracking store, then MLflow-hosted teachers.

@@ -30,10 +30,10 @@ from orchestrator.data import normalize_images
 from orchestrator.evaluate import classification_metrics
 from orchestrator.memory import peak_rss_mb
 from orchestrator.models import build_model
-from orchestrator.objectives import build_objective, step_members
+from orchestrator.losses.objective import build_objective, step_members
 from orchestrator.online import OnlineTeacher, layer_pairs
 from orchestrator.soft_targets import decode_logits, logit_columns
-from orchestrator.term_config import LossTerm
+from orchestrator.losses.terms import LossTerm
 from orchestrator.precision import autocast, grad_scaler
 from orchestrator.progress import emit
 from orchestrator.views import ViewPolicy, epoch_views, random_views, views_of
@@ -86,7 +86,7 @@ class Member:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loss_fn: Any  # an objectives.Objective (with any adapters), or a bare LOSSES function
+    loss_fn: Any  # its losses.objective.Objective (with any adapters)
     scaler: Any = None  # a torch.amp.GradScaler when training in fp16 on a GPU
 
     @property

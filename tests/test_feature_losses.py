@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.feature_losses import (
+from orchestrator.losses.feature import (
     HintAdapter,
     attention_map,
     attention_transfer_loss,

@@ -7,16 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.losses import LOSSES, NEEDS_TEACHER, get_loss, hinton_kd
-from orchestrator.logit_losses import (
-    dkd_loss,
-    dkd_ls_mixed,
-    dkd_mixed,
-    kd_ls_mixed,
-    kd_soft_loss,
-    mutual_learning_loss,
-    standardize_logits,
-)
+from orchestrator.config import KDConfig
+from orchestrator.losses.hinton import hinton_kd
+from orchestrator.losses.logit import dkd_loss, kd_soft_loss, mutual_learning_loss, standardize_logits
+from orchestrator.losses.objective import Objective, StepInputs
+from orchestrator.losses.terms import LABELS as READS_LABELS
+from orchestrator.losses.terms import TEACHER_LOGITS, loss_needs
+
+
+def shorthand(name: str, s, y, t, *, temperature: float, alpha: float):
+    """A string loss as the trainer computes it: its terms (terms.SHORTHANDS) summed by an Objective."""
+    return Objective(name, KDConfig(temperature=temperature, alpha=alpha))(StepInputs(s, y, t))
 
 INF = float("inf")
 STUDENT = [[2.0, -1.0, 0.5, 0.0], [0.3, 0.3, -2.0, 1.5], [-0.7, 2.2, 1.1, -1.3]]
@@ -115,14 +116,14 @@ def test_dkd_weights_zero_and_equal_logits():
     assert dkd_loss(flat, _y(), flat, temperature=2.0, standardize=True).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_dkd_mixed_alpha_convention():
+def test_dkd_shorthand_alpha_convention():
     s, y, t = _random(seed=3)
-    assert torch.equal(dkd_mixed(s, y, t, temperature=4.0, alpha=0.0), F.cross_entropy(s, y))
-    assert torch.equal(dkd_mixed(s, y, t, temperature=4.0, alpha=1.0), dkd_loss(s, y, t, temperature=4.0))
-    mixed = dkd_mixed(s, y, t, temperature=4.0, alpha=0.3)
+    assert torch.equal(shorthand("dkd", s, y, t, temperature=4.0, alpha=0.0), F.cross_entropy(s, y))
+    assert torch.equal(shorthand("dkd", s, y, t, temperature=4.0, alpha=1.0), dkd_loss(s, y, t, temperature=4.0))
+    mixed = shorthand("dkd", s, y, t, temperature=4.0, alpha=0.3)
     expected = 0.3 * dkd_loss(s, y, t, temperature=4.0).item() + 0.7 * F.cross_entropy(s, y).item()
     assert mixed.item() == pytest.approx(expected, rel=1e-6)
-    assert torch.equal(dkd_ls_mixed(s, y, t, temperature=2.0, alpha=1.0), dkd_loss(s, y, t, temperature=2.0, standardize=True))
+    assert torch.equal(shorthand("dkd_ls", s, y, t, temperature=2.0, alpha=1.0), dkd_loss(s, y, t, temperature=2.0, standardize=True))
 
 
 def test_dkd_batch_of_one_and_two_classes():
@@ -148,7 +149,8 @@ def test_dkd_with_topk_minus_inf_teacher_is_finite():
     assert torch.isfinite(got)
 
 
-@pytest.mark.parametrize("loss_fn", [dkd_loss, lambda s, y, t, **kw: dkd_mixed(s, y, t, alpha=0.5, **kw), lambda s, y, t, **kw: kd_ls_mixed(s, y, t, alpha=0.5, **kw)])
+@pytest.mark.parametrize("loss_fn", [dkd_loss, lambda s, y, t, **kw: shorthand("dkd", s, y, t, alpha=0.5, **kw),
+                                     lambda s, y, t, **kw: shorthand("kd_ls", s, y, t, alpha=0.5, **kw)])
 def test_gradients_reach_student_but_never_teacher(loss_fn):
     s, y, t = _random()
     s.requires_grad_()
@@ -168,8 +170,8 @@ def test_dkd_rejects_bad_inputs():
         dkd_loss(s, y, t, temperature=0.0)
     with pytest.raises(ValueError, match="weights must be >= 0"):
         dkd_loss(s, y, t, temperature=1.0, nckd_weight=-1.0)
-    with pytest.raises(ValueError, match="alpha"):
-        dkd_mixed(s, y, t, temperature=1.0, alpha=-0.1)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        shorthand("dkd", s, y, t, temperature=1.0, alpha=-0.1)
 
 
 # ---- logit standardization ----
@@ -204,10 +206,10 @@ def test_ls_is_invariant_to_shift_and_scale_of_either_side():
     assert kd_soft_loss(s, 3.0 * s, temperature=2.0).item() > 0.1
 
 
-def test_kd_ls_mixed_alpha_zero_one_and_without_standardize_equals_kd():
+def test_kd_ls_shorthand_alpha_zero_one_and_without_standardize_equals_kd():
     s, y, t = _random(seed=2)
-    assert torch.equal(kd_ls_mixed(s, y, t, temperature=4.0, alpha=0.0), F.cross_entropy(s, y))
-    assert torch.equal(kd_ls_mixed(s, y, t, temperature=4.0, alpha=1.0), kd_soft_loss(s, t, temperature=4.0, standardize=True))
+    assert torch.equal(shorthand("kd_ls", s, y, t, temperature=4.0, alpha=0.0), F.cross_entropy(s, y))
+    assert torch.equal(shorthand("kd_ls", s, y, t, temperature=4.0, alpha=1.0), kd_soft_loss(s, t, temperature=4.0, standardize=True))
     assert kd_soft_loss(s, t, temperature=4.0).item() == pytest.approx(hinton_kd(s, y, t, temperature=4.0, alpha=1.0).item(), rel=1e-6)
     one = kd_soft_loss(_t(STUDENT[:1]), _t(TEACHER[:1]), temperature=1.0, standardize=True)
     assert one.item() == pytest.approx(ref_kd_soft(STUDENT[:1], TEACHER[:1], 1.0, standardize=True), rel=2e-5)
@@ -234,6 +236,8 @@ def test_mutual_learning_loss_is_mean_kl_to_detached_peers():
 # ---- registry ----
 
 
-def test_string_losses_registered_and_read_the_teacher():
-    for name, fn in {"dkd": dkd_mixed, "kd_ls": kd_ls_mixed, "dkd_ls": dkd_ls_mixed}.items():
-        assert LOSSES[name] is fn and get_loss(name) is fn and name in NEEDS_TEACHER
+def test_string_losses_read_the_teacher_and_dkd_the_labels():
+    for name in ("dkd", "kd_ls", "dkd_ls"):
+        assert TEACHER_LOGITS in loss_needs(name)
+    # Without labels a shorthand keeps only its soft term (alpha 1): kd then reads no label, dkd still does.
+    assert READS_LABELS in loss_needs("dkd") and READS_LABELS in loss_needs("dkd_ls") and READS_LABELS not in loss_needs("kd_ls")

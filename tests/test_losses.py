@@ -8,16 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import ConfigError, validate_config
-from orchestrator.losses import (
-    LOSSES,
-    NEEDS_TEACHER,
-    cross_entropy,
-    get_loss,
-    hinton_kd,
-    kl_to_teacher,
-    top1_agreement,
-)
+from orchestrator.config import ConfigError, KDConfig, validate_config
+from orchestrator.losses.hinton import cross_entropy, hinton_kd, kl_to_teacher, top1_agreement
+from orchestrator.losses.objective import Objective, StepInputs
+from orchestrator.losses.terms import CE, KD, SHORTHANDS, TEACHER_LOGITS, expand, loss_needs
 
 INF = float("inf")
 
@@ -178,12 +172,17 @@ def test_hinton_kd_rejects_bad_inputs():
 # ---- registry ----
 
 
-def test_registry_and_get_loss():
-    assert {"ce": cross_entropy, "kd": hinton_kd}.items() <= LOSSES.items()
-    assert "kd" in NEEDS_TEACHER and "ce" not in NEEDS_TEACHER and NEEDS_TEACHER <= LOSSES.keys()
-    assert get_loss("kd") is hinton_kd and get_loss("ce") is cross_entropy
-    with pytest.raises(ConfigError, match=r"^unknown loss 'nope' \(known: ce, dkd, dkd_ls, kd, kd_ls\)$"):
-        get_loss("nope")
+def test_the_kd_shorthand_is_hintons_loss_built_from_terms():
+    assert sorted(SHORTHANDS) == ["ce", "dkd", "dkd_ls", "kd", "kd_ls"]
+    assert expand("kd", 4.0, 0.9) == [KD(weight=0.9, temperature=4.0), CE(weight=1.0 - 0.9)] and expand("ce", None, None) == [CE()]
+    assert TEACHER_LOGITS in loss_needs("kd") and TEACHER_LOGITS not in loss_needs("ce")
+    s, t, y = _t(STUDENT), _t(TEACHER), torch.tensor(LABELS)
+    for alpha in (0.0, 0.3, 0.9, 1.0):
+        built = Objective("kd", KDConfig(temperature=4.0, alpha=alpha))(StepInputs(s, y, t))
+        assert built.item() == pytest.approx(hinton_kd(s, y, t, temperature=4.0, alpha=alpha).item(), rel=1e-6)
+    assert torch.equal(Objective("ce", KDConfig(temperature=4.0, alpha=0.9))(StepInputs(s, y, None)), cross_entropy(s, y))
+    with pytest.raises(ValueError, match="needs the student's kd temperature and alpha"):
+        expand("kd", None, 0.5)
 
 
 def test_config_validation_uses_loss_registry():

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from orchestrator.config import ConfigError, KDConfig, ModelSpec, StudentConfig, TeacherConfig, TrainConfig, validate_config
-from orchestrator.feature_losses import attention_transfer_loss, fitnet_loss, rkd_loss
-from orchestrator.logit_losses import dkd_loss, kd_soft_loss, mutual_learning_loss
-from orchestrator.losses import hinton_kd
+from orchestrator.losses.feature import attention_transfer_loss, fitnet_loss, rkd_loss
+from orchestrator.losses.logit import dkd_loss, kd_soft_loss, mutual_learning_loss
+from orchestrator.losses.hinton import hinton_kd
 from orchestrator.models import build_model
-from orchestrator.objectives import Objective, StepInputs, build_objective, step_members
+from orchestrator.losses.objective import Objective, StepInputs, build_objective, step_members
 from orchestrator.online import OnlineTeacher, check_feature_layers, feature_shapes, tap_features
-from orchestrator.term_config import parse_loss
+from orchestrator.losses.terms import parse_loss
 from orchestrator.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
 
 SHAPE = (1, 8, 8)

@@ -17,7 +17,7 @@ from orchestrator import tracking
 from orchestrator.config import load_config, spec_of
 from orchestrator.data import load_arrays, normalize_images
 from orchestrator.kd_settings import student_kd
-from orchestrator.objectives import Objective, StepInputs
+from orchestrator.losses.objective import Objective, StepInputs
 from orchestrator.models import build_model
 from orchestrator.pipeline import prepare, run_job
 from orchestrator.stages import columns_by_id_and_view, view_policy

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import ConfigError, load_config, validate_config
-from orchestrator.term_config import LossTerm, describe_loss, needs_online_teacher, reads_cached_teacher, uses_kd_section
+from orchestrator.losses.terms import AT, RKD, TEACHER_LOGITS, FitNet, describe_loss, loss_needs, needs_online_teacher, uses_kd_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS = REPO_ROOT / "configs/digits_kd.yaml"
@@ -36,7 +36,9 @@ def test_string_form_unchanged_and_list_form_parsed():
     ("overrides", "message"),
     [
         (["students.0.loss=[{name: kdd}]"], "students.0.loss: term 0: unknown term 'kdd' (known: ce, kd, dkd, fitnet, at, rkd, dml)"),
-        (["students.0.loss=[ce, {name: kd, bogus: 1}]"], "students.0.loss: term 1 bogus: unknown key"),
+        (["students.0.loss=[ce, {name: kd, bogus: 1}]"], "students.0.loss: term 1: kd does not take 'bogus' (it takes standardize, temperature)"),
+        (["students.0.loss=[{name: at, layers: {a: b}, temperature: 2}]"], "students.0.loss: term 0: at does not take 'temperature' (it takes layers, p)"),
+        (["students.0.loss=[{weight: 1}]"], "students.0.loss: term 0: needs a name (one of ce, kd, dkd, fitnet, at, rkd, dml)"),
         (["students.0.loss=[{name: ce, temperature: 2}]"], "students.0.loss: term 0: ce does not take 'temperature' (it takes nothing but weight)"),
         (["students.0.loss=[{name: kd, layers: {a: b}}]"], "students.0.loss: term 0: kd does not take 'layers' (it takes standardize, temperature)"),
         (["students.0.loss=[{name: kd, weight: -1}]"], "students.0.loss: term 0 weight: Input should be greater than or equal to 0"),
@@ -75,11 +77,11 @@ def test_augmentation_policy():
 
 
 def test_term_predicates():
-    fit = LossTerm(name="fitnet", layers={"a": "b"})
-    assert needs_online_teacher([fit]) and not reads_cached_teacher([fit], frozenset({"kd"}))
-    assert reads_cached_teacher([LossTerm(name="rkd")], frozenset()) and not needs_online_teacher([LossTerm(name="rkd")])
-    assert needs_online_teacher([LossTerm(name="rkd", layers={"a": "b"})])
-    assert reads_cached_teacher("dkd", frozenset({"dkd"})) and not reads_cached_teacher("ce", frozenset({"kd"}))
+    fit = FitNet(layers={"a": "b"})
+    assert needs_online_teacher([fit]) and TEACHER_LOGITS not in loss_needs([fit]) and fit.layer_pairs() == [("a", "b")]
+    assert TEACHER_LOGITS in loss_needs([RKD()]) and not needs_online_teacher([RKD()]) and RKD().layer_pairs() == []
+    assert needs_online_teacher([RKD(layers={"a": "b"})]) and needs_online_teacher([AT(layers={"c": "d"})])
+    assert TEACHER_LOGITS in loss_needs("dkd") and TEACHER_LOGITS not in loss_needs("ce")
 
 
 @pytest.mark.parametrize(

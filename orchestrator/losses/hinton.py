@@ -1,4 +1,4 @@
-"""Student losses and teacher-fidelity metrics.
+"""Hinton KD in its reference form, and the teacher-fidelity metrics.
 
 Reference: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural
 Network", NIPS 2014 Deep Learning Workshop, arXiv:1503.02531 (2015).
@@ -9,30 +9,23 @@ Shapes: N = batch size, C = number of classes.
                     is fine). Entries may be -inf for classes a top-k encoding dropped.
     labels:         (N,) int64 class indices
 
-Every loss has the same signature, so the trainer can call any entry of LOSSES as
-`loss_fn(student_logits, labels, teacher_logits, temperature=T, alpha=a)`.
+The trainer builds `loss: kd` from terms (terms.SHORTHANDS: kd at alpha, ce at 1 - alpha), which
+tests/test_losses.py holds equal to `hinton_kd` here, the paper's formula in one function.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from orchestrator.errors import ConfigError
-from orchestrator.loss_common import check_alpha as _check_alpha
-from orchestrator.loss_common import check_logits as _check_logits
-from orchestrator.loss_common import check_temperature as _check_temperature
-from orchestrator.loss_common import soft_kl as _soft_kl
-from orchestrator.logit_losses import dkd_ls_mixed, dkd_mixed, kd_ls_mixed
+from orchestrator.losses.checks import check_alpha as _check_alpha
+from orchestrator.losses.checks import check_logits as _check_logits
+from orchestrator.losses.checks import check_temperature as _check_temperature
+from orchestrator.losses.checks import soft_kl as _soft_kl
 
 __all__ = [
-    "LOSSES",
-    "NEEDS_TEACHER",
     "cross_entropy",
-    "get_loss",
     "hinton_kd",
     "kl_to_teacher",
     "top1_agreement",
@@ -93,30 +86,6 @@ def hinton_kd(
     if alpha < 1.0:
         loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
     return loss
-
-
-# A plain literal: config validation imports this, so importing must not register
-# anything or depend on import order.
-# The string form of `students[].loss`; each mixes its soft term with CE by kd.alpha.
-# Weighted lists of terms (ce + kd + fitnet ...) are `orchestrator.objectives.TERMS`.
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "ce": cross_entropy,
-    "kd": hinton_kd,
-    "dkd": dkd_mixed,
-    "kd_ls": kd_ls_mixed,
-    "dkd_ls": dkd_ls_mixed,
-}
-
-# Losses that read teacher logits; students with any other loss need no soft targets.
-NEEDS_TEACHER: frozenset[str] = frozenset({"kd", "dkd", "kd_ls", "dkd_ls"})
-
-
-def get_loss(name: str) -> Callable[..., Tensor]:
-    """The loss function registered under `name`; ConfigError if unknown."""
-    try:
-        return LOSSES[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})") from None
 
 
 @torch.no_grad()

@@ -10,9 +10,7 @@ Shapes: N = batch size, C = number of classes (C >= 2 for DKD).
     student_logits (N, C) float; teacher_logits (N, C) any float dtype, detached
     here (no gradient ever reaches a teacher); labels (N,) int64.
 
-The `*_mixed` functions share `losses.LOSSES`' call signature
-`loss_fn(student_logits, labels, teacher_logits, temperature=T, alpha=a)` and follow
-its alpha convention: loss = alpha * soft_term + (1 - alpha) * CE(labels, student).
+The shorthands `dkd`, `kd_ls`, `dkd_ls` blend these with CE by alpha (losses/terms.py SHORTHANDS).
 """
 
 from __future__ import annotations
@@ -21,15 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from orchestrator.loss_common import check_alpha, check_logits, check_temperature, soft_kl
+from orchestrator.losses.checks import check_logits, check_temperature, soft_kl
 
 __all__ = [
     "DKD_NCKD_WEIGHT",
     "DKD_TCKD_WEIGHT",
     "dkd_loss",
-    "dkd_mixed",
-    "dkd_ls_mixed",
-    "kd_ls_mixed",
     "kd_soft_loss",
     "mutual_learning_loss",
     "standardize_logits",
@@ -144,36 +139,6 @@ def dkd_loss(
         teacher_rest = torch.where(defined, teacher_rest, student_rest.detach())
         loss = loss + nckd_weight * soft_kl(student_rest, teacher_rest, temperature)
     return temperature**2 * loss
-
-
-def _mixed(soft: Tensor, student_logits: Tensor, labels: Tensor, alpha: float) -> Tensor:
-    loss = student_logits.new_zeros(())
-    if alpha > 0.0:
-        loss = loss + alpha * soft
-    if alpha < 1.0:
-        loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
-    return loss
-
-
-def kd_ls_mixed(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor, *, temperature: float, alpha: float) -> Tensor:
-    """`kd_ls`: alpha * kd_soft_loss(standardize=True) + (1 - alpha) * CE; scalar."""
-    check_alpha(alpha, what="kd_ls loss")
-    soft = kd_soft_loss(student_logits, teacher_logits, temperature=temperature, standardize=True) if alpha > 0 else None
-    return _mixed(soft, student_logits, labels, alpha)
-
-
-def dkd_mixed(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor, *, temperature: float, alpha: float) -> Tensor:
-    """`dkd`: alpha * dkd_loss(tckd 1, nckd 8) + (1 - alpha) * CE; scalar (other DKD weights: the term list form)."""
-    check_alpha(alpha, what="dkd loss")
-    soft = dkd_loss(student_logits, labels, teacher_logits, temperature=temperature) if alpha > 0 else None
-    return _mixed(soft, student_logits, labels, alpha)
-
-
-def dkd_ls_mixed(student_logits: Tensor, labels: Tensor, teacher_logits: Tensor, *, temperature: float, alpha: float) -> Tensor:
-    """`dkd_ls`: alpha * dkd_loss(standardize=True) + (1 - alpha) * CE; scalar."""
-    check_alpha(alpha, what="dkd_ls loss")
-    soft = dkd_loss(student_logits, labels, teacher_logits, temperature=temperature, standardize=True) if alpha > 0 else None
-    return _mixed(soft, student_logits, labels, alpha)
 
 
 def mutual_learning_loss(student_logits: Tensor, peer_logits: list[Tensor], *, temperature: float = 1.0) -> Tensor:
