@@ -9,12 +9,12 @@ Measures, in one process on one machine:
    (MNIST train) and 300k rows (MNIST train x5):
    (a) a plain loop: normalize_images + forward + fp16 encoding, batch 4096,
        torch.set_num_threads(<the CPUs Ray uses>), rows/s;
-   (b) the production path `orchestrator.stages.generate_soft_targets(...).materialize()`,
+   (b) the production path `orchestrator.flows.stages.generate_soft_targets(...).materialize()`,
        timed end to end from building the Ray dataset to materialized, on a Ray started once
        at the beginning (its start-up is NOT counted).
 2. One student epoch (MLP 784-800-800-10, Hinton KD loss, 54k rows with fp16 teacher logits,
-   batch 128): `orchestrator.train_loop.train_one_epoch` on in-memory tensors vs the
-   steady-state epoch of a real Ray Train run built by `orchestrator.trainer.build_trainer`
+   batch 128): `orchestrator.train.train_loop.train_one_epoch` on in-memory tensors vs the
+   steady-state epoch of a real Ray Train run built by `orchestrator.train.trainer.build_trainer`
    (1 worker with 2 CPUs; 2 workers with 1 CPU each for reference), MLflow logging on.
    The Ray epoch is the interval between consecutive `ray.train.report`s as the controller
    sees them (training + validation + checkpoint + MLflow + report); epoch 0, which pulls
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.memory import peak_rss_mb
+from orchestrator.train.memory import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
@@ -173,7 +173,7 @@ def teacher_state(input_shape, num_classes):
     import torch
 
     from orchestrator.config import ModelSpec
-    from orchestrator.models import build_model
+    from orchestrator.train.models import build_model
 
     torch.manual_seed(SEED)
     model = build_model(ModelSpec(family="mlp", hidden=[1200, 1200]), input_shape, num_classes).eval()
@@ -184,8 +184,8 @@ def plain_soft_targets(model, images: np.ndarray, mean, std) -> tuple[float, np.
     """The plain loop: uint8 rows in memory -> normalised -> teacher -> fp16 logits. Returns (seconds, logits)."""
     import torch
 
-    from orchestrator.data import normalize_images
-    from orchestrator.soft_targets import DENSE_COLUMN, encode_logits
+    from orchestrator.data.datasets import normalize_images
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN, encode_logits
 
     out = []
     started = time.perf_counter()
@@ -199,7 +199,7 @@ def plain_soft_targets(model, images: np.ndarray, mean, std) -> tuple[float, np.
 
 def ray_soft_targets(cfg, teachers, data) -> tuple[float, object]:
     """The production path, end to end: build the Ray dataset, run the actor pool, materialize."""
-    from orchestrator.stages import generate_soft_targets
+    from orchestrator.flows.stages import generate_soft_targets
 
     started = time.perf_counter()
     materialized = generate_soft_targets(cfg, teachers, data).materialize()
@@ -211,7 +211,7 @@ def check_against_plain(materialized, plain_logits: np.ndarray) -> float:
     import pyarrow as pa
     import ray
 
-    from orchestrator.soft_targets import DENSE_COLUMN, column_to_numpy
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN, column_to_numpy
 
     table = pa.concat_tables(ray.get(materialized.select_columns(["id", DENSE_COLUMN]).to_arrow_refs())).sort_by("id")
     ids = column_to_numpy(table, "id")
@@ -243,10 +243,10 @@ def bench_soft_targets(arrays, repeats: int, threads: int, tries: int, budget_s:
     import torch
 
     from orchestrator.config import JobConfig, TeacherConfig
-    from orchestrator.data import DatasetArrays, Split
-    from orchestrator.models import state_dict_fingerprint
-    from orchestrator.stages import TeacherWeights
-    from orchestrator.teachers import forward_row_counter
+    from orchestrator.data.datasets import DatasetArrays, Split
+    from orchestrator.train.models import state_dict_fingerprint
+    from orchestrator.flows.stages import TeacherWeights
+    from orchestrator.teachers.pool import forward_row_counter
 
     model, state = teacher_state(arrays.input_shape, arrays.num_classes)
     teacher_cfg = TeacherConfig(name="teacher", family="mlp", hidden=[1200, 1200])
@@ -320,7 +320,7 @@ def bench_soft_targets(arrays, repeats: int, threads: int, tries: int, budget_s:
 
 def student_loop(arrays, storage: Path, encoding: str):
     from orchestrator.config import KDConfig, ModelSpec, TrainConfig
-    from orchestrator.train_loop import LoopConfig, MemberConfig
+    from orchestrator.train.train_loop import LoopConfig, MemberConfig
 
     return lambda epochs, workers, cpus, run_id, uri: LoopConfig(
         stage="distill",
@@ -342,8 +342,8 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> list
     import torch
 
     from orchestrator.losses.objective import Objective
-    from orchestrator.models import build_model
-    from orchestrator.train_loop import Member, ShardBatches, build_optimizer, build_scheduler, train_one_epoch
+    from orchestrator.train.models import build_model
+    from orchestrator.train.train_loop import Member, ShardBatches, build_optimizer, build_scheduler, train_one_epoch
 
     torch.set_num_threads(threads)
     config = loop.members[0]
@@ -383,8 +383,8 @@ class _ReportClock:
 
 
 def ray_student_run(loop, datasets: dict, clock_file: Path, *, last_metrics: bool = False) -> dict:
-    from orchestrator.train_loop import load_state
-    from orchestrator.trainer import build_trainer
+    from orchestrator.train.train_loop import load_state
+    from orchestrator.train.trainer import build_trainer
 
     clock_file.unlink(missing_ok=True)
     trainer = build_trainer(loop, datasets, run_name=f"bench-{loop.optim.num_workers}w-{int(time.time())}")
@@ -422,10 +422,10 @@ def clean_median(values: list[float], foreign: list[float]) -> tuple[float, int]
 def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int) -> dict:
     import torch
 
-    from orchestrator import tracking
-    from orchestrator.data import split_train_val
-    from orchestrator.soft_targets import DENSE_COLUMN
-    from orchestrator.stages import SoftTargets, with_soft_targets
+    from orchestrator.tracking import runs as tracking
+    from orchestrator.data.datasets import split_train_val
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN
+    from orchestrator.flows.stages import SoftTargets, with_soft_targets
 
     train_ids, val_ids = split_train_val(len(arrays.train), VAL_FRACTION, SEED)
     soft = SoftTargets("bench", {DENSE_COLUMN: teacher_logits}, len(arrays.train), False, 0, 0.0, "", "")
@@ -586,7 +586,7 @@ class ActorPeak:
 def tiled(arrays, factor: int, base_rows: int):
     """The first `base_rows` MNIST train rows, repeated `factor` times end to end (np.concatenate of copies,
     i.e. np.tile along rows); an empty test split."""
-    from orchestrator.data import DatasetArrays, Split
+    from orchestrator.data.datasets import DatasetArrays, Split
 
     images, labels = arrays.train.images[:base_rows], arrays.train.labels[:base_rows]
     split = Split(np.ascontiguousarray(np.concatenate([images] * factor)), np.concatenate([labels] * factor))
@@ -606,13 +606,13 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
     import pyarrow as pa
     import ray
 
-    from orchestrator import tracking
+    from orchestrator.tracking import runs as tracking
     from orchestrator.config import JobConfig, TeacherConfig
-    from orchestrator.data import split_train_val
-    from orchestrator.models import state_dict_fingerprint
-    from orchestrator.soft_targets import DENSE_COLUMN, column_to_numpy
-    from orchestrator.stages import SoftTargets, TeacherWeights, with_soft_targets
-    from orchestrator.teachers import forward_row_counter
+    from orchestrator.data.datasets import split_train_val
+    from orchestrator.train.models import state_dict_fingerprint
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN, column_to_numpy
+    from orchestrator.flows.stages import SoftTargets, TeacherWeights, with_soft_targets
+    from orchestrator.teachers.pool import forward_row_counter
 
     _, state = teacher_state(arrays.input_shape, arrays.num_classes)
     teacher_cfg = TeacherConfig(name="teacher", family="mlp", hidden=[1200, 1200])
@@ -790,7 +790,7 @@ def render_growth(report: dict) -> str:
         "(validation grows with the size too). Student epoch s = median interval between consecutive reports (train + "
         "validation + checkpoint + MLflow + report), epoch 0 (shard pull) excluded; in-worker = the worker's own `epoch_s` "
         f"(train + validation). Foreign CPU share per run: {student_foreign}.",
-        "- Memory: driver peak = the driver's peak RSS since it started, read with `orchestrator.memory.peak_rss_mb()` after "
+        "- Memory: driver peak = the driver's peak RSS since it started, read with `orchestrator.train.memory.peak_rss_mb()` after "
         "the stage (what the orchestrator logs; as the VmHWM reset below lowers ru_maxrss too, the larger of that and the "
         "reading taken before each reset)" + ("; in brackets the peak during that stage alone (VmHWM reset through /proc/self/clear_refs "
         "before the stage; for the student it covers building the two Ray datasets and `fit()`)" if hwm else "") +
@@ -902,14 +902,14 @@ def main() -> int:
     import ray.data
 
     from orchestrator.config import DatasetConfig
-    from orchestrator.data import load_arrays
+    from orchestrator.data.datasets import load_arrays
 
     log(f"load average {load_start}")
     arrays = load_arrays(DatasetConfig(name="mnist"))
     log(f"MNIST loaded: train {arrays.train.images.shape}, test {arrays.test.images.shape}")
 
     t0 = time.perf_counter()
-    # As orchestrator.pipeline.init_ray starts a local Ray (dashboard on, all CPUs), but always a fresh
+    # As orchestrator.flows.pipeline.init_ray starts a local Ray (dashboard on, all CPUs), but always a fresh
     # cluster: with no address, ray.init would join one that `ray start` left running on this machine.
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     ray_init_s = time.perf_counter() - t0

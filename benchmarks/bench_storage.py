@@ -158,7 +158,7 @@ def decoded_logits(entry, encoding: str, num_classes: int, *, ids: np.ndarray | 
     """The entry's rows (sorted by id) decoded as the pipeline decodes them."""
     import torch
 
-    from orchestrator.soft_targets import ID_COLUMN, column_to_numpy, decode_logits, load_table, logit_columns
+    from orchestrator.teachers.soft_targets import ID_COLUMN, column_to_numpy, decode_logits, load_table, logit_columns
 
     names = list(logit_columns(encoding))
     table = load_table(entry, [ID_COLUMN, *names])
@@ -173,9 +173,10 @@ def decoded_logits(entry, encoding: str, num_classes: int, *, ids: np.ndarray | 
 
 
 def real_runs(config: str, extra: list[str], topks: tuple[int, ...], work: Path) -> dict:
-    from orchestrator import pipeline, tracking
+    from orchestrator.flows import pipeline
+    from orchestrator.tracking import runs as tracking
     from orchestrator.config import load_config
-    from orchestrator.soft_targets import read_cache
+    from orchestrator.teachers.soft_targets import read_cache
 
     base = [
         f"soft_targets.cache_dir={work / '.kd_cache'}",
@@ -284,7 +285,7 @@ def _encode_batch(batch: dict, *, holder: list, labels: np.ndarray, encoding: st
     """map_batches function: ids -> the columns the teacher actors emit (id, split, label, encoded logits)."""
     import ray
 
-    from orchestrator.soft_targets import encode_logits
+    from orchestrator.teachers.soft_targets import encode_logits
 
     logits = ray.get(holder[0])  # zero-copy view of the object-store copy
     ids = batch["id"].astype(np.int64)
@@ -300,7 +301,7 @@ def synthetic(n: int, work: Path) -> dict:
     import ray
     import ray.data
 
-    from orchestrator.soft_targets import encode_logits, fingerprint, logit_columns, read_cache, write_cache
+    from orchestrator.teachers.soft_targets import encode_logits, fingerprint, logit_columns, read_cache, write_cache
 
     started = time.perf_counter()
     logits, labels = synthetic_logits(n)
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"mode {mode}, workdir {work}, load average {load_start}")
     import ray
 
-    from orchestrator import pipeline
+    from orchestrator.flows import pipeline
     from orchestrator.config import load_config
 
     try:

@@ -76,7 +76,7 @@ def arm_result(workdir: Path, run_name: str, wall_s: float) -> dict:
     """The arm's parent run, counts and trials, read back from its MLflow store."""
     import pandas as pd
 
-    from orchestrator import tracking
+    from orchestrator.tracking import runs as tracking
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = tracking.client(uri)

@@ -42,7 +42,7 @@ def main() -> int:
     # Imported here, not at the top: readme_results imports render() and must stay quick (no MLflow, no pandas).
     import pandas as pd
 
-    from orchestrator import tracking
+    from orchestrator.tracking import runs as tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     client = tracking.client(uri)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline.machine_info
 
-from orchestrator import tracking
+from orchestrator.tracking import runs as tracking
 from orchestrator.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -95,7 +95,7 @@ def stage_walls(tracking_uri: str) -> dict | str:
     """The job's per-stage wall times (teacher, soft_targets, students), logged to its parent run; summary.json lacks them.
     A failure here is recorded, not raised: it must not lose the figures of a run that took minutes."""
     try:
-        from orchestrator import tracking
+        from orchestrator.tracking import runs as tracking
 
         client = tracking.client(tracking_uri)
         experiments = [e.experiment_id for e in client.search_experiments()]

@@ -7,7 +7,7 @@
 Each experiment is `distill run CONFIG seed=S` for S in the seeds, in one work directory, so the
 teacher (whose seed the configs pin) is trained once and its soft targets generated once. A student
 and its twin train in one Ray Train run on the same views, batches and epochs; the job's summary rows
-carry both test error counts and the discordant counts of the exact McNemar test (orchestrator/paired.py).
+carry both test error counts and the discordant counts of the exact McNemar test (orchestrator/flows/paired.py).
 Across seeds the discordant counts are summed (the Mantel-Haenszel form for matched pairs).
 
 Writes benchmarks/results/quality.json after every run, so an interrupted benchmark keeps what it
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness import REPO, RESULTS, distill_run, machine, machine_words, table, utc_now, write_result  # noqa: E402
 
-from orchestrator.paired import exact_p, mean_sd  # noqa: E402  (scipy only; no torch at import)
+from orchestrator.flows.paired import exact_p, mean_sd  # noqa: E402  (scipy only; no torch at import)
 
 NAME = "quality"
 SEEDS = (0, 1, 2)

@@ -18,15 +18,15 @@ _PUBLIC = {
     "load_config": "orchestrator.config",  # YAML + dotted overrides -> a validated JobConfig
     "JobConfig": "orchestrator.config",
     "ConfigError": "orchestrator.config",
-    "run_job": "orchestrator.pipeline",  # teacher -> soft targets -> students and twins -> summary rows
-    "run_teacher_job": "orchestrator.pipeline",
-    "run_soft_targets_job": "orchestrator.pipeline",
-    "run_sweep": "orchestrator.sweep",  # Ray Tune over T, alpha, lr, students and teacher-assistant chains
-    "run_report": "orchestrator.compress_report",  # quantize, measure and export a finished run's models
+    "run_job": "orchestrator.flows.pipeline",  # teacher -> soft targets -> students and twins -> summary rows
+    "run_teacher_job": "orchestrator.flows.pipeline",
+    "run_soft_targets_job": "orchestrator.flows.pipeline",
+    "run_sweep": "orchestrator.flows.sweep",  # Ray Tune over T, alpha, lr, students and teacher-assistant chains
+    "run_report": "orchestrator.compress.compress_report",  # quantize, measure and export a finished run's models
     "TERMS": "orchestrator.losses.terms",  # the loss terms a config names, each its own parameter model
     "SHORTHANDS": "orchestrator.losses.terms",  # loss: kd | dkd | kd_ls | dkd_ls | ce, built from terms
-    "ViewPolicy": "orchestrator.views",
-    "mcnemar": "orchestrator.paired",
+    "ViewPolicy": "orchestrator.data.views",
+    "mcnemar": "orchestrator.flows.paired",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

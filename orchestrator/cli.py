@@ -8,8 +8,8 @@ import sys
 import time
 
 from orchestrator.config import ConfigError, RayStartError, load_config
-from orchestrator.interrupts import Terminated, ctrl_c_never_lost
-from orchestrator.redact import redact
+from orchestrator.cluster.interrupts import Terminated, ctrl_c_never_lost
+from orchestrator.tracking.redact import redact
 
 VERBOSE_ENV = "KD_VERBOSE"  # progress.VERBOSE_ENV; not imported from there, which would import Ray before the config is checked
 
@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> None:
         os.environ[VERBOSE_ENV] = "1"  # read by progress.py in this process and, through Ray, in the workers
     config_path, overrides = _split_config(args)
     cfg = load_config(config_path, overrides)
-    from orchestrator import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
+    from orchestrator.flows import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
 
     if args.command == "run":
         prepared = pipeline.prepare(cfg)
@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "teacher":
         pipeline.run_teacher_job(cfg, ray_address=args.address)
     elif args.command == "sweep":
-        from orchestrator.sweep import run_sweep
+        from orchestrator.flows.sweep import run_sweep
 
         run_sweep(cfg, resume=args.resume, ray_address=args.address)
     else:
@@ -169,7 +169,7 @@ def _show_config(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from orchestrator.compress_report import run_report  # torch and mlflow only when asked for
+    from orchestrator.compress.compress_report import run_report  # torch and mlflow only when asked for
 
     run_report(args.run_id, tracking_uri=args.tracking_uri, threads=args.threads, export=not args.no_export)
 
@@ -178,7 +178,7 @@ CLUSTER_COMMANDS = ("submit", "jobs", "logs", "stop", "mlflow-server")
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from orchestrator import submit
+    from orchestrator.cluster import submit
 
     if args.command == "submit":
         if args.resume and args.job != "sweep":
@@ -193,7 +193,7 @@ def _cluster(args: argparse.Namespace) -> int:
         return submit.show_logs(args.job_id, address=args.address, follow_logs=args.follow)
     if args.command == "stop":
         return submit.stop(args.job_id, address=args.address)
-    from orchestrator.mlflow_server import serve
+    from orchestrator.tracking.mlflow_server import serve
 
     return serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
                  artifacts_destination=args.artifacts_destination, workers=args.workers)

@@ -3,7 +3,7 @@
     python -m orchestrator.config_doc            # rewrite docs/configuration.md
     python -m orchestrator.config_doc --check    # exit 1 when it differs from what the schema says (run by the tests)
 
-The descriptions are the `Field(description=...)` of orchestrator/config.py, so the reference cannot
+The descriptions are the `Field(description=...)` of orchestrator/config/ and orchestrator/losses/terms.py, so the reference cannot
 drift from the code: a new field without a description fails `tests/test_config_doc.py`.
 """
 
@@ -24,7 +24,7 @@ from orchestrator.config import JobConfig
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 HEADER = """# Configuration reference
 
-Generated from the schema (`orchestrator/config.py`) by `python -m orchestrator.config_doc`; do not edit by hand.
+Generated from the schema (`orchestrator/config/`) by `python -m orchestrator.config_doc`; do not edit by hand.
 
 One YAML file per job (`configs/*.yaml`). Every key has a default; unknown keys and bad values are refused
 with one line naming the key (exit 2, before Ray starts). On the command line, `a.b.0.c=value` overrides a

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from orchestrator.config import ModelSpec
-from orchestrator.models import build_model
+from orchestrator.train.models import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO_ROOT / "configs/digits_kd.yaml")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cluster, submit
+from orchestrator.cluster import checks as cluster
+
+from orchestrator.cluster import submit
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
-from orchestrator.mlflow_server import build_command, default_stores
+from orchestrator.tracking.mlflow_server import build_command, default_stores
 
 from conftest import REPO_ROOT
 
@@ -167,7 +169,7 @@ def test_mlflow_server_command(tmp_path):
     joined = " ".join(cmd)
     assert "--host 127.0.0.1 --port 5055" in joined and "--serve-artifacts --artifacts-destination" in joined
     with pytest.raises(ConfigError, match="database URI"):
-        from orchestrator.mlflow_server import serve
+        from orchestrator.tracking.mlflow_server import serve
 
         serve(backend_store_uri=str(tmp_path / "mlruns"))
 

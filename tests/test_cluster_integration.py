@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from local_cluster import REPO_ROOT, LocalCluster
-from orchestrator import tracking
+from orchestrator.tracking import runs as tracking
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -69,8 +69,8 @@ def _teacher_checkpoint(path) -> str:
     import torch
 
     from orchestrator.config import load_config
-    from orchestrator.data import load_arrays
-    from orchestrator.models import build_model
+    from orchestrator.data.datasets import load_arrays
+    from orchestrator.train.models import build_model
 
     cfg = load_config(REPO_ROOT / "configs" / "digits_kd.yaml")
     data = load_arrays(cfg.dataset)

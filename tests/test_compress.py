@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator import compress
+from orchestrator.compress import quantize as compress
 from orchestrator.cli import main as cli_main
 from orchestrator.config import DatasetConfig, ModelSpec, load_config
-from orchestrator.data import load_arrays, normalize_images
-from orchestrator.models import build_model, count_params
+from orchestrator.data.datasets import load_arrays, normalize_images
+from orchestrator.train.models import build_model, count_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # int8 may flip the top-1 of rows whose leading logits are nearly tied; the integration test's
@@ -247,7 +247,7 @@ def test_report_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
 def test_distill_run_then_report_logs_measured_figures(ray_session, tmp_path, monkeypatch, mlflow_uri, capsys):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.pipeline import run_job
+    from orchestrator.flows.pipeline import run_job
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [

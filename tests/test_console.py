@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import tracking
+from orchestrator.tracking import runs as tracking
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]

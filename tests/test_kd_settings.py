@@ -1,4 +1,4 @@
-"""Per-student KD settings (orchestrator/kd_settings.py) and the per-step schedules (train_loop.lr_factor)."""
+"""Per-student KD settings (orchestrator/losses/kd_settings.py) and the per-step schedules (train_loop.lr_factor)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from orchestrator.config import load_config
-from orchestrator.kd_settings import AUTO_KD_TABLE, auto_kd, fitting_temperature, mean_top1, student_kd
+from orchestrator.losses.kd_settings import AUTO_KD_TABLE, auto_kd, fitting_temperature, mean_top1, student_kd
 from orchestrator.losses.objective import apply_max_norm
-from orchestrator.train_loop import lr_factor, steps_per_epoch
+from orchestrator.train.train_loop import lr_factor, steps_per_epoch
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs/digits_kd.yaml"
 
@@ -85,7 +85,7 @@ def test_max_norm_caps_rows_of_linear_weights_only():
 def test_students_of_one_architecture_share_one_twin():
     from types import SimpleNamespace
 
-    from orchestrator.stages import student_members
+    from orchestrator.flows.stages import student_members
 
     cfg = load_config(DIGITS, ["students=[{name: a, family: mlp, hidden: [8]}, {name: b, family: mlp, hidden: [8], loss: dkd},"
                                " {name: c, family: mlp, hidden: [4]}]"])

@@ -62,8 +62,23 @@ def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_readme_layout_names_every_module():
-    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1]
-    words = set(re.findall(r"[a-z_]+", layout))
-    missing = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__" and p.stem not in words)
-    assert not missing, f"README's layout does not name: {missing}"
+def test_readme_layout_names_every_module_under_its_package():
+    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("\n    jobs/", 1)[0]
+    listed: dict[str, set[str]] = {"": set()}
+    package = ""
+    for line in layout.splitlines():
+        if match := re.match(r"\s+([a-z_]+)/\s", line):
+            package = match.group(1)
+            listed[package] = set()
+        listed.setdefault(package, set()).update(re.findall(r"[a-z_]+", line))
+    listed[""] |= listed.pop("orchestrator", set())
+    missing = sorted(f"{pkg}/{p.stem}" for p in PACKAGE.rglob("*.py") if p.stem != "__init__"
+                     for pkg in [p.parent.name if p.parent != PACKAGE else ""] if p.stem not in listed.get(pkg, set()))
+    assert not missing, f"README's layout does not name these under their package: {missing}"
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(k for k in listed if k), f"README's layout lists packages {sorted(listed)}, the tree has {packages}"
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"split these modules: {long}"

@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
-from orchestrator.local_ray import start_local_ray
+from orchestrator.cluster.local_ray import start_local_ray
 
 address = start_local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
 
@@ -50,7 +50,8 @@ def test_workers_resolve_their_own_cluster_beside_another(ray_session):
 # an overloaded machine gives one (there after Ray's 30 s wait for the node).
 FAILING_START = """
 import socket, sys
-from orchestrator import cli, local_ray
+from orchestrator import cli
+from orchestrator.cluster import local_ray
 
 held = socket.socket()
 held.bind(("", 0))

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
-from orchestrator.pipeline import run_job
+from orchestrator.flows.pipeline import run_job
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from orchestrator.config import ConfigError, ModelSpec
-from orchestrator.models import (
+from orchestrator.train.models import (
     build_model,
     check_output_size,
     count_params,

@@ -12,11 +12,11 @@ from orchestrator.config import ConfigError, KDConfig, ModelSpec, StudentConfig,
 from orchestrator.losses.feature import attention_transfer_loss, fitnet_loss, rkd_loss
 from orchestrator.losses.logit import dkd_loss, kd_soft_loss, mutual_learning_loss
 from orchestrator.losses.hinton import hinton_kd
-from orchestrator.models import build_model
+from orchestrator.train.models import build_model
 from orchestrator.losses.objective import Objective, StepInputs, build_objective, step_members
-from orchestrator.online import OnlineTeacher, check_feature_layers, feature_shapes, tap_features
+from orchestrator.teachers.online import OnlineTeacher, check_feature_layers, feature_shapes, tap_features
 from orchestrator.losses.terms import parse_loss
-from orchestrator.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
+from orchestrator.train.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
 
 SHAPE = (1, 8, 8)
 TEACHER = ModelSpec(family="cnn", channels=[8, 16], hidden=[32])
@@ -148,7 +148,7 @@ def test_config_checks_layers_before_ray():
 
 def test_checkpoint_keeps_adapters_apart_from_the_student(tmp_path):
     """A restarted worker resumes the FitNets adapters too; the saved student itself carries none."""
-    from orchestrator.train_loop import STATE_FILE, save_state
+    from orchestrator.train.train_loop import STATE_FILE, save_state
 
     teacher = _teacher()
     member = _member("s", ["ce", {"name": "fitnet", "layers": {"features.relu2": "features.relu2"}}], teacher)

@@ -1,4 +1,4 @@
-"""Paired evidence (orchestrator/paired.py, scoring.py): McNemar against pinned values, the verdict lines, the bias fix."""
+"""Paired evidence (orchestrator/flows/paired.py, scoring.py): McNemar against pinned values, the verdict lines, the bias fix."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.paired import Paired, exact_p, mcnemar, mean_sd, pooled_mcnemar
-from orchestrator.scoring import choose_bias_shift, class_errors, output_layer, pair_with_twin, verdicts
+from orchestrator.flows.paired import Paired, exact_p, mcnemar, mean_sd, pooled_mcnemar
+from orchestrator.flows.scoring import choose_bias_shift, class_errors, output_layer, pair_with_twin, verdicts
 
 
 def test_exact_mcnemar_pinned():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from orchestrator import plots
+from orchestrator.tracking import plots
 
 
 def test_pareto_front_keeps_only_undominated_points():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.config import ConfigError
-from orchestrator.soft_targets import (
+from orchestrator.teachers.soft_targets import (
     CacheCorruptWarning,
     CacheEntry,
     clean_stale_tmp,
@@ -159,7 +159,7 @@ def test_fingerprint_is_stable_across_order_and_processes():
     reordered = {k: PARTS[k] for k in reversed(list(PARTS))}
     reordered["transform"] = {"std": (0.3081,), "mean": (np.float64(0.1307),)}
     assert fingerprint(reordered) == fp
-    code = f"from orchestrator.soft_targets import fingerprint; print(fingerprint({PARTS!r}))"
+    code = f"from orchestrator.teachers.soft_targets import fingerprint; print(fingerprint({PARTS!r}))"
     assert _run_python(code, PYTHONHASHSEED="12345").strip() == fp
 
 
@@ -242,7 +242,7 @@ def test_plain_pyarrow_reads_the_cache_without_ray(committed):
     root, fp, logits, _ = committed
     code = (
         "import sys, numpy as np\n"
-        "from orchestrator.soft_targets import read_cache, load_table, column_to_numpy\n"
+        "from orchestrator.teachers.soft_targets import read_cache, load_table, column_to_numpy\n"
         f"e = read_cache({str(root)!r}, {fp!r}); t = load_table(e)\n"
         "a = column_to_numpy(t, 'teacher_logits')\n"
         "print(t.schema.field('teacher_logits').type, a.dtype, 'ray' in sys.modules, sep='|')\n"

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from orchestrator.soft_targets import decode_logits, encode_logits
+from orchestrator.teachers.soft_targets import decode_logits, encode_logits
 
 K = 1000
 

@@ -16,8 +16,8 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
-from orchestrator.sweep import search_space, trial_config
-from orchestrator.teachers import teacher_forward_rows
+from orchestrator.flows.sweep import search_space, trial_config
+from orchestrator.teachers.pool import teacher_forward_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO_ROOT / "configs/digits_sweep.yaml")
@@ -59,7 +59,7 @@ def test_seeds_repeat_every_point_against_one_teacher():
 
 
 def test_asha_grace_defaults_to_half_the_epochs():
-    from orchestrator.sweep import _scheduler
+    from orchestrator.flows.sweep import _scheduler
 
     def first_rung(*overrides: str) -> int:  # the epoch at which ASHA first compares trials: its grace period
         return min(milestone for milestone, _ in _scheduler(load_config(CONFIG, ["sweep.scheduler=asha", *overrides]))._brackets[0]._rungs)
@@ -70,7 +70,7 @@ def test_asha_grace_defaults_to_half_the_epochs():
 
 def test_optuna_search_samples_the_configured_space():
     """configs/fashion_sweep.yaml searches with Optuna (TPE): it must be installed and draw inside the space."""
-    from orchestrator.sweep import _search_alg
+    from orchestrator.flows.sweep import _search_alg
 
     cfg = load_config(str(REPO_ROOT / "configs/fashion_sweep.yaml"))
     search = _search_alg(cfg)
@@ -191,7 +191,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
 
     # `distill report` on the sweep: teacher plus every finished trial's final student, fp32 and
     # int8, measured; the accuracy-vs-latency/size plot with Pareto fronts logged to the sweep run.
-    from orchestrator.compress_report import run_report
+    from orchestrator.compress.compress_report import run_report
 
     report = run_report(parent.info.run_id, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", export=False)
     trial_rows = [r for r in report["rows"] if r["role"] == "trial"]
@@ -209,7 +209,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
 def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session, tmp_path):
     """teacher_mode online: the naive sweep bench_sweep.py compares against. Every trial runs the
     teacher on every train row of every epoch, and the parent run's teacher_forward_rows says so."""
-    from orchestrator.data import split_train_val
+    from orchestrator.data.datasets import split_train_val
 
     address = ray.get_runtime_context().gcs_address
     online = ["teacher_mode=online", "sweep.space={temperature: {grid: [2.0]}, chain: {grid: [[]]}}", "train.epochs=2", "sweep.grace_period=2",

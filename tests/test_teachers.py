@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from orchestrator.config import ModelSpec
-from orchestrator.data import normalize_images
-from orchestrator.models import build_model
-from orchestrator.soft_targets import decode_logits
-from orchestrator.views import ViewPolicy, views_of
-from orchestrator.teachers import TeacherPredictor, attach_soft_targets, ensemble_logits, teacher_forward_rows
+from orchestrator.data.datasets import normalize_images
+from orchestrator.train.models import build_model
+from orchestrator.teachers.soft_targets import decode_logits
+from orchestrator.data.views import ViewPolicy, views_of
+from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets, ensemble_logits, teacher_forward_rows
 
 
 def test_logit_ensemble_is_weighted_mean():
@@ -75,8 +75,8 @@ OTHER_JOB = """
 import sys, time
 import numpy as np, ray, torch
 from orchestrator.config import ModelSpec
-from orchestrator.models import build_model
-from orchestrator.teachers import TeacherPredictor, forward_row_counter, teacher_forward_rows
+from orchestrator.train.models import build_model
+from orchestrator.teachers.pool import TeacherPredictor, forward_row_counter, teacher_forward_rows
 
 ray.init(address=sys.argv[1])
 forward_row_counter("job")
@@ -99,7 +99,7 @@ def test_a_jobs_count_is_its_own_beside_another_job(ray_session, tmp_path):
     import sys
     from pathlib import Path
 
-    from orchestrator.teachers import forward_row_counter
+    from orchestrator.teachers.pool import forward_row_counter
 
     forward_row_counter("job")  # the driver makes its job's counter first, as soft_target_stage does
     cluster_before, job_before = teacher_forward_rows(), teacher_forward_rows("job")

@@ -13,17 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator import tracking
+from orchestrator.tracking import runs as tracking
 from orchestrator.config import load_config, spec_of
-from orchestrator.data import load_arrays, normalize_images
-from orchestrator.kd_settings import student_kd
+from orchestrator.data.datasets import load_arrays, normalize_images
+from orchestrator.losses.kd_settings import student_kd
 from orchestrator.losses.objective import Objective, StepInputs
-from orchestrator.models import build_model
-from orchestrator.pipeline import prepare, run_job
-from orchestrator.stages import columns_by_id_and_view, view_policy
-from orchestrator.teachers import TeacherPredictor, attach_soft_targets
-from orchestrator.train_loop import LoopConfig, cached_teacher_logits
-from orchestrator.views import epoch_views, views_of
+from orchestrator.train.models import build_model
+from orchestrator.flows.pipeline import prepare, run_job
+from orchestrator.flows.stages import columns_by_id_and_view, view_policy
+from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets
+from orchestrator.train.train_loop import LoopConfig, cached_teacher_logits
+from orchestrator.data.views import epoch_views, views_of
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]

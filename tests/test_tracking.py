@@ -8,7 +8,7 @@ import tempfile
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking
+from orchestrator.tracking import runs as tracking
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from orchestrator.soft_targets import (
+from orchestrator.teachers.soft_targets import (
     CacheCorruptWarning,
     build_lock,
     clean_stale_tmp,
@@ -131,7 +131,7 @@ def test_build_lock_on_a_uri_is_a_lock_on_this_machine(tmp_path, monkeypatch):
 
 
 def test_entry_names_carry_no_credentials_or_endpoint_options():
-    from orchestrator import uri_cache
+    from orchestrator.teachers import uri_cache
 
     _, directory, shown = uri_cache._open("s3://AKID:hunter2@kd-bucket/kd-cache/?region=us-east-1&endpoint_override=127.0.0.1:9", "abc")
     assert directory == "kd-bucket/kd-cache/abc" and shown == "s3://***@kd-bucket/kd-cache/abc"

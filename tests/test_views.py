@@ -1,4 +1,4 @@
-"""Views (orchestrator/views.py): deterministic, exact integer shifts and flips padded with the background."""
+"""Views (orchestrator/data/views.py): deterministic, exact integer shifts and flips padded with the background."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.views import ViewPolicy, apply_views, background_value, epoch_views, random_views, view_hash, views_of
+from orchestrator.data.views import ViewPolicy, apply_views, background_value, epoch_views, random_views, view_hash, views_of
 
 
 def _dot_image(h: int = 5, w: int = 5, y: int = 2, x: int = 2) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from orchestrator.weights_cache import load_cached_weights, save_cached_weights, weights_file
+from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
 from test_uri_cache import s3_server  # noqa: F401  (a fixture: a moto S3 server on 127.0.0.1)
 
 

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from orchestrator.config import KDConfig
 from orchestrator.losses.feature import HintAdapter
 from orchestrator.losses.terms import PEERS, TEACHER_LOGITS, FitNet, StepInputs, Term, expand
-from orchestrator.online import OnlineTeacher, tap_features
-from orchestrator.precision import autocast
+from orchestrator.teachers.online import OnlineTeacher, tap_features
+from orchestrator.train.precision import autocast
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ class Objective(nn.Module):
 
 def build_objective(loss: Any, kd: KDConfig, model: nn.Module, input_shape, teacher: OnlineTeacher | None) -> Objective:
     """The member's Objective; adapter sizes come from one probe forward of the student and the teacher's shapes."""
-    from orchestrator.online import feature_shapes
+    from orchestrator.teachers.online import feature_shapes
 
     fitnet_layers = [s for t in expand(loss, kd.temperature, kd.alpha) if isinstance(t, FitNet) for s in t.layers]
     student_shapes = feature_shapes(model, fitnet_layers, input_shape, where="student") if fitnet_layers else {}

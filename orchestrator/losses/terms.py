@@ -304,12 +304,12 @@ def check_students(cfg: Any) -> None:
                 raise ValueError(f"students.{i}.loss: dml needs peers trained together; a sweep trial trains one student")
             if student.generations > 1:
                 raise ValueError(f"students.{i}.generations: born-again generations are not supported in sweeps yet")
-    for field in ("input_jitter", "flip"):
-        if getattr(cfg.train, field):
+    for name in ("input_jitter", "flip"):
+        if getattr(cfg.train, name):
             # Students augment through views, which the soft-target cache holds per view; a random shift
             # of their own would no longer match the teacher's logits.
-            raise ValueError(f"train.{field}: students train on views; set views.max_shift (and views.flip) instead "
-                             f"(teachers keep teachers.N.train.{field})")
+            raise ValueError(f"train.{name}: students train on views; set views.max_shift (and views.flip) instead "
+                             f"(teachers keep teachers.N.train.{name})")
     if not cfg.transfer.labels:
         for i, student in enumerate(cfg.students):
             terms = [student.loss] if isinstance(student.loss, str) else [t.name for t in student.loss if LABELS in t.needs()]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import torch
 
-from orchestrator import uri_cache
+from orchestrator.teachers import uri_cache
 
 
 @dataclass(frozen=True)

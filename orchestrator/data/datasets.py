@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import ConfigError, DatasetConfig
-from orchestrator.views import background_value
+from orchestrator.data.views import background_value
 
 if TYPE_CHECKING:
     import ray.data
@@ -108,7 +108,7 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         train, test, num_classes = _load_imagefolder(cfg)
         source = str(cfg.root)
     elif name == "parquet":
-        from orchestrator.parquet_source import load_parquet
+        from orchestrator.data.parquet_source import load_parquet
 
         train_images, train_labels, test_images, test_labels, num_classes = load_parquet(cfg)
         train, test = _make_split(train_images, train_labels), _make_split(test_images, test_labels)

@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from orchestrator import uri_cache
-from orchestrator.cache_manifest import (  # noqa: F401  (ID_COLUMN, CacheCorruptWarning, load_table: callers import them from here)
+from orchestrator.teachers import uri_cache
+from orchestrator.teachers.cache_manifest import (  # noqa: F401  (ID_COLUMN, CacheCorruptWarning, load_table: callers import them from here)
     ID_COLUMN,
     MANIFEST,
     CacheCorruptWarning,

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from orchestrator.config import ConfigError, ModelSpec
-from orchestrator.models import build_model, load_weights
-from orchestrator.teachers import ensemble_logits
+from orchestrator.train.models import build_model, load_weights
+from orchestrator.teachers.pool import ensemble_logits
 from orchestrator.losses.terms import TEACHER_FEATURES, terms_of
 
 __all__ = ["OnlineTeacher", "check_feature_layers", "feature_shapes", "tap_features"]

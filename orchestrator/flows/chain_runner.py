@@ -12,12 +12,12 @@ from typing import Any
 
 import ray
 
-from orchestrator import tracking
-from orchestrator.chains import Stage, assistant_as_teacher, assistant_stages, stage_key
+from orchestrator.tracking import runs as tracking
+from orchestrator.flows.chains import Stage, assistant_as_teacher, assistant_stages, stage_key
 from orchestrator.config import JobConfig, ModelSpec, StudentConfig
-from orchestrator.models import state_dict_fingerprint
-from orchestrator.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, soft_target_stage, student_member
-from orchestrator.weights_cache import load_cached_weights, save_cached_weights, weights_file
+from orchestrator.train.models import state_dict_fingerprint
+from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, soft_target_stage, student_member
+from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
 
 
 def assistant_stage(cfg: JobConfig, prep: Any, parent_soft: SoftTargets, stage: Stage, track: TrackingContext,

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 
 from rich.table import Table
 
-from orchestrator.progress import console as progress_console
-from orchestrator.scoring import SIGNIFICANT, verdicts
-from orchestrator.tracking import ui_command
+from orchestrator.tracking.progress import console as progress_console
+from orchestrator.flows.scoring import SIGNIFICANT, verdicts
+from orchestrator.tracking.runs import ui_command
 
 
 def summary_table(rows: Sequence[Mapping]) -> Table:

@@ -2,7 +2,7 @@
 
 Reads everything back from MLflow (the parent's `config.json`, each child's logged model),
 reloads the dataset the job named, then for the teacher(s) and every student and baseline:
-measures the float model, quantizes it to int8 (`orchestrator.compress`), measures that too,
+measures the float model, quantizes it to int8 (`orchestrator.compress.quantize`), measures that too,
 exports each KD student (TorchScript, ONNX, int8 TorchScript; each checked by reloading),
 logs the figures to the child runs and `report.json` + `tradeoff.png` to the parent.
 Given a sweep's parent run instead, the rows are its teacher and every finished trial's
@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator import compress, tracking
+from orchestrator.compress import quantize as compress
+
+from orchestrator.tracking import runs as tracking
 from orchestrator.config import ConfigError, JobConfig, validate_config
-from orchestrator.data import DatasetArrays, load_arrays, normalize_images, split_train_val
-from orchestrator.models import build_model, count_params, load_weights
-from orchestrator.teachers import ensemble_logits
+from orchestrator.data.datasets import DatasetArrays, load_arrays, normalize_images, split_train_val
+from orchestrator.train.models import build_model, count_params, load_weights
+from orchestrator.teachers.pool import ensemble_logits
 
 CALIBRATION_ROWS = 512  # train-split images the static quantizer's observers see
 EXPORT_CHECK_ROWS = 256  # test images every exported model is compared on
@@ -118,7 +120,7 @@ def _export(model: torch.nn.Module, quantized: torch.nn.Module, check: torch.Ten
 
 
 def _mark_pareto(rows: list[dict]) -> None:
-    from orchestrator.plots import pareto_front
+    from orchestrator.tracking.plots import pareto_front
 
     for x, flag in (("latency_ms_b1", "pareto_latency"), ("size_mb_disk", "pareto_size")):
         front = set(pareto_front([(r[x], r["test_accuracy"]) for r in rows]))
@@ -131,7 +133,7 @@ def tradeoff_plot(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    from orchestrator.plots import pareto_front
+    from orchestrator.tracking.plots import pareto_front
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colors = {"teacher": "tab:blue", "student": "tab:green", "baseline": "tab:orange", "trial": "tab:purple"}

@@ -16,25 +16,27 @@ import numpy as np
 import ray
 import torch
 
-from orchestrator import preflight, tracking
-from orchestrator.cluster import check_cluster
-from orchestrator.chain_runner import run_chain
-from orchestrator.chains import StageRegistry
+from orchestrator.cluster import preflight
+
+from orchestrator.tracking import runs as tracking
+from orchestrator.cluster.checks import check_cluster
+from orchestrator.flows.chain_runner import run_chain
+from orchestrator.flows.chains import StageRegistry
 from orchestrator.config import ConfigError, JobConfig
-from orchestrator.data import DatasetArrays, load_arrays, split_train_val
-from orchestrator.interrupts import reclaim_sigterm
-from orchestrator.local_ray import start_local_ray
-from orchestrator.progress import VERBOSE_ENV, copy_job_logs, progress_printer, quiet_driver_logs, verbose
-from orchestrator.memory import peak_rss_mb
-from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
-from orchestrator.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
-from orchestrator.born_again import later_generations
-from orchestrator.kd_settings import is_auto
-from orchestrator.scoring import class_errors, correct_bias, pair_with_twin
-from orchestrator.online import check_feature_layers
+from orchestrator.data.datasets import DatasetArrays, load_arrays, split_train_val
+from orchestrator.cluster.interrupts import reclaim_sigterm
+from orchestrator.cluster.local_ray import start_local_ray
+from orchestrator.tracking.progress import VERBOSE_ENV, copy_job_logs, progress_printer, quiet_driver_logs, verbose
+from orchestrator.train.memory import peak_rss_mb
+from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
+from orchestrator.train.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
+from orchestrator.flows.born_again import later_generations
+from orchestrator.losses.kd_settings import is_auto
+from orchestrator.flows.scoring import class_errors, correct_bias, pair_with_twin
+from orchestrator.teachers.online import check_feature_layers
 from orchestrator.losses.terms import describe_loss, uses_kd_section
-from orchestrator.soft_targets import decode_logits, fingerprint
-from orchestrator.stages import (
+from orchestrator.teachers.soft_targets import decode_logits, fingerprint
+from orchestrator.flows.stages import (
     SoftTargets,
     TeacherWeights,
     TrackingContext,
@@ -241,7 +243,7 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         log_job_artifacts(uri, parent_id, rows, has_val=len(prep.val_ids) > 0)
     if summary_json:
         Path(summary_json).write_text(json.dumps(rows, indent=2) + "\n")
-    from orchestrator.report import print_summary  # rich is only needed for the terminal
+    from orchestrator.tracking.report import print_summary  # rich is only needed for the terminal
 
     print_summary(rows, stage_walls, soft, uri)
     return rows
@@ -276,8 +278,8 @@ def log_job_artifacts(uri: str, parent_id: str, rows: list[dict], *, has_val: bo
     """The results table (summary.md) and the students' learning curves beside their twins' (plots/) on the parent run."""
     import tempfile
 
-    from orchestrator.plots import member_curves
-    from orchestrator.report import summary_markdown
+    from orchestrator.tracking.plots import member_curves
+    from orchestrator.tracking.report import summary_markdown
 
     tracking.log_text(uri, parent_id, summary_markdown(rows), "summary.md")
     metric = "val_accuracy" if has_val else "train_loss"

@@ -11,8 +11,8 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import TrainConfig
-from orchestrator.interrupts import train_fit_noticing_ctrl_c
-from orchestrator.train_loop import OBJECTS_KEY, LoopConfig, load_state, train_loop_per_worker
+from orchestrator.cluster.interrupts import train_fit_noticing_ctrl_c
+from orchestrator.train.train_loop import OBJECTS_KEY, LoopConfig, load_state, train_loop_per_worker
 
 
 # Ray Train V2 workers hand each report to a queue of size 1 that the controller drains

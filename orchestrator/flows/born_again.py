@@ -18,10 +18,10 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator.tracking import runs as tracking
 from orchestrator.config import TeacherConfig, spec_of
-from orchestrator.models import state_dict_fingerprint
-from orchestrator.stages import StudentsResult, TeacherWeights, TrackingContext, distill_members, soft_target_stage, student_member
+from orchestrator.train.models import state_dict_fingerprint
+from orchestrator.flows.stages import StudentsResult, TeacherWeights, TrackingContext, distill_members, soft_target_stage, student_member
 
 
 def later_generations(prep: Any, result: StudentsResult, track: TrackingContext, run_ids: dict[str, str]) -> StudentsResult:

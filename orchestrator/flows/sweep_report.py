@@ -8,7 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import plots, tracking
+from orchestrator.tracking import plots
+
+from orchestrator.tracking import runs as tracking
 from orchestrator.config import JobConfig
 
 TRIAL_COLUMNS = ["trial_id", "chain", "student", "temperature", "alpha", "lr", "epochs_run", "params", "test_accuracy"]
@@ -122,7 +124,7 @@ def finish_sweep(cfg: JobConfig, prep, results, parent_id: str, teachers, soft, 
             best = finished.sort_values(metric, ascending=cfg.sweep.mode == "min").iloc[0]
             summary["champion"] = register_champion(cfg, prep, best, parent_id, teachers, soft)
             tracking.set_tags(uri, parent_id, {"champion_trial": best["trial_id"], "champion_model": summary["champion"]["uri"]})
-    from orchestrator.report import print_sweep_summary
+    from orchestrator.tracking.report import print_sweep_summary
 
     print_sweep_summary(summary, metric, uri)
     return summary

@@ -26,17 +26,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.config import KDConfig, ModelSpec, TrainConfig
-from orchestrator.data import normalize_images
-from orchestrator.evaluate import classification_metrics
-from orchestrator.memory import peak_rss_mb
-from orchestrator.models import build_model
+from orchestrator.data.datasets import normalize_images
+from orchestrator.train.evaluate import classification_metrics
+from orchestrator.train.memory import peak_rss_mb
+from orchestrator.train.models import build_model
 from orchestrator.losses.objective import build_objective, step_members
-from orchestrator.online import OnlineTeacher, layer_pairs
-from orchestrator.soft_targets import decode_logits, logit_columns
+from orchestrator.teachers.online import OnlineTeacher, layer_pairs
+from orchestrator.teachers.soft_targets import decode_logits, logit_columns
 from orchestrator.losses.terms import LossTerm
-from orchestrator.precision import autocast, grad_scaler
-from orchestrator.progress import emit
-from orchestrator.views import ViewPolicy, epoch_views, random_views, views_of
+from orchestrator.train.precision import autocast, grad_scaler
+from orchestrator.tracking.progress import emit
+from orchestrator.data.views import ViewPolicy, epoch_views, random_views, views_of
 
 STATE_FILE = "state.pt"
 # Key of the train_loop_config entry holding Ray object refs (online teachers' weights): popped
@@ -387,7 +387,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _log_epoch(loop: LoopConfig, members: list[Member], metrics: dict[str, float], epoch: int) -> None:
     if not loop.tracking_uri:
         return
-    from orchestrator import tracking  # rank 0 only; keeps mlflow out of other workers
+    from orchestrator.tracking import runs as tracking  # rank 0 only; keeps mlflow out of other workers
 
     for member in members:
         if member.config.run_id is None:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orchestrator.data import normalize_images
+from orchestrator.data.datasets import normalize_images
 from orchestrator.losses.hinton import kl_to_teacher, top1_agreement
 
 
@@ -31,7 +31,7 @@ def predict_logits(
 
     Runs on the model's device: each batch crosses as uint8 and is normalised there.
     """
-    from orchestrator.precision import autocast
+    from orchestrator.train.precision import autocast
 
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -2,7 +2,7 @@
 
 A model is logged as its state dict (`weights.pt`, read back with `torch.load(weights_only=True)`) and its
 architecture (`spec.json`: the model spec, input shape and class count), plus this file. Loading
-rebuilds the network with `orchestrator.models.build_model` and loads the weights: no pickled code
+rebuilds the network with `orchestrator.train.models.build_model` and loads the weights: no pickled code
 runs, unlike `mlflow.pytorch`'s default format (and its warning about it). `tracking.load_torch_model`
 returns the `torch.nn.Module`; `mlflow.pyfunc.load_model(uri).predict(images)` gives logits for float
 (N, C, H, W) inputs already normalised as in training.
@@ -20,7 +20,7 @@ class TorchStateDictModel(PythonModel):
         import torch
 
         from orchestrator.config import ModelSpec
-        from orchestrator.models import build_model
+        from orchestrator.train.models import build_model
 
         with open(context.artifacts["spec"]) as handle:
             meta = json.load(handle)

@@ -23,17 +23,17 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator import tracking
-from orchestrator.chain_runner import run_chain
-from orchestrator.chains import chain_label, stage_registry
-from orchestrator.cluster import check_cluster
+from orchestrator.tracking import runs as tracking
+from orchestrator.flows.chain_runner import run_chain
+from orchestrator.flows.chains import chain_label, stage_registry
+from orchestrator.cluster.checks import check_cluster
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
-from orchestrator.evaluate import classification_metrics, eval_device, predict_logits
-from orchestrator.interrupts import fit_noticing_ctrl_c
-from orchestrator.models import build_model, count_params
-from orchestrator.pipeline import Prepared, init_ray, prepare, ray_logs_attached, teacher_test_logits
-from orchestrator.progress import progress_printer, verbose
-from orchestrator.stages import (
+from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
+from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
+from orchestrator.train.models import build_model, count_params
+from orchestrator.flows.pipeline import Prepared, init_ray, prepare, ray_logs_attached, teacher_test_logits
+from orchestrator.tracking.progress import progress_printer, verbose
+from orchestrator.flows.stages import (
     SoftTargets,
     TeacherWeights,
     TrackingContext,
@@ -42,8 +42,8 @@ from orchestrator.stages import (
     soft_target_stage,
     student_member,
 )
-from orchestrator.teachers import teacher_forward_rows
-from orchestrator.train_loop import MemberConfig
+from orchestrator.teachers.pool import teacher_forward_rows
+from orchestrator.train.train_loop import MemberConfig
 
 STATE_FILE = "kd_sweep.json"
 SHORT_NAMES = {"temperature": "T", "alpha": "a", "lr": "lr", "student": "stud", "chain": "chain"}  # narrow trial table
@@ -284,7 +284,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
             if resume:
                 ray.get(registry.reset_running.remote())
             results = fit_noticing_ctrl_c(build_tuner(cfg, ctx, storage=storage, resume=resume))
-            from orchestrator.sweep_report import finish_sweep
+            from orchestrator.flows.sweep_report import finish_sweep
 
             stage_stats = ray.get(registry.stats.remote())
             summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows("job") - rows_before, stage_stats=stage_stats)

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from orchestrator.cache_manifest import MANIFEST, CacheCorruptWarning, CacheEntry, EntryFiles, check_fingerprint, check_request, describe, validate
-from orchestrator.redact import redact
+from orchestrator.teachers.cache_manifest import MANIFEST, CacheCorruptWarning, CacheEntry, EntryFiles, check_fingerprint, check_request, describe, validate
+from orchestrator.tracking.redact import redact
 
 if TYPE_CHECKING:
     import ray.data

@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 
 from orchestrator.config import ConfigError, JobConfig
-from orchestrator.uri_cache import CACHE_URI_SCHEMES
+from orchestrator.teachers.uri_cache import CACHE_URI_SCHEMES
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az", "wasb", "wasbs")
 NETWORK_FS_TYPES = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import ray
 
 from orchestrator.config import JobConfig, ModelSpec, TeacherConfig
-from orchestrator.soft_targets import fingerprint
+from orchestrator.teachers.soft_targets import fingerprint
 
 REGISTRY_NAME = "kd-stage-registry"
 REGISTRY_NAMESPACE = "kd-orchestrator"

@@ -20,7 +20,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from orchestrator.redact import redact  # noqa: F401  (also tracking.redact for callers)
+from orchestrator.tracking.redact import redact  # noqa: F401  (also tracking.redact for callers)
 
 DEFAULT_DB = "mlflow.db"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
