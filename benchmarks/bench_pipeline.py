@@ -244,9 +244,9 @@ def bench_soft_targets(arrays, repeats: int, threads: int, tries: int, budget_s:
 
     from orchestrator.config import JobConfig, TeacherConfig
     from orchestrator.data.datasets import DatasetArrays, Split
-    from orchestrator.train.models import state_dict_fingerprint
     from orchestrator.flows.stages import TeacherWeights
     from orchestrator.teachers.pool import forward_row_counter
+    from orchestrator.train.models import state_dict_fingerprint
 
     model, state = teacher_state(arrays.input_shape, arrays.num_classes)
     teacher_cfg = TeacherConfig(name="teacher", family="mlp", hidden=[1200, 1200])
@@ -422,10 +422,10 @@ def clean_median(values: list[float], foreign: list[float]) -> tuple[float, int]
 def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int) -> dict:
     import torch
 
-    from orchestrator.tracking import runs as tracking
     from orchestrator.data.datasets import split_train_val
-    from orchestrator.teachers.soft_targets import DENSE_COLUMN
     from orchestrator.flows.stages import SoftTargets, with_soft_targets
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN
+    from orchestrator.tracking import runs as tracking
 
     train_ids, val_ids = split_train_val(len(arrays.train), VAL_FRACTION, SEED)
     soft = SoftTargets("bench", {DENSE_COLUMN: teacher_logits}, len(arrays.train), False, 0, 0.0, "", "")
@@ -606,13 +606,13 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
     import pyarrow as pa
     import ray
 
-    from orchestrator.tracking import runs as tracking
     from orchestrator.config import JobConfig, TeacherConfig
     from orchestrator.data.datasets import split_train_val
-    from orchestrator.train.models import state_dict_fingerprint
-    from orchestrator.teachers.soft_targets import DENSE_COLUMN, column_to_numpy
     from orchestrator.flows.stages import SoftTargets, TeacherWeights, with_soft_targets
     from orchestrator.teachers.pool import forward_row_counter
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN, column_to_numpy
+    from orchestrator.tracking import runs as tracking
+    from orchestrator.train.models import state_dict_fingerprint
 
     _, state = teacher_state(arrays.input_shape, arrays.num_classes)
     teacher_cfg = TeacherConfig(name="teacher", family="mlp", hidden=[1200, 1200])

@@ -173,10 +173,10 @@ def decoded_logits(entry, encoding: str, num_classes: int, *, ids: np.ndarray | 
 
 
 def real_runs(config: str, extra: list[str], topks: tuple[int, ...], work: Path) -> dict:
-    from orchestrator.flows import pipeline
-    from orchestrator.tracking import runs as tracking
     from orchestrator.config import load_config
+    from orchestrator.flows import job, pipeline
     from orchestrator.teachers.soft_targets import read_cache
+    from orchestrator.tracking import runs as tracking
 
     base = [
         f"soft_targets.cache_dir={work / '.kd_cache'}",
@@ -193,8 +193,8 @@ def real_runs(config: str, extra: list[str], topks: tuple[int, ...], work: Path)
         cfg = load_config(REPO / config, [*base, *overrides])
         log(f"(a) {label}: distill run {config} {' '.join(extra + overrides)}; load {loadavg()}")
         started = time.perf_counter()
-        prep = pipeline.prepare(cfg)
-        pipeline.init_ray(None, cfg)  # the first call starts the local Ray all jobs share
+        prep = job.prepare(cfg)
+        job.init_ray(None, cfg)  # the first call starts the local Ray all jobs share
         rows = pipeline.run_job(cfg, prepared=prep)
         wall = time.perf_counter() - started
         uri = prep.tracking_uri
@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"mode {mode}, workdir {work}, load average {load_start}")
     import ray
 
-    from orchestrator.flows import pipeline
     from orchestrator.config import load_config
+    from orchestrator.flows import job
 
     try:
         real, real_wall = None, 0.0
@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             real = real_runs(config, extra, topks, work)
             real_wall = time.perf_counter() - t0
         else:
-            pipeline.init_ray(None, load_config(REPO / config))
+            job.init_ray(None, load_config(REPO / config))
         syn = synthetic(synth_rows, work)
     finally:
         ray.shutdown()

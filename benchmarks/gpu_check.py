@@ -39,8 +39,8 @@ def step_timings(steps: int) -> dict:
     import torch
 
     from orchestrator.config import KDConfig, ModelSpec, TrainConfig
-    from orchestrator.train.models import build_model
     from orchestrator.losses.objective import build_objective, step_members
+    from orchestrator.train.models import build_model
     from orchestrator.train.precision import grad_scaler
     from orchestrator.train.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
 
@@ -75,8 +75,8 @@ def teacher_rows_per_s(rows: int) -> dict:
     import torch
 
     from orchestrator.config import ModelSpec
-    from orchestrator.train.models import build_model
     from orchestrator.teachers.pool import TeacherPredictor
+    from orchestrator.train.models import build_model
 
     spec = ModelSpec(family="cnn", channels=[32, 64, 128], hidden=[256])
     model = build_model(spec, (1, 28, 28), 10).eval()

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline.machine_info
 
-from orchestrator.tracking import runs as tracking
 from orchestrator.config import load_config
+from orchestrator.tracking import runs as tracking
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere

@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from orchestrator.config import ConfigError, RayStartError, load_config
 from orchestrator.cluster.interrupts import Terminated, ctrl_c_never_lost
+from orchestrator.config import ConfigError, RayStartError, load_config
 from orchestrator.tracking.redact import redact
 
 VERBOSE_ENV = "KD_VERBOSE"  # progress.VERBOSE_ENV; not imported from there, which would import Ray before the config is checked
@@ -143,10 +143,10 @@ def _run(args: argparse.Namespace) -> None:
         os.environ[VERBOSE_ENV] = "1"  # read by progress.py in this process and, through Ray, in the workers
     config_path, overrides = _split_config(args)
     cfg = load_config(config_path, overrides)
-    from orchestrator.flows import pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
+    from orchestrator.flows import job, pipeline  # heavy imports (torch, ray, mlflow) only after the config is valid
 
     if args.command == "run":
-        prepared = pipeline.prepare(cfg)
+        prepared = job.prepare(cfg)
         pipeline.run_job(cfg, summary_json=args.summary_json, ray_address=args.address, prepared=prepared)
     elif args.command == "teacher":
         pipeline.run_teacher_job(cfg, ray_address=args.address)

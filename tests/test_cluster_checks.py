@@ -6,15 +6,13 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 
-from orchestrator.cluster import checks as cluster
-
-from orchestrator.cluster import submit
 from orchestrator.cli import main
+from orchestrator.cluster import checks as cluster
+from orchestrator.cluster import submit
 from orchestrator.config import ConfigError, load_config
 from orchestrator.tracking.mlflow_server import build_command, default_stores
-
-from conftest import REPO_ROOT
 
 DIGITS = REPO_ROOT / "configs" / "digits_kd.yaml"
 

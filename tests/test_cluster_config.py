@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
 
 CLOUD = REPO_ROOT / "cluster.yaml"

@@ -14,8 +14,8 @@ import shutil
 import uuid
 
 import pytest
-
 from local_cluster import REPO_ROOT, LocalCluster
+
 from orchestrator.tracking import runs as tracking
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]

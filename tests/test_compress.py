@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.compress import quantize as compress
 from orchestrator.cli import main as cli_main
+from orchestrator.compress import quantize as compress
 from orchestrator.config import DatasetConfig, ModelSpec, load_config
 from orchestrator.data.datasets import load_arrays, normalize_images
 from orchestrator.train.models import build_model, count_params

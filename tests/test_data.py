@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-
 from unittest import mock
 
 import numpy as np

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from orchestrator.config import KDConfig, ModelSpec, TrainConfig, load_config
-from orchestrator.train.models import build_model
-from orchestrator.teachers.online import OnlineTeacher, feature_shapes
-from orchestrator.train.precision import autocast_dtype, grad_scaler, resolved_name
-from orchestrator.teachers.soft_targets import decode_logits
-from orchestrator.teachers.pool import ensemble_logits
-from orchestrator.train.train_loop import LoopConfig, cached_teacher_logits
 from orchestrator.data.views import ViewPolicy, epoch_views, views_of
+from orchestrator.teachers.online import OnlineTeacher, feature_shapes
+from orchestrator.teachers.pool import ensemble_logits
+from orchestrator.teachers.soft_targets import decode_logits
+from orchestrator.train.models import build_model
+from orchestrator.train.precision import autocast_dtype, grad_scaler, resolved_name
+from orchestrator.train.train_loop import LoopConfig, cached_teacher_logits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()

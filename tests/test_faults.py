@@ -22,13 +22,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import runs as tracking
 from orchestrator.config import load_config
 from orchestrator.data.datasets import DatasetArrays, Split
-from orchestrator.train.models import build_model, state_dict_fingerprint
-from orchestrator.teachers.soft_targets import CacheCorruptWarning, read_cache
 from orchestrator.flows.stages import TeacherWeights, TrackingContext, soft_target_stage
 from orchestrator.teachers.pool import teacher_forward_rows
+from orchestrator.teachers.soft_targets import CacheCorruptWarning, read_cache
+from orchestrator.tracking import runs as tracking
+from orchestrator.train.models import build_model, state_dict_fingerprint
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -50,14 +50,15 @@ def test_digits_every_method_family_online_teacher_with_jitter(ray_session, work
     history = client.get_metric_history(runs["student:features"].info.run_id, "train_loss")
     assert [m.step for m in history] == [0, 1, 2, 3] and all(m.value == m.value for m in history)  # finite, not NaN
 
-    # Born-again: generation 2 is a child of the student's run, taught by generation 1's soft targets.
+    # Born-again: generation 2 is a child of the student's run (generation 1), taught by its soft targets.
     student_run = runs["student:born-again"]
     generation = runs["generation:born-again:2"]
     assert generation.data.tags["mlflow.parentRunId"] == student_run.info.run_id
     assert student_run.data.tags["generations"] == "2"
     assert student_run.data.tags["generation_run_ids"] == generation.info.run_id
+    assert generation.data.tags["teacher"] == "born-again-gen1" and generation.data.tags["stage_key"]  # a memoised chain stage
     soft_runs = [r for r in client.search_runs([exp.experiment_id], "attributes.run_name = 'soft-targets'")]
-    assert len(soft_runs) == 2  # the teacher's, then generation 1's
-    gen_soft = next(r for r in soft_runs if r.data.tags["mlflow.parentRunId"] == generation.info.run_id)
+    assert len(soft_runs) == 2  # the teacher's, then generation 1's (the last generation teaches nobody)
+    gen_soft = next(r for r in soft_runs if r.data.tags["mlflow.parentRunId"] == student_run.info.run_id)
     assert gen_soft.data.metrics["teacher_forward_rows"] == 1797
     assert len(client.get_metric_history(generation.info.run_id, "val_accuracy")) == 4

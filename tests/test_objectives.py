@@ -10,12 +10,12 @@ from torch import nn
 
 from orchestrator.config import ConfigError, KDConfig, ModelSpec, StudentConfig, TeacherConfig, TrainConfig, validate_config
 from orchestrator.losses.feature import attention_transfer_loss, fitnet_loss, rkd_loss
-from orchestrator.losses.logit import dkd_loss, kd_soft_loss, mutual_learning_loss
 from orchestrator.losses.hinton import hinton_kd
-from orchestrator.train.models import build_model
+from orchestrator.losses.logit import dkd_loss, kd_soft_loss, mutual_learning_loss
 from orchestrator.losses.objective import Objective, StepInputs, build_objective, step_members
-from orchestrator.teachers.online import OnlineTeacher, check_feature_layers, feature_shapes, tap_features
 from orchestrator.losses.terms import parse_loss
+from orchestrator.teachers.online import OnlineTeacher, check_feature_layers, feature_shapes, tap_features
+from orchestrator.train.models import build_model
 from orchestrator.train.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
 
 SHAPE = (1, 8, 8)

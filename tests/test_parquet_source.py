@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
+from test_uri_cache import s3_server  # noqa: F401  (a fixture: a moto S3 server on 127.0.0.1)
 
 from orchestrator.config import load_config
 from orchestrator.data.datasets import load_arrays
 from orchestrator.errors import ConfigError
-from test_uri_cache import s3_server  # noqa: F401  (a fixture: a moto S3 server on 127.0.0.1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,8 +150,8 @@ def test_read_from_an_s3_uri(s3_server, monkeypatch, digits_parquet):  # noqa: F
 
 def test_distilled_end_to_end_from_parquet(ray_session, digits_parquet, tmp_path, monkeypatch, mlflow_uri):
     """The digits job, its data from the parquet files: teacher, soft targets, a student and its twin."""
-    from orchestrator.tracking import runs as tracking
     from orchestrator.flows.pipeline import run_job
+    from orchestrator.tracking import runs as tracking
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [

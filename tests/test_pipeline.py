@@ -10,12 +10,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import runs as tracking
 from orchestrator.cli import main as cli_main
 from orchestrator.config import ModelSpec, load_config
-from orchestrator.train.models import build_model
 from orchestrator.flows.pipeline import run_job
 from orchestrator.teachers.pool import teacher_forward_rows
+from orchestrator.tracking import runs as tracking
+from orchestrator.train.models import build_model
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]

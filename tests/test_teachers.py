@@ -10,10 +10,10 @@ import torch
 
 from orchestrator.config import ModelSpec
 from orchestrator.data.datasets import normalize_images
-from orchestrator.train.models import build_model
-from orchestrator.teachers.soft_targets import decode_logits
 from orchestrator.data.views import ViewPolicy, views_of
 from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets, ensemble_logits, teacher_forward_rows
+from orchestrator.teachers.soft_targets import decode_logits
+from orchestrator.train.models import build_model
 
 
 def test_logit_ensemble_is_weighted_mean():

@@ -13,17 +13,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.tracking import runs as tracking
 from orchestrator.config import load_config, spec_of
 from orchestrator.data.datasets import load_arrays, normalize_images
+from orchestrator.data.views import epoch_views, views_of
+from orchestrator.flows.job import prepare
+from orchestrator.flows.pipeline import run_job
+from orchestrator.flows.stages import columns_by_id_and_view, view_policy
 from orchestrator.losses.kd_settings import student_kd
 from orchestrator.losses.objective import Objective, StepInputs
-from orchestrator.train.models import build_model
-from orchestrator.flows.pipeline import prepare, run_job
-from orchestrator.flows.stages import columns_by_id_and_view, view_policy
 from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets
+from orchestrator.tracking import runs as tracking
+from orchestrator.train.models import build_model
 from orchestrator.train.train_loop import LoopConfig, cached_teacher_logits
-from orchestrator.data.views import epoch_views, views_of
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 import pytest
 import torch
+from test_uri_cache import s3_server  # noqa: F401  (a fixture: a moto S3 server on 127.0.0.1)
 
 from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
-from test_uri_cache import s3_server  # noqa: F401  (a fixture: a moto S3 server on 127.0.0.1)
 
 
 def _payload() -> dict:

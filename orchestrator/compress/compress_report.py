@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from orchestrator.compress import quantize as compress
-
-from orchestrator.tracking import runs as tracking
 from orchestrator.config import ConfigError, JobConfig, validate_config
 from orchestrator.data.datasets import DatasetArrays, load_arrays, normalize_images, split_train_val
-from orchestrator.train.models import build_model, count_params, load_weights
 from orchestrator.teachers.pool import ensemble_logits
+from orchestrator.tracking import runs as tracking
+from orchestrator.train.models import build_model, count_params, load_weights
 
 CALIBRATION_ROWS = 512  # train-split images the static quantizer's observers see
 EXPORT_CHECK_ROWS = 256  # test images every exported model is compared on

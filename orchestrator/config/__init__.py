@@ -10,8 +10,19 @@ from orchestrator.config.job import JobConfig, with_values
 from orchestrator.config.load import absolute_paths, check_paths, load_config, validate_config
 from orchestrator.config.overrides import apply_override, parse_override
 from orchestrator.config.sections import (
-    AUTO_TEACHER_GPU_FRACTION, DatasetConfig, KDConfig, ModelSpec, OptimConfig, SoftTargetConfig, StudentConfig,
-    TeacherConfig, TrackingConfig, TrainConfig, TransferConfig, ViewsConfig, spec_of,
+    AUTO_TEACHER_GPU_FRACTION,
+    DatasetConfig,
+    KDConfig,
+    ModelSpec,
+    OptimConfig,
+    SoftTargetConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrackingConfig,
+    TrainConfig,
+    TransferConfig,
+    ViewsConfig,
+    spec_of,
 )
 from orchestrator.config.sweep import SearchDim, SearchSpace, SweepConfig
 from orchestrator.errors import ConfigError, RayStartError

@@ -10,8 +10,17 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config.overrides import apply_override, field_exists, format_error
 from orchestrator.config.sections import (
-    DatasetConfig, KDConfig, ModelSpec, SoftTargetConfig, StudentConfig, TeacherConfig, TrackingConfig, TrainConfig,
-    TransferConfig, ViewsConfig, StrictModel,
+    DatasetConfig,
+    KDConfig,
+    ModelSpec,
+    SoftTargetConfig,
+    StrictModel,
+    StudentConfig,
+    TeacherConfig,
+    TrackingConfig,
+    TrainConfig,
+    TransferConfig,
+    ViewsConfig,
 )
 from orchestrator.config.sweep import SHORT_PATHS, SWEEPABLE_PREFIXES, SearchDim, SweepConfig
 from orchestrator.errors import ConfigError

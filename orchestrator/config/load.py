@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
 import yaml
 from pydantic import ValidationError
 
 from orchestrator.config.job import JobConfig
 from orchestrator.config.overrides import apply_override, format_error, parse_override
 from orchestrator.errors import ConfigError
+
 
 def _materialize_lists(tree: dict) -> dict:
     """Overrides like `students.0.hidden=...` need the default list present to index into."""

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from orchestrator.errors import ConfigError
 
+
 def field_exists(tree: Any, parts: list[str]) -> bool:
     """Whether a dotted path names something already in a dumped config (a sweep must not invent keys)."""
     node = tree

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from orchestrator.losses.terms import LossTerm, parse_loss
 
+
 class StrictModel(BaseModel):
     # Unknown keys are typos, never silently ignored; frozen so a config cannot
     # drift after it was logged to MLflow. No float field means anything at inf or NaN

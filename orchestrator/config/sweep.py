@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from orchestrator.config.sections import ModelSpec, StrictModel
 
+
 class SearchDim(StrictModel):
     """One dimension of a search space: exactly one of choice, grid, uniform, loguniform."""
 

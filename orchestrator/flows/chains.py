@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -22,8 +23,13 @@ REGISTRY_NAMESPACE = "kd-orchestrator"
 
 @dataclass(frozen=True)
 class Stage:
+    """One model of a chain that learns from the stage before it: an assistant (loss kd at the job's kd
+    settings) or a born-again generation (the student's own loss)."""
+
     name: str
     spec: ModelSpec
+    loss: Any = "kd"  # a shorthand or a list of losses.terms terms
+    role: str = "assistant"  # or "generation"
 
 
 def assistant_stages(assistants: list[ModelSpec]) -> list[Stage]:
@@ -52,9 +58,13 @@ def assistant_as_teacher(stage: Stage) -> TeacherConfig:
 
 
 def stage_key(cfg: JobConfig, parent_fingerprint: str, stage: Stage, dataset_fingerprint: str) -> str:
+    """The memo key of a trained stage: what it learned from, its architecture and loss, how it trained, on what."""
     # Assistants train with the job's base kd/train settings (not a trial's sampled ones),
     # so trials that sample different final-stage hyperparameters still share them.
+    # The loss enters only where it is not the assistants' kd, so assistant keys (and caches) stay as they were.
+    loss = {} if stage.loss == "kd" else {"loss": stage.loss if isinstance(stage.loss, str) else [t.model_dump(mode="json") for t in stage.loss]}
     return fingerprint({
+        **loss,
         "parent": parent_fingerprint,
         "spec": stage.spec.model_dump(mode="json"),
         "kd": cfg.kd.model_dump(mode="json"),

@@ -5,37 +5,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
-import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-from orchestrator.cluster import preflight
-
-from orchestrator.tracking import runs as tracking
-from orchestrator.cluster.checks import check_cluster
+from orchestrator.config import JobConfig
+from orchestrator.flows.born_again import later_generations
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import StageRegistry
-from orchestrator.config import ConfigError, JobConfig
-from orchestrator.data.datasets import DatasetArrays, load_arrays, split_train_val
-from orchestrator.cluster.interrupts import reclaim_sigterm
-from orchestrator.cluster.local_ray import start_local_ray
-from orchestrator.tracking.progress import VERBOSE_ENV, copy_job_logs, progress_printer, quiet_driver_logs, verbose
-from orchestrator.train.memory import peak_rss_mb
-from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
-from orchestrator.train.models import build_model, check_output_size, count_params, load_state_dict_file, load_weights, model_size_mb
-from orchestrator.flows.born_again import later_generations
-from orchestrator.losses.kd_settings import is_auto
+from orchestrator.flows.job import Prepared, job_context
 from orchestrator.flows.scoring import class_errors, correct_bias, pair_with_twin
-from orchestrator.teachers.online import check_feature_layers
-from orchestrator.losses.terms import describe_loss, uses_kd_section
-from orchestrator.teachers.soft_targets import decode_logits, fingerprint
 from orchestrator.flows.stages import (
     SoftTargets,
     TeacherWeights,
@@ -45,107 +27,13 @@ from orchestrator.flows.stages import (
     student_members,
     student_stage,
 )
-
-
-@dataclass
-class Prepared:
-    """Everything checked and loaded before any Ray resources are spent."""
-
-    cfg: JobConfig
-    data: DatasetArrays
-    train_ids: np.ndarray  # the teachers' training rows
-    val_ids: np.ndarray
-    given_teachers: list[dict | None]  # state dicts from checkpoint / MLflow model, else None
-    tracking_uri: str
-    experiment_id: str
-    student_train_ids: np.ndarray | None = None  # the students' transfer set: train_ids less transfer.exclude_classes
-
-    def __post_init__(self) -> None:
-        if self.student_train_ids is None:
-            self.student_train_ids = self.train_ids
-
-
-def transfer_ids(train_ids: np.ndarray, labels: np.ndarray, exclude_classes: list[int]) -> np.ndarray:
-    """The rows students learn from: `train_ids` without the examples of `exclude_classes`."""
-    if not exclude_classes:
-        return train_ids
-    return train_ids[~np.isin(labels[train_ids], exclude_classes)]
-
-
-def _load_given_teacher(cfg: JobConfig, index: int, data: DatasetArrays, uri: str) -> dict | None:
-    teacher = cfg.teachers[index]
-    where = f"teachers.{index}"
-    if teacher.checkpoint:
-        state_dict = load_state_dict_file(teacher.checkpoint)
-    elif teacher.mlflow_model:
-        try:
-            state_dict = tracking.load_torch_model(uri, teacher.mlflow_model).state_dict()
-        except Exception as exc:
-            raise ConfigError(f"{where}.mlflow_model: cannot load {teacher.mlflow_model} ({type(exc).__name__})") from None
-    else:
-        return None
-    preflight.check_finite_weights(state_dict, where)
-    load_weights(build_model(teacher, data.input_shape, data.num_classes), state_dict, where=where)
-    return state_dict
-
-
-def prepare(cfg: JobConfig) -> Prepared:
-    data = load_arrays(cfg.dataset)
-    for group, items in (("teachers", cfg.teachers), ("students", cfg.students)):
-        for i, spec in enumerate(items):
-            check_output_size(build_model(spec, data.input_shape, data.num_classes), data.input_shape, data.num_classes, where=f"{group}.{i}")
-    # train.input_jitter with cached soft targets is refused by the config itself (losses/terms.py check_students).
-    check_feature_layers(cfg, data)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    # Files first (nothing written yet), then the tracking store, then MLflow-hosted teachers.
-    given = [_load_given_teacher(cfg, i, data, uri) if not cfg.teachers[i].mlflow_model else None for i in range(len(cfg.teachers))]
-    try:
-        experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment or cfg.name)
-    except Exception as exc:
-        problem = f"cannot use MLflow store {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-        raise ConfigError(f"tracking.tracking_uri: {tracking.redact(problem)}") from None  # no password in the terminal
-    given = [g if g is not None else _load_given_teacher(cfg, i, data, uri) for i, g in enumerate(given)]
-    train_ids, val_ids = split_train_val(len(data.train.labels), cfg.dataset.val_fraction, cfg.seed)
-    if len(val_ids) == 0 and cfg.sweep is not None:
-        raise ConfigError("dataset.val_fraction: the validation split is empty; a sweep compares its trials on it")
-    if len(val_ids) == 0 and cfg.transfer.bias_correction:
-        raise ConfigError("dataset.val_fraction: the validation split is empty; transfer.bias_correction chooses its shift on it")
-    bad = [c for c in cfg.transfer.exclude_classes if c >= data.num_classes]
-    if bad:
-        raise ConfigError(f"transfer.exclude_classes: class {bad[0]} does not exist (dataset {data.name!r} has {data.num_classes})")
-    students_ids = transfer_ids(train_ids, data.train.labels, cfg.transfer.exclude_classes)
-    if len(students_ids) == 0:
-        raise ConfigError("transfer.exclude_classes: nothing is left for the students to learn from")
-    return Prepared(cfg, data, train_ids, val_ids, given, uri, experiment_id, students_ids)
-
-
-def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
-    """Connect to the cluster this job runs in, else start a local Ray for the user.
-
-    Bad input costs no Ray start: a remote address must answer first, and a local start
-    must be able to meet `cfg`'s resource requests.
-    """
-    if ray.is_initialized():
-        return
-    address, where = preflight.ray_address(address)
-    if address and address != "local":
-        preflight.check_ray_address(address, where)
-        try:
-            ray.init(address=address, log_to_driver=verbose(), logging_level=logging.INFO if verbose() else logging.WARNING,
-                     runtime_env={"env_vars": {VERBOSE_ENV: "1"}} if verbose() else None)
-        except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as exc:
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{where}: cannot connect to Ray at {address} ({reason})") from None
-    else:
-        if cfg is not None:
-            preflight.check_local_resources(cfg)
-        # The dashboard (it can submit jobs) listens on loopback only; see README "Security". Ray's own output
-        # stays in its session logs unless -v (progress.py): the console shows this project's lines.
-        start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose(),
-                        logging_level=logging.INFO if verbose() else logging.WARNING,
-                        runtime_env={"env_vars": {VERBOSE_ENV: "1"}} if verbose() else None)
-    quiet_driver_logs()
-    reclaim_sigterm()  # ray.init installs its own SIGTERM handler (a bare sys.exit)
+from orchestrator.losses.kd_settings import is_auto
+from orchestrator.losses.terms import describe_loss, uses_kd_section
+from orchestrator.teachers.soft_targets import decode_logits, fingerprint
+from orchestrator.tracking import runs as tracking
+from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
+from orchestrator.train.memory import peak_rss_mb
+from orchestrator.train.models import build_model, count_params, load_weights, model_size_mb
 
 
 def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: torch.Tensor, role: str = "teacher") -> list[dict]:
@@ -207,15 +95,10 @@ def dataset_inputs(prep: Prepared, soft: SoftTargets | None = None, *, students:
 
 def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_address: str | None = None, prepared: Prepared | None = None) -> list[dict]:
     """The whole distillation: teachers -> soft targets -> students -> test evaluation -> summary rows."""
-    prep = prepared or prepare(cfg)
-    init_ray(ray_address, cfg)
-    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
-    uri, data = prep.tracking_uri, prep.data
-    with tracking.run_scope(uri, prep.experiment_id, cfg.name, tags={"job": "distill", "dataset": data.name}) as parent_id, \
-            ray_logs_attached(uri, parent_id), progress_printer() as sink:
-        track = TrackingContext(uri, prep.experiment_id, parent_id, sink)
-        tracking.log_params(uri, parent_id, tracking.flatten(cfg.model_dump(mode="json")))
-        tracking.log_dict(uri, parent_id, cfg.model_dump(mode="json"), "config.json")
+    with job_context(cfg, cfg.name, {"job": "distill"}, ray_address=ray_address, prepared=prepared, attach_ray_logs=True) as job:
+        prep, track, parent_id = job.prep, job.track, job.parent_id
+        uri, data = prep.tracking_uri, prep.data
+        tracking.set_tags(uri, parent_id, {"dataset": data.name})
         teachers = [resolve_teacher(cfg, i, data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
         driver_peak = {"teacher": peak_rss_mb()}  # the driver's peak so far, after each stage
         soft = soft_target_stage(cfg, teachers, data, track)
@@ -247,31 +130,6 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
 
     print_summary(rows, stage_walls, soft, uri)
     return rows
-
-
-@contextlib.contextmanager
-def ray_logs_attached(uri: str, run_id: str) -> Iterator[None]:
-    """On the way out of a job, finished or failed (not interrupted: Ctrl-C must be quick), the Ray worker
-    logs the console left out, attached to its run as ray_logs/."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        _attach_ray_logs(uri, run_id)
-        raise
-    _attach_ray_logs(uri, run_id)
-
-
-def _attach_ray_logs(uri: str, run_id: str) -> None:
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="kd-ray-logs-") as out:
-            if copy_job_logs(Path(out)):
-                tracking.log_artifacts(uri, run_id, out, "ray_logs")
-    except Exception:  # noqa: BLE001  (best effort: the logs stay in Ray's session folder; the job's result must not depend on them)
-        pass
 
 
 def log_job_artifacts(uri: str, parent_id: str, rows: list[dict], *, has_val: bool) -> None:
@@ -370,23 +228,15 @@ def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: 
 
 def run_teacher_job(cfg: JobConfig, *, ray_address: str | None = None) -> list[TeacherWeights]:
     """Only the teacher stage (train, or reuse a cached / given teacher), under its own parent run."""
-    prep = prepare(cfg)
-    init_ray(ray_address, cfg)
-    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
-    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:teacher", tags={"job": "teacher"}) as parent_id, \
-            progress_printer() as sink:
-        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id, sink)
+    with job_context(cfg, f"{cfg.name}:teacher", {"job": "teacher"}, ray_address=ray_address) as job:
+        prep, track = job.prep, job.track
         return [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
 
 
 def run_soft_targets_job(cfg: JobConfig, *, ray_address: str | None = None) -> SoftTargets:
     """Teachers, then their soft targets into the fingerprinted cache."""
-    prep = prepare(cfg)
-    init_ray(ray_address, cfg)
-    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
-    with tracking.run_scope(prep.tracking_uri, prep.experiment_id, f"{cfg.name}:soft-targets", tags={"job": "soft_targets"}) as parent_id, \
-            progress_printer() as sink:
-        track = TrackingContext(prep.tracking_uri, prep.experiment_id, parent_id, sink)
+    with job_context(cfg, f"{cfg.name}:soft-targets", {"job": "soft_targets"}, ray_address=ray_address) as job:
+        prep, track = job.prep, job.track
         teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
         started = time.perf_counter()
         soft = soft_target_stage(cfg, teachers, prep.data, track)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.train.evaluate import predict_logits
 from orchestrator.flows.paired import mcnemar
+from orchestrator.train.evaluate import predict_logits
 
 SIGNIFICANT = 0.05
 # Candidate shifts for an excluded class's output bias (Hinton et al. raised the 3's bias by 3.5).

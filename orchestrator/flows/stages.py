@@ -16,21 +16,30 @@ import ray
 import ray.data
 import torch
 
-from orchestrator.tracking import runs as tracking
 from orchestrator.cluster.checks import teacher_gpus
-from orchestrator.config import JobConfig, StudentConfig, TeacherConfig, spec_of
 from orchestrator.compress.quantize import prune_model, sparsity
+from orchestrator.config import JobConfig, StudentConfig, TeacherConfig, spec_of
 from orchestrator.data.datasets import DatasetArrays, Split, to_ray_dataset
-from orchestrator.train.evaluate import classification_metrics, predict_logits
+from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
-from orchestrator.train.models import build_model, count_params, load_weights, state_dict_fingerprint
-from orchestrator.teachers.soft_targets import build_lock, column_to_numpy, decode_logits, fingerprint, load_table, logit_columns, read_cache, write_cache
 from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets, forward_row_counter
+from orchestrator.teachers.soft_targets import (
+    build_lock,
+    column_to_numpy,
+    decode_logits,
+    fingerprint,
+    load_table,
+    logit_columns,
+    read_cache,
+    write_cache,
+)
+from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
+from orchestrator.tracking import runs as tracking
+from orchestrator.tracking.progress import say
+from orchestrator.train.evaluate import classification_metrics, predict_logits
+from orchestrator.train.models import build_model, count_params, load_weights, state_dict_fingerprint
 from orchestrator.train.train_loop import LoopConfig, MemberConfig
 from orchestrator.train.trainer import fit_and_load
-from orchestrator.tracking.progress import say
-from orchestrator.data.views import ViewPolicy
-from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
 
 # Bump when the cached columns change meaning. 2: one row per (id, view) with columns id, view and the
 # encoded logits (views.py); split and label are no longer stored (the manifest's n_train gives the split).

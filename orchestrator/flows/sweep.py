@@ -23,16 +23,12 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.tracking import runs as tracking
+from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
+from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import chain_label, stage_registry
-from orchestrator.cluster.checks import check_cluster
-from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
-from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
-from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
-from orchestrator.train.models import build_model, count_params
-from orchestrator.flows.pipeline import Prepared, init_ray, prepare, ray_logs_attached, teacher_test_logits
-from orchestrator.tracking.progress import progress_printer, verbose
+from orchestrator.flows.job import Prepared, ray_logs_attached, start_job
+from orchestrator.flows.pipeline import teacher_test_logits
 from orchestrator.flows.stages import (
     SoftTargets,
     TeacherWeights,
@@ -43,7 +39,10 @@ from orchestrator.flows.stages import (
     student_member,
 )
 from orchestrator.teachers.pool import teacher_forward_rows
-from orchestrator.train.train_loop import MemberConfig
+from orchestrator.tracking import runs as tracking
+from orchestrator.tracking.progress import progress_printer, verbose
+from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
+from orchestrator.train.models import build_model, count_params
 
 STATE_FILE = "kd_sweep.json"
 SHORT_NAMES = {"temperature": "T", "alpha": "a", "lr": "lr", "student": "stud", "chain": "chain"}  # narrow trial table
@@ -261,9 +260,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     state_path = storage / sweep_dir_name(cfg) / STATE_FILE
     if resume and not tune.Tuner.can_restore(str(storage / sweep_dir_name(cfg))):
         raise ConfigError(f"--resume: no sweep to resume at {storage / sweep_dir_name(cfg)}")
-    prep = prepare(cfg)
-    init_ray(ray_address, cfg)
-    check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
+    prep = start_job(cfg, ray_address=ray_address)  # its parent run is its own: a resumed sweep reopens the one it had
     uri = prep.tracking_uri
     rows_before = teacher_forward_rows("job")
     parent_id = _parent_run(prep, state_path, resume)

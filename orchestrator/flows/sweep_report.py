@@ -8,10 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.tracking import plots
-
-from orchestrator.tracking import runs as tracking
 from orchestrator.config import JobConfig
+from orchestrator.tracking import plots
+from orchestrator.tracking import runs as tracking
 
 TRIAL_COLUMNS = ["trial_id", "chain", "student", "temperature", "alpha", "lr", "epochs_run", "params", "test_accuracy"]
 

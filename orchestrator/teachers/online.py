@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from orchestrator.config import ConfigError, ModelSpec
-from orchestrator.train.models import build_model, load_weights
-from orchestrator.teachers.pool import ensemble_logits
 from orchestrator.losses.terms import TEACHER_FEATURES, terms_of
+from orchestrator.teachers.pool import ensemble_logits
+from orchestrator.train.models import build_model, load_weights
 
 __all__ = ["OnlineTeacher", "check_feature_layers", "feature_shapes", "tap_features"]
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from orchestrator.config import ModelSpec
 from orchestrator.data.datasets import normalize_images
-from orchestrator.train.models import build_model, load_weights
-from orchestrator.teachers.soft_targets import encode_logits
-from orchestrator.train.precision import autocast
 from orchestrator.data.views import ViewPolicy, views_of
+from orchestrator.teachers.soft_targets import encode_logits
+from orchestrator.train.models import build_model, load_weights
+from orchestrator.train.precision import autocast
 
 COUNTER_NAME = "kd-teacher-forward-rows"
 COUNTER_NAMESPACE = "kd-orchestrator"

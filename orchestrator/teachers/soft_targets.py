@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from orchestrator.errors import ConfigError
 from orchestrator.teachers import uri_cache
 from orchestrator.teachers.cache_manifest import (  # noqa: F401  (ID_COLUMN, CacheCorruptWarning, load_table: callers import them from here)
     ID_COLUMN,
@@ -48,7 +49,6 @@ from orchestrator.teachers.cache_manifest import (  # noqa: F401  (ID_COLUMN, Ca
     load_table,
     validate,
 )
-from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and ray are heavy; only the functions that need them import them
     import ray.data

@@ -34,7 +34,16 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from orchestrator.teachers.cache_manifest import MANIFEST, CacheCorruptWarning, CacheEntry, EntryFiles, check_fingerprint, check_request, describe, validate
+from orchestrator.teachers.cache_manifest import (
+    MANIFEST,
+    CacheCorruptWarning,
+    CacheEntry,
+    EntryFiles,
+    check_fingerprint,
+    check_request,
+    describe,
+    validate,
+)
 from orchestrator.tracking.redact import redact
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 from rich.table import Table
 
-from orchestrator.tracking.progress import console as progress_console
 from orchestrator.flows.scoring import SIGNIFICANT, verdicts
+from orchestrator.tracking.progress import console as progress_console
 from orchestrator.tracking.runs import ui_command
 
 

@@ -22,21 +22,20 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.config import KDConfig, ModelSpec, TrainConfig
 from orchestrator.data.datasets import normalize_images
+from orchestrator.data.views import ViewPolicy, epoch_views, random_views, views_of
+from orchestrator.losses.objective import build_objective, step_members
+from orchestrator.losses.terms import LossTerm
+from orchestrator.teachers.online import OnlineTeacher, layer_pairs
+from orchestrator.teachers.soft_targets import decode_logits, logit_columns
+from orchestrator.tracking.progress import emit
 from orchestrator.train.evaluate import classification_metrics
 from orchestrator.train.memory import peak_rss_mb
 from orchestrator.train.models import build_model
-from orchestrator.losses.objective import build_objective, step_members
-from orchestrator.teachers.online import OnlineTeacher, layer_pairs
-from orchestrator.teachers.soft_targets import decode_logits, logit_columns
-from orchestrator.losses.terms import LossTerm
 from orchestrator.train.precision import autocast, grad_scaler
-from orchestrator.tracking.progress import emit
-from orchestrator.data.views import ViewPolicy, epoch_views, random_views, views_of
 
 STATE_FILE = "state.pt"
 # Key of the train_loop_config entry holding Ray object refs (online teachers' weights): popped
@@ -47,7 +46,7 @@ OBJECTS_KEY = "_objects"
 class MemberConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    role: str  # teacher | baseline | student
+    role: str  # teacher | baseline | student | assistant | generation
     spec: ModelSpec
     loss: str | list[LossTerm]
     run_id: str | None = None

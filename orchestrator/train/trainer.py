@@ -10,10 +10,9 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from orchestrator.config import TrainConfig
 from orchestrator.cluster.interrupts import train_fit_noticing_ctrl_c
+from orchestrator.config import TrainConfig
 from orchestrator.train.train_loop import OBJECTS_KEY, LoopConfig, load_state, train_loop_per_worker
-
 
 # Ray Train V2 workers hand each report to a queue of size 1 that the controller drains
 # once per health check (2 s by default), so every epoch's report waited up to 2 s:
