@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
 from orchestrator.data.datasets import DatasetArrays, Split
-from orchestrator.flows.stages import TeacherWeights, TrackingContext, soft_target_stage
+from orchestrator.flows.stage_runs import soft_target_stage
+from orchestrator.flows.stages import TeacherWeights, TrackingContext
 from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.teachers.soft_targets import CacheCorruptWarning, read_cache
 from orchestrator.tracking import runs as tracking
@@ -193,7 +194,7 @@ EPOCHS = 6
 
 
 def _train_digits(cfg, data, train_ids, val_ids, track, name: str, killer: Killer | None = None):
-    from orchestrator.flows.stages import train_teacher
+    from orchestrator.flows.teacher_stage import train_teacher
 
     run_id = tracking.create_run(track.uri, track.experiment_id, name, parent_id=track.parent_id)
     if killer is not None:

@@ -82,3 +82,11 @@ def test_readme_layout_names_every_module_under_its_package():
 def test_no_module_over_400_lines():
     long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these modules: {long}"
+
+
+def test_the_public_api_resolves():
+    import orchestrator
+
+    for name in orchestrator.__all__:
+        assert getattr(orchestrator, name) is not None, name
+    assert orchestrator.TERMS["dkd"].model_fields["warmup_epochs"].default == 0 and "kd" in orchestrator.SHORTHANDS

@@ -1,4 +1,4 @@
-"""tracking.py against a real SQLite MLflow store: run statuses, nesting, secrets, paths."""
+"""tracking/runs.py against a real SQLite MLflow store: run statuses, nesting, secrets, paths."""
 
 from __future__ import annotations
 

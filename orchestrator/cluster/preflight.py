@@ -4,7 +4,7 @@ Each turns a failure that would otherwise come late (a minute of reconnect retri
 a local Ray started for a request it can never meet, NaN soft targets raised inside
 an actor) into one line naming the problem: `ConfigError`, exit code 2. Checks that
 need the cluster itself (multi-node storage, a remote cluster's resources) are in
-`cluster.py`, after `ray.init` and still before any MLflow run.
+`cluster/checks.py`, after `ray.init` and still before any MLflow run.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def local_resources() -> dict[str, float]:
 
 def check_local_resources(cfg: JobConfig) -> None:
     """Requests a local Ray on this machine could never meet; Ray would queue them forever.
-    (A running cluster is judged after `ray.init` by `cluster.py`, which also knows its nodes.)"""
+    (A running cluster is judged after `ray.init` by `cluster/checks.py`, which also knows its nodes.)"""
     have = local_resources()
     st, train = cfg.soft_targets, cfg.train
     requests = [

@@ -24,7 +24,8 @@ import ray
 from orchestrator.config import TeacherConfig, spec_of
 from orchestrator.flows.chain_runner import chain_stage
 from orchestrator.flows.chains import Stage, StageRegistry
-from orchestrator.flows.stages import StudentsResult, TeacherWeights, TrackingContext, soft_target_stage
+from orchestrator.flows.stage_runs import soft_target_stage
+from orchestrator.flows.stages import StudentsResult, TeacherWeights, TrackingContext
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.models import state_dict_fingerprint
 

@@ -16,7 +16,8 @@ import ray
 
 from orchestrator.config import JobConfig, ModelSpec, StudentConfig
 from orchestrator.flows.chains import Stage, assistant_as_teacher, assistant_stages, stage_key
-from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, soft_target_stage, student_member
+from orchestrator.flows.stage_runs import soft_target_stage
+from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, student_member
 from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.models import state_dict_fingerprint

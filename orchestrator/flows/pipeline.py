@@ -18,15 +18,8 @@ from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import StageRegistry
 from orchestrator.flows.job import Prepared, job_context
 from orchestrator.flows.scoring import class_errors, correct_bias, pair_with_twin
-from orchestrator.flows.stages import (
-    SoftTargets,
-    TeacherWeights,
-    TrackingContext,
-    resolve_teacher,
-    soft_target_stage,
-    student_members,
-    student_stage,
-)
+from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
+from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, student_members, student_stage
 from orchestrator.losses.kd_settings import is_auto
 from orchestrator.losses.terms import describe_loss, uses_kd_section
 from orchestrator.teachers.soft_targets import decode_logits, fingerprint

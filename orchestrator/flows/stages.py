@@ -1,7 +1,9 @@
-"""The three stages of a distillation job: teachers, soft targets, students.
+"""The stages of a distillation job after the teacher (teacher_stage.py): soft targets, then students.
 
-Each stage is a plain function over plain data; `pipeline.run_job` calls them in
-order inside one MLflow parent run. Ray APIs are used directly here.
+Each stage is a plain function over plain data that returns what it made and knows nothing of
+MLflow: stage_runs.py puts each under its run and logs what it returned; `pipeline.run_job` calls
+them in order inside one parent run. A stage takes a run id only to hand it to the train workers,
+which report their epochs to it. Ray APIs are used directly here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import ray.data
 import torch
 
 from orchestrator.cluster.checks import teacher_gpus
-from orchestrator.compress.quantize import prune_model, sparsity
 from orchestrator.config import JobConfig, StudentConfig, TeacherConfig, spec_of
 from orchestrator.data.datasets import DatasetArrays, Split, to_ray_dataset
 from orchestrator.data.views import ViewPolicy
@@ -33,19 +34,14 @@ from orchestrator.teachers.soft_targets import (
     read_cache,
     write_cache,
 )
-from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
-from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import say
-from orchestrator.train.evaluate import classification_metrics, predict_logits
-from orchestrator.train.models import build_model, count_params, load_weights, state_dict_fingerprint
+from orchestrator.train.models import build_model, count_params
 from orchestrator.train.train_loop import LoopConfig, MemberConfig
 from orchestrator.train.trainer import fit_and_load
 
 # Bump when the cached columns change meaning. 2: one row per (id, view) with columns id, view and the
 # encoded logits (views.py); split and label are no longer stored (the manifest's n_train gives the split).
 SOFT_TARGET_FORMAT = 2
-SOURCE_WORDS = {"trained": "trained", "cache": "reused from the teacher cache", "checkpoint": "loaded from its checkpoint",
-                "mlflow": "loaded from MLflow"}
 
 
 @dataclass
@@ -107,24 +103,6 @@ class StudentsResult:
     online_teacher_rows: int = 0  # rows the online teacher ran on inside the workers (teacher_mode online)
 
 
-def teacher_seed(cfg: JobConfig, teacher: TeacherConfig) -> int:
-    return cfg.seed if teacher.seed is None else teacher.seed
-
-
-def teacher_training_key(cfg: JobConfig, teacher: TeacherConfig, data: DatasetArrays) -> str:
-    spec = teacher.model_dump(exclude={"name", "weight", "checkpoint", "mlflow_model", "prune_amount", "prune_structured", "seed"})
-    return fingerprint({
-        "teacher": spec, "dataset": data.fingerprint("train"), "val_fraction": cfg.dataset.val_fraction, "seed": teacher_seed(cfg, teacher),
-        # The inputs the teacher was trained on: normalisation and the padding of its shifted views.
-        "transform": {"mean": list(data.mean), "std": list(data.std), "fill": data.fill},
-        "device": {"gpu": cfg.train.use_gpu, "precision": cfg.train.precision},  # numerics differ between the two
-    })
-
-
-def materialized_images(split: Split, ids: np.ndarray) -> ray.data.Dataset:
-    return to_ray_dataset(split, ids).materialize()
-
-
 def loop_config(cfg: JobConfig, data: DatasetArrays, track: TrackingContext, *, stage: str, members, optim, encoding,
                 seed: int | None = None, train_rows: int, views: ViewPolicy | None = None) -> LoopConfig:
     return LoopConfig(
@@ -132,74 +110,6 @@ def loop_config(cfg: JobConfig, data: DatasetArrays, track: TrackingContext, *, 
         mean=data.mean, std=data.std, fill=data.fill, encoding=encoding, seed=cfg.seed if seed is None else seed, tracking_uri=track.uri,
         train_rows=train_rows, views=asdict(views or ViewPolicy(fill=data.fill)), progress_sink=track.progress,
     )
-
-
-def train_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, val_ids, track: TrackingContext, run_id: str) -> tuple[dict, str]:
-    teacher = cfg.teachers[index]
-    train_cfg = cfg.train.model_copy(update=teacher.train.model_dump())
-    members = [MemberConfig(name=teacher.name, role="teacher", spec=spec_of(teacher), loss="ce", run_id=run_id)]
-    loop = loop_config(cfg, data, track, stage="teacher", members=members, optim=train_cfg, encoding=None,
-                       seed=teacher_seed(cfg, teacher), train_rows=len(train_ids)).model_copy(update={"has_val": len(val_ids) > 0})
-    datasets = {"train": materialized_images(data.train, train_ids)}
-    if len(val_ids):
-        datasets["val"] = materialized_images(data.train, val_ids)
-    state_dicts, _ = fit_and_load(loop, datasets, run_name=f"{cfg.name}-teacher-{teacher.name}-{run_id[:8]}")
-    return state_dicts[teacher.name], "trained"
-
-
-def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, val_ids, loaded: dict | None, track: TrackingContext) -> TeacherWeights:
-    """A teacher's weights: given (checkpoint / MLflow model), reused from the teacher cache, or trained now."""
-    teacher = cfg.teachers[index]
-    started = time.perf_counter()
-    with tracking.run_scope(track.uri, track.experiment_id, f"teacher:{teacher.name}", parent_id=track.parent_id, tags={"role": "teacher"}) as run_id:
-        tracking.log_params(track.uri, run_id, tracking.flatten(teacher.model_dump()))
-        if loaded is not None:
-            state_dict, source = loaded, ("checkpoint" if teacher.checkpoint else "mlflow")
-            tags = {"source_path": teacher.checkpoint or teacher.mlflow_model}
-        else:
-            key = teacher_training_key(cfg, teacher, data)
-            path = weights_file(cfg.soft_targets.cache_dir, "teachers", key)
-            with build_lock(path.folder, key):  # a job training the same teacher right now: wait and reuse it
-                cached = load_cached_weights(path)
-                if cached is not None:
-                    state_dict, source = cached["state_dict"], "cache"
-                    tags = {"cache_file": str(path), "source_run_id": cached.get("run_id", "")}
-                else:
-                    say(f"teacher {teacher.name}: training {teacher.train.epochs} epochs on {len(train_ids):,} images")
-                    state_dict, source = train_teacher(cfg, index, data, train_ids, val_ids, track, run_id)
-                    save_cached_weights(path, {"state_dict": state_dict, "run_id": run_id})
-                    tags = {"cache_file": str(path)}
-        say(f"teacher {teacher.name}: {SOURCE_WORDS[source]}" + (f" ({time.perf_counter() - started:.0f} s)" if source == "trained" else ""))
-        model = build_model(teacher, data.input_shape, data.num_classes)
-        load_weights(model, state_dict, where=f"teachers.{index}")
-        if teacher.prune_amount > 0:
-            state_dict = _prune_teacher(model, teacher, data, track.uri, run_id)
-        weights_fp = state_dict_fingerprint(state_dict)
-        tracking.set_tags(track.uri, run_id, {"source": source, "teacher_fingerprint": weights_fp, "dataset": data.name, **tags})
-        if (source != "cache" or teacher.prune_amount > 0) and cfg.tracking.log_models:
-            example = np.zeros((1, *data.input_shape), dtype=np.float32)
-            tracking.log_torch_model(track.uri, run_id, model, name="model", spec=spec_of(teacher).model_dump(mode="json"), input_shape=data.input_shape,
-                                     num_classes=data.num_classes, input_example=example)
-        wall = time.perf_counter() - started
-        tracking.log_metrics(track.uri, run_id, {"wall_s": wall})
-    return TeacherWeights(teacher, state_dict, weights_fp, source, run_id, wall)
-
-
-def _prune_teacher(model: torch.nn.Module, teacher: TeacherConfig, data: DatasetArrays, uri: str, run_id: str) -> dict:
-    """Prune `model` in place and log the teacher's test accuracy before and after; returns the pruned weights.
-
-    The test split is only reported here, never used to choose anything.
-    """
-    labels = torch.from_numpy(data.test.labels)
-    before = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels)
-    prune_model(model, teacher.prune_amount, structured=teacher.prune_structured)
-    after = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels)
-    metrics = {"prune_sparsity": sparsity(model), "unpruned_test_accuracy": before["accuracy"], "pruned_test_accuracy": after["accuracy"]}
-    tracking.log_metrics(uri, run_id, metrics)
-    kind = "structured (filters/rows)" if teacher.prune_structured else "unstructured"
-    print(f"teacher {teacher.name}: pruned {kind} {teacher.prune_amount:.0%} -> sparsity {metrics['prune_sparsity']:.1%}, "
-          f"test accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}", flush=True)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def soft_target_key(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> str:
@@ -288,7 +198,19 @@ def columns_by_id_and_view(table: pa.Table, columns: list[str], *, n_train: int,
     return train, test
 
 
-def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays, track: TrackingContext) -> SoftTargets:
+@dataclass
+class SoftTargetReport:
+    """What the soft-target stage did, for its MLflow run (stage_runs.py)."""
+
+    cache_hit: bool
+    rows: int
+    lock_wait_s: float
+    views: int
+
+
+def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> tuple[SoftTargets, SoftTargetReport]:
+    """The teachers' soft targets for every (train id, view) and test id: read from the fingerprinted cache, or
+    generated on the actor pool and written to it. The returned SoftTargets has no run id yet."""
     st = cfg.soft_targets
     started = time.perf_counter()
     key = soft_target_key(cfg, teachers, data)
@@ -297,37 +219,28 @@ def soft_target_stage(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
     shape = {"n_train": len(data.train.labels), "n_test": len(data.test.labels), "views": views.count}
     counter = forward_row_counter("job")  # this job's rows only: a job beside it on the cluster does not count here
     rows_before = ray.get(counter.total.remote())
-    with tracking.run_scope(track.uri, track.experiment_id, "soft-targets", parent_id=track.parent_id, tags={"role": "soft_targets"}) as run_id:
-        tracking.log_params(track.uri, run_id, tracking.flatten(st.model_dump()))
-        # One builder per fingerprint: a concurrent job waits here, then reads what the first one wrote.
-        with build_lock(st.cache_dir, key) as lock_wait_s:
-            entry = read_cache(st.cache_dir, key)
-            cache_hit = entry is not None
-            if cache_hit:
-                by_id = columns_by_id_and_view(load_table(entry, columns), logit_columns(st.encoding), **shape)
-            else:
-                generated = generate_soft_targets(cfg, teachers, data).materialize()
-                # cache_dir as configured: a URI must reach write_cache whole (it resolves paths itself).
-                entry = write_cache(generated, st.cache_dir, key, columns=columns,
-                                    extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
-                # Training gets the logits from the object store, not from the parquet just written.
-                table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
-                by_id = columns_by_id_and_view(table, logit_columns(st.encoding), **shape)
-        forward_rows = ray.get(counter.total.remote()) - rows_before
-        wall = time.perf_counter() - started
-        rows = shape["n_train"] * shape["views"] + shape["n_test"]
-        tracking.set_tags(track.uri, run_id, {
-            "soft_target_fingerprint": key, "cache_hit": cache_hit, "cache_path": str(entry.path),
-            "teacher_run_ids": ",".join(t.run_id for t in teachers), "dataset": data.name, "views": views.count,
-        })
-        size = sum(f["bytes"] for f in entry.manifest.get("files", []))
-        tracking.log_metrics(track.uri, run_id, {
-            "rows": rows, "teacher_forward_rows": forward_rows, "wall_s": wall, "rows_per_s": rows / wall, "cache_lock_wait_s": lock_wait_s,
-            "cache_bytes": size, "views": views.count,
-        })
+    # One builder per fingerprint: a concurrent job waits here, then reads what the first one wrote.
+    with build_lock(st.cache_dir, key) as lock_wait_s:
+        entry = read_cache(st.cache_dir, key)
+        cache_hit = entry is not None
+        if cache_hit:
+            by_id = columns_by_id_and_view(load_table(entry, columns), logit_columns(st.encoding), **shape)
+        else:
+            generated = generate_soft_targets(cfg, teachers, data).materialize()
+            # cache_dir as configured: a URI must reach write_cache whole (it resolves paths itself).
+            entry = write_cache(generated, st.cache_dir, key, columns=columns,
+                                extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
+            # Training gets the logits from the object store, not from the parquet just written.
+            table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
+            by_id = columns_by_id_and_view(table, logit_columns(st.encoding), **shape)
+    forward_rows = ray.get(counter.total.remote()) - rows_before
+    wall = time.perf_counter() - started
+    rows = shape["n_train"] * shape["views"] + shape["n_test"]
+    size = sum(f["bytes"] for f in entry.manifest.get("files", []))
     say(f"soft targets: {'cache hit' if cache_hit else 'generated'}, {rows:,} rows ({views.count} view(s) per training image), "
         f"{forward_rows:,} teacher forward rows" + (f", {forward_rows / wall:,.0f} rows/s" if forward_rows else "") + f", {wall:.0f} s")
-    return SoftTargets(key, by_id[0], by_id[1], len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), run_id, size)
+    soft = SoftTargets(key, by_id[0], by_id[1], len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), "", size)
+    return soft, SoftTargetReport(cache_hit, rows, lock_wait_s, views.count)
 
 
 def student_member(cfg: JobConfig, student: StudentConfig, data: DatasetArrays, soft: SoftTargets | None, *, run_id: str | None = None) -> MemberConfig:

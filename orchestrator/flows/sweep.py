@@ -29,15 +29,8 @@ from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import chain_label, stage_registry
 from orchestrator.flows.job import Prepared, ray_logs_attached, start_job
 from orchestrator.flows.pipeline import teacher_test_logits
-from orchestrator.flows.stages import (
-    SoftTargets,
-    TeacherWeights,
-    TrackingContext,
-    distill_members,
-    resolve_teacher,
-    soft_target_stage,
-    student_member,
-)
+from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
+from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, student_member
 from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import progress_printer, verbose

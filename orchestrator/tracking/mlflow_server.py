@@ -3,7 +3,7 @@
 Runs `python -m mlflow server` in its own process group and stops the whole group on Ctrl-C or
 SIGTERM (killing only the CLI's pid would orphan its web workers). Jobs log to it over HTTP, so
 artifacts reach the server's `--artifacts-destination` (a local folder, an NFS path, `s3://...`)
-from any node. It does not import mlflow itself: that stays in tracking.py.
+from any node. It does not import mlflow itself: that stays in tracking/runs.py.
 """
 
 from __future__ import annotations
