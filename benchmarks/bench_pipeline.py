@@ -343,7 +343,8 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> list
 
     from orchestrator.losses.objective import Objective
     from orchestrator.train.models import build_model
-    from orchestrator.train.train_loop import Member, ShardBatches, build_optimizer, build_scheduler, train_one_epoch
+    from orchestrator.train.optim import build_optimizer, build_scheduler
+    from orchestrator.train.train_loop import Member, ShardBatches, train_one_epoch
 
     torch.set_num_threads(threads)
     config = loop.members[0]

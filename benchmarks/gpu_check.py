@@ -41,8 +41,9 @@ def step_timings(steps: int) -> dict:
     from orchestrator.config import KDConfig, ModelSpec, TrainConfig
     from orchestrator.losses.objective import build_objective, step_members
     from orchestrator.train.models import build_model
+    from orchestrator.train.optim import build_optimizer, build_scheduler
     from orchestrator.train.precision import grad_scaler
-    from orchestrator.train.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
+    from orchestrator.train.train_loop import Member, MemberConfig
 
     device = torch.device("cuda")
     spec = ModelSpec(family="mlp", hidden=[800, 800])

@@ -62,6 +62,8 @@ EXPERIMENTS = [
     Experiment("fashion_mlp16", "configs/fashion_mlp16.yaml", target="distilled beats labels-only by >= 0.5 points mean, p < 0.05"),
     Experiment("methods_response", "configs/fashion_methods/tuned_response.yaml",
                target="the methods table at tuned settings: kd, dkd, kd + LS, each against the shared label-only twin"),
+    Experiment("methods_dml", "configs/fashion_methods/tuned_dml.yaml",
+               target="the methods table at tuned settings: two DML peers, each against the label-only twin of peer a"),
     Experiment("mnist_digit3", "configs/mnist_digit3.yaml",
                target="Hinton et al. 3.: no 3 in the transfer set; paper 206 errors (133 on 3s), 109 (14) after the bias fix"),
 ]

@@ -12,7 +12,7 @@ from torch import nn
 from orchestrator.config import load_config
 from orchestrator.losses.kd_settings import AUTO_KD_TABLE, auto_kd, fitting_temperature, mean_top1, student_kd
 from orchestrator.losses.objective import apply_max_norm
-from orchestrator.train.train_loop import lr_factor, steps_per_epoch
+from orchestrator.train.optim import lr_factor, steps_per_epoch
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs/digits_kd.yaml"
 

@@ -49,6 +49,8 @@ def test_digits_every_method_family_online_teacher_with_jitter(ray_session, work
     assert runs["student:kd"].data.params["loss"] == "kd"
     history = client.get_metric_history(runs["student:features"].info.run_id, "train_loss")
     assert [m.step for m in history] == [0, 1, 2, 3] and all(m.value == m.value for m in history)  # finite, not NaN
+    peers = [client.get_metric_history(runs[f"student:{n}"].info.run_id, "train_loss") for n in ("dml-a", "dml-b")]
+    assert [m.value for m in peers[0]] != [m.value for m in peers[1]]  # the peers start apart, else DML would be CE
 
     # Born-again: generation 2 is a child of the student's run (generation 1), taught by its soft targets.
     student_run = runs["student:born-again"]

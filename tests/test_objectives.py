@@ -16,7 +16,8 @@ from orchestrator.losses.objective import Objective, StepInputs, build_objective
 from orchestrator.losses.terms import parse_loss
 from orchestrator.teachers.online import OnlineTeacher, check_feature_layers, feature_shapes, tap_features
 from orchestrator.train.models import build_model
-from orchestrator.train.train_loop import Member, MemberConfig, build_optimizer, build_scheduler
+from orchestrator.train.optim import build_optimizer, build_scheduler
+from orchestrator.train.train_loop import Member, MemberConfig
 
 SHAPE = (1, 8, 8)
 TEACHER = ModelSpec(family="cnn", channels=[8, 16], hidden=[32])
@@ -175,3 +176,15 @@ def test_dkd_warm_up_ramps_its_weight_over_the_first_epochs():
         assert objective(StepInputs(s, y, t)).item() == pytest.approx((ce + share * full).item(), rel=1e-6)
     with pytest.raises(ConfigError, match="kd does not take 'warmup_epochs'"):
         validate_config({"students": [{"name": "s", "loss": [{"name": "kd", "warmup_epochs": 3}]}]})
+
+
+def test_dml_peers_start_apart_while_a_student_starts_where_its_twin_does():
+    from orchestrator.train.train_loop import initial_seeds
+
+    spec = ModelSpec(family="mlp", hidden=[8])
+    members = [MemberConfig(name=n, role=r, spec=spec, loss=parse_loss(l) if isinstance(l, list) else l)
+               for n, r, l in [("kd", "student", "kd"), ("kd-baseline", "baseline", "ce"), ("a", "student", ["ce", "dml"]),
+                               ("b", "student", ["ce", "dml"])]]
+    seeds = initial_seeds(5, members)
+    # Equal starts and equal batches keep two peers equal, and the mutual term at 0: DML would be CE.
+    assert seeds == {"kd": 5, "kd-baseline": 5, "a": 5, "b": 6}

@@ -7,7 +7,6 @@ models, so N students cost one data pass, not N.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -28,13 +27,14 @@ from orchestrator.config import KDConfig, ModelSpec, TrainConfig
 from orchestrator.data.datasets import normalize_images
 from orchestrator.data.views import ViewPolicy, epoch_views, random_views, views_of
 from orchestrator.losses.objective import build_objective, step_members
-from orchestrator.losses.terms import LossTerm
+from orchestrator.losses.terms import LossTerm, uses_dml
 from orchestrator.teachers.online import OnlineTeacher, layer_pairs
 from orchestrator.teachers.soft_targets import decode_logits, logit_columns
 from orchestrator.tracking.progress import emit
 from orchestrator.train.evaluate import classification_metrics
 from orchestrator.train.memory import peak_rss_mb
 from orchestrator.train.models import build_model
+from orchestrator.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from orchestrator.train.precision import autocast, grad_scaler
 
 STATE_FILE = "state.pt"
@@ -92,43 +92,6 @@ class Member:
     def plain_model(self) -> torch.nn.Module:
         """The module without its DDP wrapper (what is evaluated and saved)."""
         return getattr(self.model, "module", self.model)
-
-
-def build_optimizer(params, optim: TrainConfig) -> torch.optim.Optimizer:
-    if optim.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0,
-                               weight_decay=optim.weight_decay)
-    cls = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
-
-
-ONECYCLE_WARMUP = 0.15  # fraction of all steps spent warming up
-ONECYCLE_START = 0.04  # the first step's lr, as a fraction of lr (OneCycleLR's div_factor 25)
-
-
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
-    """The multiple of the base lr at optimizer step `step` of `total_steps` (clamped past the end, so a
-    shard with a batch more than planned cannot crash a run)."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "onecycle":
-        if progress < ONECYCLE_WARMUP:
-            return ONECYCLE_START + (1.0 - ONECYCLE_START) * progress / ONECYCLE_WARMUP
-        return 0.5 * (1.0 + math.cos(math.pi * (progress - ONECYCLE_WARMUP) / (1.0 - ONECYCLE_WARMUP)))
-    raise ValueError(f"unknown lr_schedule {schedule!r}")
-
-
-def build_scheduler(optimizer, optim: TrainConfig, steps_per_epoch: int):
-    """A per-step schedule over the whole run (stepped after every optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, optim.lr_schedule, total_steps=optim.epochs * steps_per_epoch))
-
-
-def steps_per_epoch(train_rows: int, world_size: int, batch_size: int) -> int:
-    """Batches one worker draws per epoch: its share of the rows (Ray Train splits them equally), in batches."""
-    return max(1, math.ceil(math.ceil(train_rows / max(world_size, 1)) / batch_size))
 
 
 class ShardBatches:
@@ -264,10 +227,20 @@ def load_state(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def initial_seeds(seed: int, members: list[MemberConfig]) -> dict[str, int]:
+    """The seed each member's initial weights are drawn with: the loop's for all, so a student and its twin
+    start from the same weights (a paired comparison), except that the k-th DML peer draws with seed + k:
+    peers that start equal and see the same batches stay equal, and their mutual term is 0 (Zhang et al.
+    2018 start each peer from its own initialisation). The first peer keeps its twin's start."""
+    peers = [m.name for m in members if uses_dml(m.loss)]
+    return {m.name: seed + (peers.index(m.name) if m.name in peers else 0) for m in members}
+
+
 def build_members(loop: LoopConfig, state: dict | None, teacher: OnlineTeacher | None = None, *, steps: int = 1) -> list[Member]:
     members = []
+    seeds = initial_seeds(loop.seed, loop.members)
     for config in loop.members:
-        torch.manual_seed(loop.seed)  # identical initial weights on every rank and every run
+        torch.manual_seed(seeds[config.name])  # the same initial weights on every rank and every run
         model = build_model(config.spec, loop.input_shape, loop.num_classes)
         # After the model, so its initial weights do not depend on the loss; adapters are seeded by this order too.
         objective = build_objective(config.loss, config.kd, model, loop.input_shape, teacher)
