@@ -50,6 +50,8 @@ class Objective(nn.Module):
             if isinstance(term, FitNet):
                 for k, (s_name, t_name) in enumerate(term.layers.items()):
                     self.adapters[f"{j}_{k}"] = HintAdapter(student_shapes[s_name], teacher_shapes[t_name])
+        # Each term's adapters, looked up once here, not per step (a plain list: the ModuleDict above owns them).
+        self.term_adapters = [[a for key, a in self.adapters.items() if key.split("_")[0] == str(j)] for j in range(len(self.terms))]
 
     def forward(self, x: StepInputs) -> Tensor:
         total = x.logits.new_zeros(())
@@ -57,8 +59,7 @@ class Objective(nn.Module):
             if term.weight > 0:  # a zero weight skips the term, so it cannot bring in inf or NaN
                 if TEACHER_LOGITS in term.needs() and x.teacher_logits is None:
                     raise ValueError(f"loss term {term.name}: no teacher logits in this stage")
-                adapters = [a for key, a in self.adapters.items() if key.startswith(f"{j}_")]
-                total = total + term.weight * term.ramp(self.epoch) * term.compute(x, self.temperature, adapters)
+                total = total + term.weight * term.ramp(self.epoch) * term.compute(x, self.temperature, self.term_adapters[j])
         return total
 
 
