@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from harness import loadavg, machine  # noqa: E402
+
 SEED = 0
 TEMPERATURES = (1.0, 4.0, 20.0)
 SYNTH_CLASSES = 1000
@@ -67,21 +69,6 @@ MODES = {
 
 def log(msg: str) -> None:
     print(f"[storage {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine() -> dict:
-    try:
-        from bench_pipeline import machine_info
-
-        return machine_info()
-    except Exception as exc:  # bench_pipeline is edited by others; never let it stop this benchmark
-        import platform
-
-        return {"python": platform.python_version(), "nproc": os.cpu_count(), "machine_info_error": repr(exc)}
 
 
 # ------------------------------------------------------------------------------------ distortion

@@ -114,7 +114,7 @@ def paired_accuracy(cached: dict, naive: dict) -> dict:
 
 
 def run(workdir: Path, quick: bool) -> dict:
-    from bench_pipeline import loadavg, machine_info
+    from harness import loadavg, machine
 
     common = overrides(quick)
     load_start = loadavg()
@@ -130,7 +130,7 @@ def run(workdir: Path, quick: bool) -> dict:
         "benchmark": "sweep_cost",
         "quick": quick,
         "started_utc": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
+        "machine": machine(),
         "load_avg_start": load_start,
         "load_avg_end": loadavg(),
         "command": "python benchmarks/bench_sweep.py" + (" --quick" if quick else ""),
@@ -149,7 +149,7 @@ def run(workdir: Path, quick: bool) -> dict:
 
 def markdown(report: dict) -> str:
     """The results table (also what the README's generated block shows)."""
-    from bench_pipeline import gpu_words
+    from harness import gpu_words
 
     m, c, n = report["machine"], report["cached"], report["naive"]
     acc = report["accuracy"]

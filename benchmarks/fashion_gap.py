@@ -99,9 +99,9 @@ def run_window(run) -> dict:
 
 def report_machine() -> dict:
     """The machine this report is made on. MLflow does not record where a run ran: run this where the jobs ran."""
-    from bench_pipeline import machine_info
+    from harness import machine
 
-    return machine_info()
+    return machine()
 
 
 def render(report: dict) -> str:

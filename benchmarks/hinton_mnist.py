@@ -31,7 +31,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline.machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.machine
+
+from harness import machine  # noqa: E402
 
 from orchestrator.config import load_config
 from orchestrator.tracking import runs as tracking
@@ -175,12 +177,6 @@ def load_summary(path: str | None, windows: dict[str, tuple[float, float]]) -> d
         else:
             out[job] = {"samples": 0}
     return out
-
-
-def machine() -> dict:
-    from bench_pipeline import machine_info
-
-    return machine_info()
 
 
 def iso(ms: int | None) -> str | None:

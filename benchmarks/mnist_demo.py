@@ -22,7 +22,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline: machine_info, loadavg, header_lines
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness: machine, loadavg, header_lines
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("KD_BENCH_RESULTS", REPO / "benchmarks" / "results"))  # run_all.py --quick points it elsewhere
@@ -36,7 +36,7 @@ def demo_argv(summary: Path) -> list[str]:
 
 def run_demo(workdir: Path, benchmark_command: str) -> dict:
     """Run the demo in workdir and time the whole command; the fields of mnist_demo.json."""
-    from bench_pipeline import loadavg, machine_info
+    from harness import loadavg, machine
 
     summary = workdir / "summary.json"
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -53,7 +53,7 @@ def run_demo(workdir: Path, benchmark_command: str) -> dict:
         "tracking_uri": tracking_uri,
         "started_utc": started_utc,
         "wall_s": round(wall_s, 1),
-        "machine": machine_info(),
+        "machine": machine(),
         "load_start": load_start,
         "load_end": loadavg(),
         "rows": json.loads(summary.read_text()),
@@ -63,7 +63,7 @@ def run_demo(workdir: Path, benchmark_command: str) -> dict:
 
 def run_fresh_clone(workdir: Path, benchmark_command: str) -> dict:
     """`git clone` this repository's HEAD into workdir, then `make demo` there, timed whole (the venv is built from nothing)."""
-    from bench_pipeline import loadavg, machine_info
+    from harness import loadavg, machine
 
     clone = workdir / "clone"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
@@ -83,7 +83,7 @@ def run_fresh_clone(workdir: Path, benchmark_command: str) -> dict:
         "started_utc": started_utc,
         "wall_s": round(wall_s, 1),
         "fresh_clone": True,
-        "machine": machine_info(),
+        "machine": machine(),
         "load_start": load_start,
         "load_end": loadavg(),
         "rows": json.loads((clone / "summary.json").read_text()),
@@ -114,7 +114,7 @@ def write_result(result: dict, out: Path) -> Path:
 
 def render(result: dict) -> str:
     """The README block: how it was run, where, and one row per model of the summary."""
-    from bench_pipeline import header_lines
+    from harness import header_lines
 
     lines = header_lines(result)
     lines[0] = f"Command: `{result['command']}` (in a fresh directory, timed by `{result['benchmark_command']}`)  "

@@ -31,6 +31,7 @@ import bench_pipeline  # noqa: E402
 import fashion_gap  # noqa: E402
 import mnist_demo  # noqa: E402
 from bench_storage import _fmt  # noqa: E402
+from harness import gpu_words, header_lines, table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -75,18 +76,12 @@ def machine_words(m: dict) -> str:
     """CPUs, GPU or not, and the versions, from a benchmark's machine dict (two key conventions exist)."""
     cpus = m.get("nproc") or m.get("cpus")
     model = f" x {m['cpu_model']}" if m.get("cpu_model") else " CPUs"
-    return (f"{cpus}{model}, {bench_pipeline.gpu_words(m)}; Python {m.get('python')}, torch {m.get('torch')}, "
+    return (f"{cpus}{model}, {gpu_words(m)}; Python {m.get('python')}, torch {m.get('torch')}, "
             f"ray {m.get('ray')}, mlflow {m.get('mlflow')}")
 
 
 def pct(value: float | None) -> str:
     return f"{value:.0%}" if value is not None else "-"
-
-
-def table(header: list[str], rows: list[list], align: str) -> list[str]:
-    """A markdown table; align has one character per column, 'l' or 'r'."""
-    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
-    return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 # ------------------------------------------------------------------------------------ renderers
@@ -130,7 +125,7 @@ def render_growth(report: dict) -> str:
     """growth.json, compact: time and peak memory per size (the full table is growth.md)."""
     g = report["growth"]
     st, se = g["soft_targets"], g["student_epoch"]
-    lines = bench_pipeline.header_lines(report) + [""]
+    lines = header_lines(report) + [""]
     rows = []
     for k in g["factors"]:
         s, e = st[f"{k}x"], se[f"{k}x"]
@@ -171,7 +166,7 @@ def fashion_gap_when(report: dict) -> str:
         return "Date, machine, versions and load: not recorded in fashion_gap.json."
     job, sweep, m = report["runs"]["job"], report["runs"]["sweep"], report["report_machine"]
     return (f"Job {job['start_utc']} ({job['minutes']:.0f} min), sweep {sweep['start_utc']} ({sweep['minutes']:.0f} min), as MLflow recorded them; "
-            f"read back on {m.get('nproc')} x {m.get('cpu_model') or '?'}, {bench_pipeline.gpu_words(m)}; Python {m.get('python')}, "
+            f"read back on {m.get('nproc')} x {m.get('cpu_model') or '?'}, {gpu_words(m)}; Python {m.get('python')}, "
             f"torch {m.get('torch')}, ray {m.get('ray')}, mlflow {m.get('mlflow')}. Load during the runs: not recorded.")
 
 
@@ -180,7 +175,7 @@ def render_storage(report: dict) -> str:
     real, syn = report["real"], report["synthetic"]
     runs, kd = real["runs"], real["kd"]
     fp32 = runs[0]["storage"]["bytes_per_example"]
-    lines = bench_pipeline.header_lines(report) + ["", f"(a) {real['dataset']}: one `distill run {real['config']} {' '.join(real['base_overrides'])}` "
+    lines = header_lines(report) + ["", f"(a) {real['dataset']}: one `distill run {real['config']} {' '.join(real['base_overrides'])}` "
                                                    f"per encoding (soft_targets.encoding / top_k), students T={kd['temperature']:g}, alpha={kd['alpha']:g}:", ""]
     rows = []
     for run in runs:
@@ -205,7 +200,7 @@ RESULTS = [
     Result("mnist_demo", "mnist_demo.json", "python benchmarks/mnist_demo.py", mnist_demo.render),
     Result("hinton_mnist", "hinton_mnist.json", "python benchmarks/hinton_mnist.py", render_hinton),
     Result("pipeline", "pipeline.json", "python benchmarks/bench_pipeline.py", bench_pipeline.render_pipeline),
-    Result("growth", "growth.json", "python benchmarks/bench_pipeline.py --growth", render_growth),
+    Result("growth", "growth.json", "python benchmarks/bench_growth.py", render_growth),
     Result("methods", "methods.json", "python benchmarks/bench_methods.py", bench_methods.table),
     Result("fashion_gap", "fashion_gap.json", "python benchmarks/fashion_gap.py", render_fashion_gap),
     Result("sweep_cost", "sweep_cost.json", "python benchmarks/bench_sweep.py", lazy("bench_sweep", "markdown")),

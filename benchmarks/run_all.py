@@ -39,7 +39,7 @@ class Bench:
 
 BENCHES = (
     Bench("pipeline", (("{py}", "benchmarks/bench_pipeline.py"),), (("{py}", "benchmarks/bench_pipeline.py", "--quick"),), 15),
-    Bench("growth", (("{py}", "benchmarks/bench_pipeline.py", "--growth"),), (("{py}", "benchmarks/bench_pipeline.py", "--growth", "--quick"),), 7),
+    Bench("growth", (("{py}", "benchmarks/bench_growth.py"),), (("{py}", "benchmarks/bench_growth.py", "--quick"),), 7),
     Bench("mnist_demo", (("{py}", "benchmarks/mnist_demo.py"),), None, 12),
     Bench("storage", (("{py}", "benchmarks/bench_storage.py"),), (("{py}", "benchmarks/bench_storage.py", "--quick"),), 30),
     Bench("sweep_cost", (("{py}", "benchmarks/bench_sweep.py"),), (("{py}", "benchmarks/bench_sweep.py", "--quick"),), 45),

@@ -185,7 +185,7 @@ class LocalCluster:
             pids = self.leftover_pids()
             if not pids:
                 return
-            kill_pids(pids)
+            kill_pids(pids, grace_s=3.0)  # a test cluster's state is thrown away: no need to wait long for a clean exit
 
     def leftover_pids(self) -> list[int]:
         return [p for p in _pids_mentioning(str(self.root)) if _state(p) != "Z"]

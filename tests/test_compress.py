@@ -22,7 +22,7 @@ from torch import nn
 
 from orchestrator.cli import main as cli_main
 from orchestrator.compress import quantize as compress
-from orchestrator.config import DatasetConfig, ModelSpec, load_config
+from orchestrator.config import DatasetConfig, ModelSpec, load_config, spec_of
 from orchestrator.data.datasets import load_arrays, normalize_images
 from orchestrator.train.models import build_model, count_params
 
@@ -250,8 +250,12 @@ def test_distill_run_then_report_logs_measured_figures(ray_session, tmp_path, mo
     from orchestrator.flows.pipeline import run_job
 
     monkeypatch.chdir(tmp_path)
+    # The teacher from a state-dict file (no training run: what is measured here is the report, not the teacher).
+    spec = spec_of(load_config(REPO_ROOT / "configs/digits_kd.yaml").teachers[0])
+    torch.manual_seed(0)
+    torch.save(build_model(spec, (1, 8, 8), 10).state_dict(), tmp_path / "teacher.pt")
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [
-        "teachers.0.train.epochs=2", "train.epochs=1", "students=[{name: mlp32, family: mlp, hidden: [32]}]",
+        f"teachers.0.checkpoint={tmp_path / 'teacher.pt'}", "train.epochs=1", "students=[{name: mlp32, family: mlp, hidden: [32]}]",
         "soft_targets.num_actors=1", "tracking.experiment=compress-it",
     ])  # fmt: skip
     rows = run_job(cfg)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, JobConfig, load_config, spec_of
+from orchestrator.config import ConfigError, JobConfig, ModelSpec, load_config, spec_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -41,6 +41,22 @@ def test_spec_of_keeps_only_architecture():
     assert not hasattr(spec, "train")
 
 
+def test_specs_dump_only_their_family_fields_and_load_back():
+    cfg = load_config(REPO_ROOT / "configs/mnist_kd.yaml", ["students.0.family=cnn", "students.0.channels=[4]"])
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["teachers"][0]["family"] == "cnn" and "input_dropout" not in dumped["teachers"][0] and "kwargs" not in dumped["teachers"][0]
+    assert dumped["students"][0]["channels"] == [4] and "input_dropout" not in dumped["students"][0]
+    assert type(cfg).model_validate(dumped) == cfg  # a resolved config (distill config) loads back unchanged
+
+
+def test_specs_logged_with_every_field_still_load():
+    # MLflow models logged before dumps kept to the family's fields carry every field at its default.
+    old = {"family": "mlp", "hidden": [16], "channels": [32, 64], "dropout": 0.0, "input_dropout": 0.0, "kwargs": {}, "weights": None}
+    assert ModelSpec.from_record(old) == ModelSpec(family="mlp", hidden=[16])
+    with pytest.raises(ValueError, match="channels: not used by family mlp"):
+        ModelSpec.from_record({**old, "channels": [8]})  # a non-default stray field was never valid
+
+
 def test_config_is_frozen():
     cfg = load_config(None)
     with pytest.raises(Exception):
@@ -65,6 +81,7 @@ def test_config_is_frozen():
         (["students.0.family=transformer"], "students.0.family: unknown model family 'transformer'"),
         (["students.0.channels=[4]"], "students.0: channels: not used by family mlp (it reads dropout, hidden, input_dropout, weights)"),
         (["students.0.kwargs={depth: 2}"], "students.0: kwargs: not used by family mlp"),
+        (["students.0.channels=[32, 64]"], "students.0: channels: not used by family mlp"),  # given is an error, even at the cnn default
         (["students.0.family=torchvision:resnet18"], "students.0: hidden: not used by family torchvision (it reads kwargs, weights)"),
         (["students.0.loss=nope"], "students.0.loss: unknown loss 'nope'"),
         (["students.5.hidden=[1]"], "students.5: no list item '5' (the list has 1)"),

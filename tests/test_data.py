@@ -4,7 +4,6 @@ torchvision/ImageFolder layouts written to tmp_path, and a real local Ray for th
 from __future__ import annotations
 
 import sys
-import time
 from unittest import mock
 
 import numpy as np

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import KDConfig, ModelSpec, TrainConfig, load_config
+from orchestrator.config import ModelSpec, TrainConfig, load_config
 from orchestrator.data.views import ViewPolicy, epoch_views, views_of
 from orchestrator.teachers.online import OnlineTeacher, feature_shapes
 from orchestrator.teachers.pool import ensemble_logits

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -95,17 +94,40 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     model = tracking.load_torch_model(mlflow_uri, f"runs:/{student.info.run_id}/model")
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
-    # Second run, same config and cache: no teacher training, no teacher inference.
+    # Second job on the same caches, now with an assistant chain (`chain:` in `distill run`): teacher ->
+    # assistant -> student. The teacher and its soft targets come from the caches (no teacher training,
+    # no teacher inference); only the assistant runs over train + test, once.
+    chain_cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [*FAST, "train.epochs=2", "students=[{name: mlp16, family: mlp, hidden: [16]}]",
+                                                                  "chain=[{family: mlp, hidden: [48]}]"])
     rows_before = teacher_forward_rows()
-    rows_again = run_job(cfg)
-    assert teacher_forward_rows() == rows_before
+    chained = run_job(chain_cfg)
+    assert [(r["role"], r["name"]) for r in chained] == [("teacher", "cnn"), ("assistant", "assistant1"), ("student", "mlp16"), ("baseline", "mlp16-baseline")]
+    assert chained[0]["test_accuracy"] == teacher["test_accuracy"]  # same teacher weights
+    assert chained[1]["test_accuracy"] > 0.5 and chained[1]["params"] == 64 * 48 + 48 + 48 * 10 + 10
+    assert teacher_forward_rows() - rows_before == 1797  # the assistant's pass; none by the teacher
     runs = _runs_by_name(client, "it")
-    second_soft = max(runs["soft-targets"], key=lambda r: r.info.start_time)
-    assert second_soft.data.tags["cache_hit"] == "True"
-    assert second_soft.data.metrics["teacher_forward_rows"] == 0
     second_teacher = max(runs["teacher:cnn"], key=lambda r: r.info.start_time)
     assert second_teacher.data.tags["source"] == "cache"
-    assert rows_again[0]["test_accuracy"] == teacher["test_accuracy"]  # same teacher weights
+    stage, chain_student = runs["stage:assistant1"][0], max(runs["student:mlp16"], key=lambda r: r.info.start_time)
+    job_soft = [r for r in runs["soft-targets"] if r.data.tags["mlflow.parentRunId"] == chain_student.data.tags["mlflow.parentRunId"]]
+    assistant_soft = [r for r in runs["soft-targets"] if r.data.tags["mlflow.parentRunId"] == stage.info.run_id]
+    assert len(job_soft) == 1 and job_soft[0].data.tags["cache_hit"] == "True" and job_soft[0].data.metrics["teacher_forward_rows"] == 0
+    assert len(assistant_soft) == 1 and assistant_soft[0].data.tags["cache_hit"] == "False"
+    assert stage.data.tags["role"] == "assistant" and stage.data.tags["reused"] == "False"
+    assert (Path(chain_cfg.soft_targets.cache_dir) / "stages" / f"{stage.data.tags['stage_key']}.pt").is_file()  # memoised for the next job
+    # The student learnt from the assistant's soft targets, not the teacher's; its lineage names both.
+    assert chain_student.data.tags["soft_target_fingerprint"] == assistant_soft[0].data.tags["soft_target_fingerprint"]
+    assert chain_student.data.tags["assistant_run_ids"] == stage.info.run_id
+    assert chain_student.data.tags["lineage"] == f"{second_teacher.info.run_id}>{stage.info.run_id}"
+
+    # The chain job again: the assistant and both caches are reused; neither teacher nor assistant runs again.
+    rows_before = teacher_forward_rows()
+    again = run_job(chain_cfg)
+    assert teacher_forward_rows() == rows_before
+    assert [r["test_errors"] for r in again[:2]] == [r["test_errors"] for r in chained[:2]]
+    runs = _runs_by_name(client, "it")
+    second_stage = max(runs["stage:assistant1"], key=lambda r: r.info.start_time)
+    assert second_stage.data.tags["reused"] == "True" and second_stage.data.tags["source_run_id"] == stage.info.run_id
 
     # The teacher logged to MLflow, used as the teacher of a soft-targets job: same weights,
     # so the same fingerprint and a cache hit, still with no teacher inference.
@@ -119,7 +141,7 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     runs = _runs_by_name(client, "it")
     assert {"digits_kd:soft-targets", "digits_kd:teacher"} <= set(runs)
     sources = sorted(r.data.tags["source"] for r in runs["teacher:cnn"])
-    assert sources == ["cache", "cache", "mlflow", "trained"]
+    assert sources == ["cache", "cache", "cache", "mlflow", "trained"]  # the chain job twice, then the teacher job
     newest_soft = max(runs["soft-targets"], key=lambda r: r.info.start_time)
     assert newest_soft.data.tags["cache_hit"] == "True"
     assert newest_soft.data.tags["soft_target_fingerprint"] == soft_run.data.tags["soft_target_fingerprint"]
@@ -170,33 +192,3 @@ def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, m
     assert runs["soft-targets"][0].data.metrics["teacher_forward_rows"] == 3000 * 9 + 500  # mnist_kd.yaml: 9 views of each training image
     history = MlflowClient(mlflow_uri).get_metric_history(runs["student:mlp800"][0].info.run_id, "val_accuracy")
     assert len(history) == 2
-
-
-
-def test_distill_run_with_an_assistant_chain_reuses_its_stage(ray_session, workdir, mlflow_uri):
-    """`chain:` in `distill run`: teacher -> assistant -> students, the assistant memoised for the next job."""
-    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [*FAST, "train.epochs=2", "students=[{name: mlp16, family: mlp, hidden: [16]}]",
-                                                            "chain=[{family: mlp, hidden: [48]}]", "tracking.experiment=chain"])
-    rows = run_job(cfg)
-    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "cnn"), ("assistant", "assistant1"), ("student", "mlp16"), ("baseline", "mlp16-baseline")]
-    assert rows[1]["test_accuracy"] > 0.5 and rows[1]["params"] == 64 * 48 + 48 + 48 * 10 + 10
-
-    client = MlflowClient(mlflow_uri)
-    runs = _runs_by_name(client, "chain")
-    stage, student = runs["stage:assistant1"][0], runs["student:mlp16"][0]
-    assert stage.data.tags["role"] == "assistant" and stage.data.tags["reused"] == "False"
-    assert (Path(cfg.soft_targets.cache_dir) / "stages" / f"{stage.data.tags['stage_key']}.pt").is_file()  # memoised for the next job
-    # The student learnt from the assistant's soft targets, not the teacher's; its lineage names both.
-    assistant_soft = [r for r in runs["soft-targets"] if r.data.tags["mlflow.parentRunId"] == stage.info.run_id]
-    assert len(assistant_soft) == 1
-    assert student.data.tags["soft_target_fingerprint"] == assistant_soft[0].data.tags["soft_target_fingerprint"]
-    assert student.data.tags["assistant_run_ids"] == stage.info.run_id
-    assert student.data.tags["lineage"] == f"{runs['teacher:cnn'][0].info.run_id}>{stage.info.run_id}"
-
-    # The same job again: the assistant and both caches are reused, no teacher or assistant runs again.
-    rows_before = teacher_forward_rows()
-    again = run_job(cfg)
-    assert teacher_forward_rows() == rows_before
-    assert [r["test_errors"] for r in again[:2]] == [r["test_errors"] for r in rows[:2]]
-    second_stage = max(_runs_by_name(client, "chain")["stage:assistant1"], key=lambda r: r.info.start_time)
-    assert second_stage.data.tags["reused"] == "True" and second_stage.data.tags["source_run_id"] == stage.info.run_id

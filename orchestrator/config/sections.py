@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from orchestrator.losses.terms import LossTerm, parse_loss
 
@@ -91,16 +91,29 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _fields_belong_to_the_family(self) -> "ModelSpec":
-        # A size given to a family that does not read it (channels on an mlp) would be silently ignored.
-        # Compared with the default, not with "was it given": specs logged with every field (MLflow models,
-        # caches) must still load.
+        # A size given to a family that does not read it (channels on an mlp) would be silently ignored,
+        # so giving one is an error, whatever its value. Dumps carry only the family's own fields (the
+        # serializer below), so a logged spec or a resolved config loads back.
         kind = self.family.split(":")[0]
         used = _FAMILY_FIELDS[kind]
-        stray = [name for name, field in ModelSpec.model_fields.items()
-                 if name != "family" and name not in used and getattr(self, name) != field.get_default(call_default_factory=True)]
+        stray = sorted(name for name in self.model_fields_set & _SIZE_FIELDS if name not in used)
         if stray:
-            raise ValueError(f"{', '.join(sorted(stray))}: not used by family {kind} (it reads {', '.join(sorted(used))})")
+            raise ValueError(f"{', '.join(stray)}: not used by family {kind} (it reads {', '.join(sorted(used))})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_the_family_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        used = _FAMILY_FIELDS[self.family.split(":")[0]]
+        return {k: v for k, v in handler(self).items() if k not in _SIZE_FIELDS or k in used}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ModelSpec":
+        """A spec logged before dumps kept to the family's fields (every field, defaults included): the
+        fields its family does not read are dropped when they hold the default, so old MLflow models load."""
+        kind = str(record.get("family", "mlp")).split(":")[0]
+        used = _FAMILY_FIELDS.get(kind, frozenset())
+        defaults = {name: f.get_default(call_default_factory=True) for name, f in cls.model_fields.items()}
+        return cls.model_validate({k: v for k, v in record.items() if k in used or k not in _SIZE_FIELDS or v != defaults.get(k)})
 
 
 # Which ModelSpec fields each family reads (models.build_model).
@@ -110,6 +123,7 @@ _FAMILY_FIELDS = {
     "torchvision": frozenset({"kwargs", "weights"}),
     "import": frozenset({"kwargs", "weights"}),
 }
+_SIZE_FIELDS = frozenset().union(*_FAMILY_FIELDS.values())  # every field some family reads; `family` itself is not one
 
 
 def spec_of(model: ModelSpec) -> ModelSpec:

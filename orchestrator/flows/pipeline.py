@@ -16,6 +16,7 @@ from orchestrator.config import JobConfig
 from orchestrator.flows.born_again import later_generations
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import StageRegistry
+from orchestrator.flows.finished import log_model, test_logits, test_metrics
 from orchestrator.flows.job import Prepared, job_context
 from orchestrator.flows.scoring import class_errors, correct_bias, pair_with_twin
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
@@ -24,7 +25,6 @@ from orchestrator.losses.kd_settings import is_auto
 from orchestrator.losses.terms import describe_loss, uses_kd_section
 from orchestrator.teachers.soft_targets import decode_logits, fingerprint
 from orchestrator.tracking import runs as tracking
-from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.train.memory import peak_rss_mb
 from orchestrator.train.models import build_model, count_params, load_weights, model_size_mb
 
@@ -35,11 +35,8 @@ def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: 
     for t in teachers:
         model = build_model(t.config, data.input_shape, data.num_classes)
         load_weights(model, t.state_dict, where=t.config.name)
-        logits = predict_logits(model.to(eval_device(prep.cfg.train.use_gpu)), data.test.images, mean=data.mean, std=data.std,
-                                precision=prep.cfg.soft_targets.precision)
-        model.cpu()
-        metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test)
-        tracking.log_metrics(prep.tracking_uri, t.run_id, {f"test_{k}": v for k, v in metrics.items()})
+        metrics = test_metrics(test_logits(model, data, use_gpu=prep.cfg.train.use_gpu, precision=prep.cfg.soft_targets.precision), data, teacher_test)
+        tracking.log_metrics(prep.tracking_uri, t.run_id, metrics)
         rows.append(_row(role, t.config.name, metrics, model, t.wall_s, t.run_id))
     return rows
 
@@ -48,12 +45,12 @@ def _row(role: str, name: str, metrics: dict, model: torch.nn.Module, wall_s: fl
     return {
         "role": role,
         "name": name,
-        "test_accuracy": round(metrics["accuracy"], 6),
-        "test_errors": metrics["errors"],
+        "test_accuracy": round(metrics["test_accuracy"], 6),
+        "test_errors": metrics["test_errors"],
         "params": count_params(model),
         "size_mb": round(model_size_mb(model), 4),
-        "agreement": round(metrics["agreement"], 6),
-        "kl_to_teacher": round(metrics["kl_to_teacher"], 6),
+        "agreement": round(metrics["test_agreement"], 6),
+        "kl_to_teacher": round(metrics["test_kl_to_teacher"], 6),
         "wall_s": round(wall_s, 2),
         "mlflow_run_id": run_id,
     }
@@ -188,25 +185,21 @@ def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: 
     for m in result.members:
         model = build_model(m.spec, data.input_shape, data.num_classes)
         model.load_state_dict(result.state_dicts[m.name])
-        model.to(eval_device(cfg.train.use_gpu))
-        logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std, precision=cfg.train.precision)
+        logits = test_logits(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
         extra = {}
         if excluded:
             extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
         if excluded and cfg.transfer.bias_correction and m.role == "student":
-            before = classification_metrics(logits, labels, teacher_test)
+            before = test_metrics(logits, data, teacher_test)
             extra = {"bias_shift": correct_bias(model, data.train.images[prep.val_ids], data.train.labels[prep.val_ids], excluded, mean=data.mean, std=data.std),
-                     "errors_before_bias_correction": before["errors"], "excluded_class_errors_before_bias_correction": extra["excluded_class_errors"]}
-            logits = predict_logits(model, data.test.images, mean=data.mean, std=data.std, precision=cfg.train.precision)
+                     "errors_before_bias_correction": before["test_errors"], "excluded_class_errors_before_bias_correction": extra["excluded_class_errors"]}
+            logits = test_logits(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
             extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
-        model.cpu()  # logged, measured and handed back from the host
-        metrics = classification_metrics(logits, labels, teacher_test)
-        correct[m.name], errors[m.name] = (logits.argmax(1) == labels).numpy(), metrics["errors"]
-        tracking.log_metrics(uri, run_ids[m.name], {f"test_{k}": v for k, v in metrics.items()} | {"wall_s": result.wall_s} | extra)
+        metrics = test_metrics(logits, data, teacher_test)
+        correct[m.name], errors[m.name] = (logits.argmax(1) == labels).numpy(), metrics["test_errors"]
+        tracking.log_metrics(uri, run_ids[m.name], metrics | {"wall_s": result.wall_s} | extra)
         if cfg.tracking.log_models:
-            example = np.zeros((1, *data.input_shape), dtype=np.float32)
-            tracking.log_torch_model(uri, run_ids[m.name], model, name="model", spec=m.spec.model_dump(mode="json"), input_shape=data.input_shape,
-                                     num_classes=data.num_classes, input_example=example)
+            log_model(uri, run_ids[m.name], model, m.spec, data)
         row = _row(m.role, m.name, metrics, model, result.wall_s, run_ids[m.name]) | extra
         if m.role == "student" and uses_kd_section(m.loss):
             row |= {"temperature": m.kd.temperature, "alpha": m.kd.alpha if isinstance(m.loss, str) else None}

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import numpy as np
-
-from orchestrator.config import JobConfig, spec_of
+from orchestrator.config import JobConfig
 from orchestrator.data.datasets import DatasetArrays
+from orchestrator.flows.finished import log_model
 from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, make_soft_targets
 from orchestrator.flows.teacher_stage import obtain_teacher
 from orchestrator.tracking import runs as tracking
@@ -29,9 +28,7 @@ def resolve_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, 
         weights_fp = state_dict_fingerprint(got.state_dict)
         tracking.set_tags(track.uri, run_id, {"source": got.source, "teacher_fingerprint": weights_fp, "dataset": data.name, **got.provenance})
         if (got.source != "cache" or teacher.prune_amount > 0) and cfg.tracking.log_models:
-            example = np.zeros((1, *data.input_shape), dtype=np.float32)
-            tracking.log_torch_model(track.uri, run_id, got.model, name="model", spec=spec_of(teacher).model_dump(mode="json"),
-                                     input_shape=data.input_shape, num_classes=data.num_classes, input_example=example)
+            log_model(track.uri, run_id, got.model, teacher, data)
         wall = time.perf_counter() - started
         tracking.log_metrics(track.uri, run_id, {"wall_s": wall})
     return TeacherWeights(teacher, got.state_dict, weights_fp, got.source, run_id, wall)

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.data
-import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -27,6 +25,7 @@ from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import chain_label, stage_registry
+from orchestrator.flows.finished import log_model, test_logits, test_metrics
 from orchestrator.flows.job import Prepared, ray_logs_attached, start_job
 from orchestrator.flows.pipeline import teacher_test_logits
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
@@ -34,7 +33,6 @@ from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingConte
 from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import progress_printer, verbose
-from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
 from orchestrator.train.models import build_model, count_params
 
 STATE_FILE = "kd_sweep.json"
@@ -150,15 +148,14 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                                                  teachers=ctx.teachers)  # run in the workers only with teacher_mode online
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
             model.load_state_dict(states[student.name])
-            test = _test_metrics(ctx, model)
+            test = test_metrics(test_logits(model, ctx.prep.data, use_gpu=base.train.use_gpu, precision=base.train.precision), ctx.prep.data,
+                                teacher_test_logits(ctx.prep, ctx.soft))
             counted = {"params": count_params(model), "online_teacher_rows": last_epoch.get("online_teacher_rows", 0)}
             tracking.log_metrics(uri, stage_run, test | counted)
             tracking.log_metrics(uri, trial_run, test | counted)
             tracking.set_tags(uri, trial_run, {"final_stage_run_id": stage_run, "soft_target_fingerprints": soft.fingerprint, "lineage": ">".join(lineage)})
             if base.tracking.log_models:
-                example = np.zeros((1, *ctx.prep.data.input_shape), dtype=np.float32)
-                tracking.log_torch_model(uri, stage_run, model, name="model", spec=spec_of(student).model_dump(mode="json"),
-                                         input_shape=ctx.prep.data.input_shape, num_classes=ctx.prep.data.num_classes, input_example=example)
+                log_model(uri, stage_run, model, student, ctx.prep.data)
     tune.report(last_epoch | test)  # last: a STOP on it kills nothing left to do
 
 
@@ -172,15 +169,6 @@ def _replay_finished_trial(ctx: SweepContext, trial_id: str) -> bool:
     for _, value in tracking.metric_history(uri, done.data.tags["final_stage_run_id"], metric):
         tune.report({metric: value, "replayed": 1})
     return True
-
-
-def _test_metrics(ctx: SweepContext, model: torch.nn.Module) -> dict[str, float]:
-    data = ctx.prep.data
-    logits = predict_logits(model.to(eval_device(ctx.prep.cfg.train.use_gpu)), data.test.images, mean=data.mean, std=data.std,
-                            precision=ctx.prep.cfg.train.precision)
-    model.cpu()
-    metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test_logits(ctx.prep, ctx.soft))
-    return {f"test_{k}": v for k, v in metrics.items()}
 
 
 def _scheduler(cfg: JobConfig):

@@ -24,7 +24,7 @@ class TorchStateDictModel(PythonModel):
 
         with open(context.artifacts["spec"]) as handle:
             meta = json.load(handle)
-        self.model = build_model(ModelSpec.model_validate(meta["spec"]), tuple(meta["input_shape"]), int(meta["num_classes"]))
+        self.model = build_model(ModelSpec.from_record(meta["spec"]), tuple(meta["input_shape"]), int(meta["num_classes"]))
         self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
         self.model.eval()
 
