@@ -141,7 +141,7 @@ def run_experiment(experiment: Experiment, seeds: list[int], workdir: Path, repo
         print(f"[quality] {utc_now()} {tag} ...", flush=True)
         run = distill_run(REPO / experiment.config, [*experiment.overrides, f"seed={seed}"], workdir=workdir,
                           summary=workdir / f"{tag}.json", log=logs / f"{tag}.log")
-        entry["runs"].append(run | {"seed": seed})
+        entry["runs"].append(run | {"seed": seed, "machine": report["machine"]})  # rows of one table may come from different machines
         entry["runs"].sort(key=lambda r: r["seed"])
         summarise(experiment, entry, report)
         write_result(NAME, report)
@@ -158,8 +158,15 @@ def summarise(experiment: Experiment, entry: dict, report: dict) -> None:
 
 def render(report: dict) -> str:
     """The README block: one row per (experiment, student) with mean +- sd over seeds and the pooled test."""
+    where: dict[str, list[str]] = {}
+    for name, entry in report["experiments"].items():
+        # Runs from before per-run records carry the report's machine at its last update (key `recorded`): said so.
+        for words in dict.fromkeys(machine_words(r["machine"]) + (" [the report's machine when last updated, not recorded per run]"
+                                   if "recorded" in r["machine"] else "") for r in entry["runs"] if "machine" in r):
+            where.setdefault(words, []).append(name)
+    machines = "; ".join(f"{words} ({', '.join(names)})" for words, names in where.items()) or machine_words(report["machine"])
     lines = [f"Command: `python benchmarks/quality.py` (each row: `distill run CONFIG seed=S` for S in 0 1 2, one work "
-             f"directory so the pinned-seed teacher and its soft targets are made once). Machine: {machine_words(report['machine'])}.", ""]
+             f"directory so the pinned-seed teacher and its soft targets are made once). Machines: {machines}.", ""]
     rows = []
     for name, entry in report["experiments"].items():
         for stats in entry.get("students", {}).values():
