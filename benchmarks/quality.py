@@ -64,6 +64,8 @@ EXPERIMENTS = [
                target="the methods table at tuned settings: kd, dkd, kd + LS, each against the shared label-only twin"),
     Experiment("methods_dml", "configs/fashion_methods/tuned_dml.yaml",
                target="the methods table at tuned settings: two DML peers, each against the label-only twin of peer a"),
+    Experiment("methods_multi_teacher", "configs/fashion_methods/tuned_multi_teacher.yaml",
+               target="the methods table at tuned settings: the logit mean of two teachers of the fashion_kd recipe, against its twin"),
     Experiment("mnist_digit3", "configs/mnist_digit3.yaml",
                target="Hinton et al. 3.: no 3 in the transfer set; paper 206 errors (133 on 3s), 109 (14) after the bias fix"),
 ]
