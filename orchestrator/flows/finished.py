@@ -14,14 +14,14 @@ from orchestrator.tracking import runs as tracking
 from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
 
 
-def test_logits(model: torch.nn.Module, data: DatasetArrays, *, use_gpu: bool, precision: str) -> torch.Tensor:
+def logits_on_test_split(model: torch.nn.Module, data: DatasetArrays, *, use_gpu: bool, precision: str) -> torch.Tensor:
     """The model's logits on the whole test split (on the job's device); the model is back on the host after."""
     logits = predict_logits(model.to(eval_device(use_gpu)), data.test.images, mean=data.mean, std=data.std, precision=precision)
     model.cpu()  # logged, measured and handed back from the host
     return logits
 
 
-def test_metrics(logits: torch.Tensor, data: DatasetArrays, teacher_test: torch.Tensor | None) -> dict[str, Any]:
+def metrics_on_test_split(logits: torch.Tensor, data: DatasetArrays, teacher_test: torch.Tensor | None) -> dict[str, Any]:
     """accuracy, errors, agreement with and KL to the teacher on the test split, keyed `test_<metric>`."""
     metrics = classification_metrics(logits, torch.from_numpy(data.test.labels), teacher_test)
     return {f"test_{k}": v for k, v in metrics.items()}

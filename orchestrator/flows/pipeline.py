@@ -16,7 +16,7 @@ from orchestrator.config import JobConfig
 from orchestrator.flows.born_again import later_generations
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import StageRegistry
-from orchestrator.flows.finished import log_model, test_logits, test_metrics
+from orchestrator.flows.finished import log_model, logits_on_test_split, metrics_on_test_split
 from orchestrator.flows.job import Prepared, job_context
 from orchestrator.flows.scoring import class_errors, correct_bias, pair_with_twin
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
@@ -35,7 +35,8 @@ def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: 
     for t in teachers:
         model = build_model(t.config, data.input_shape, data.num_classes)
         load_weights(model, t.state_dict, where=t.config.name)
-        metrics = test_metrics(test_logits(model, data, use_gpu=prep.cfg.train.use_gpu, precision=prep.cfg.soft_targets.precision), data, teacher_test)
+        logits = logits_on_test_split(model, data, use_gpu=prep.cfg.train.use_gpu, precision=prep.cfg.soft_targets.precision)
+        metrics = metrics_on_test_split(logits, data, teacher_test)
         tracking.log_metrics(prep.tracking_uri, t.run_id, metrics)
         rows.append(_row(role, t.config.name, metrics, model, t.wall_s, t.run_id))
     return rows
@@ -185,17 +186,17 @@ def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: 
     for m in result.members:
         model = build_model(m.spec, data.input_shape, data.num_classes)
         model.load_state_dict(result.state_dicts[m.name])
-        logits = test_logits(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
+        logits = logits_on_test_split(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
         extra = {}
         if excluded:
             extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
         if excluded and cfg.transfer.bias_correction and m.role == "student":
-            before = test_metrics(logits, data, teacher_test)
+            before = metrics_on_test_split(logits, data, teacher_test)
             extra = {"bias_shift": correct_bias(model, data.train.images[prep.val_ids], data.train.labels[prep.val_ids], excluded, mean=data.mean, std=data.std),
                      "errors_before_bias_correction": before["test_errors"], "excluded_class_errors_before_bias_correction": extra["excluded_class_errors"]}
-            logits = test_logits(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
+            logits = logits_on_test_split(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
             extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
-        metrics = test_metrics(logits, data, teacher_test)
+        metrics = metrics_on_test_split(logits, data, teacher_test)
         correct[m.name], errors[m.name] = (logits.argmax(1) == labels).numpy(), metrics["test_errors"]
         tracking.log_metrics(uri, run_ids[m.name], metrics | {"wall_s": result.wall_s} | extra)
         if cfg.tracking.log_models:
