@@ -134,14 +134,14 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
             data = tiled(arrays, k, base_rows)
             n = len(data.train)
             # Teacher logits of the tiled rows = the 1x logits tiled the same way (same images, same teacher).
-            soft_k = SoftTargets("bench", {DENSE_COLUMN: np.concatenate([logits_1x] * k)}, n, False, 0, 0.0, "", "")
+            soft_k = SoftTargets("bench", {DENSE_COLUMN: np.concatenate([logits_1x] * k)[:, None]}, {}, n, False, 0, 0.0, "", "")  # (rows, 1 view, classes)
             train_ids, val_ids = split_train_val(n, VAL_FRACTION, SEED)
             gc.collect()
             reset_driver_hwm()
             datasets = {"train": with_soft_targets(data.train, train_ids, soft_k), "val": with_soft_targets(data.train, val_ids, soft_k)}
             run_id = tracking.create_run(uri, experiment, f"student-{k}x")
             with ActorPeak("RayTrainWorker") as train_workers:
-                run = ray_student_run(make_loop(epochs, 1, float(threads), run_id, uri), datasets, work / "clock.txt", last_metrics=True)
+                run = ray_student_run(make_loop(epochs, 1, float(threads), run_id, uri, train_rows=len(train_ids)), datasets, work / "clock.txt", last_metrics=True)
             tracking.end_run(uri, run_id)
             last = run.pop("last_metrics")
             polled = train_workers.summary()

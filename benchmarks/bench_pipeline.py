@@ -194,7 +194,8 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> tupl
     torch.manual_seed(loop.seed)
     model = build_model(config.spec, loop.input_shape, loop.num_classes)
     optimizer = build_optimizer(model.parameters(), loop.optim)
-    member = Member(config, model, optimizer, build_scheduler(optimizer, loop.optim), Objective(config.loss, config.kd))
+    steps = -(-len(tensors["label"]) // loop.optim.batch_size)  # batches per epoch: the LR schedule steps once per batch
+    member = Member(config, model, optimizer, build_scheduler(optimizer, loop.optim, steps), Objective(config.loss, config.kd))
     batches = ShardBatches(None, batch_size=loop.optim.batch_size, in_memory=True, seed=loop.seed)
     batches.tensors = tensors
     generator = torch.Generator().manual_seed(loop.seed)
@@ -202,7 +203,7 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> tupl
     for epoch in range(epochs):
         with Foreign() as f:
             started = time.perf_counter()
-            train_one_epoch([member], batches.epoch(epoch), loop, device=torch.device("cpu"), generator=generator)
+            train_one_epoch([member], batches.epoch(epoch), loop, epoch=epoch, device=torch.device("cpu"), generator=generator)
             seconds.append(time.perf_counter() - started)
         foreign.append(f.share)
     return seconds, foreign
@@ -217,7 +218,8 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
     from orchestrator.tracking import runs as tracking
 
     train_ids, val_ids = split_train_val(len(arrays.train), VAL_FRACTION, SEED)
-    soft = SoftTargets("bench", {DENSE_COLUMN: teacher_logits}, len(arrays.train), False, 0, 0.0, "", "")
+    # One view per image (no augmentation): the cache layout is (rows, views, classes).
+    soft = SoftTargets("bench", {DENSE_COLUMN: teacher_logits[:, None]}, {}, len(arrays.train), False, 0, 0.0, "", "")
     work = Path(tempfile.mkdtemp(prefix="kd-bench-"))
     try:
         uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -229,9 +231,9 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
             "id": torch.from_numpy(train_ids),
             "image": torch.from_numpy(arrays.train.images[train_ids]),
             "label": torch.from_numpy(arrays.train.labels[train_ids]),
-            DENSE_COLUMN: torch.from_numpy(teacher_logits[train_ids]),
+            DENSE_COLUMN: torch.from_numpy(teacher_logits[train_ids][:, None]),  # (rows, 1 view, classes), as the cache
         }
-        plain, plain_foreign = plain_student_epochs(make_loop(plain_epochs, 1, threads, None, None), tensors, plain_epochs, threads)
+        plain, plain_foreign = plain_student_epochs(make_loop(plain_epochs, 1, threads, None, None, train_rows=len(train_ids)), tensors, plain_epochs, threads)
         plain_steady, plain_used = clean_median(plain[1:], plain_foreign[1:])
         log(f"student plain: epochs {[round(s, 3) for s in plain]} s, foreign CPU share {plain_foreign}, load {loadavg()}")
 
@@ -242,7 +244,7 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
             configs.append(("2_workers", 2, float(threads) / 2, 5))
         for key, workers, cpus, epochs in configs:
             run_id = tracking.create_run(uri, experiment, f"student-{key}")
-            runs[key] = ray_student_run(make_loop(epochs, workers, cpus, run_id, uri), datasets, work / "clock.txt")
+            runs[key] = ray_student_run(make_loop(epochs, workers, cpus, run_id, uri, train_rows=len(train_ids)), datasets, work / "clock.txt")
             tracking.end_run(uri, run_id)
             runs[key]["workers"], runs[key]["cpus_per_worker"] = workers, cpus
             runs[key]["ratio"] = round(runs[key]["steady_epoch_s"] / plain_steady, 3)

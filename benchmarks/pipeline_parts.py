@@ -93,11 +93,13 @@ def student_loop(arrays, storage: Path, encoding: str):
     from orchestrator.config import KDConfig, ModelSpec, TrainConfig
     from orchestrator.train.train_loop import LoopConfig, MemberConfig
 
-    return lambda epochs, workers, cpus, run_id, uri: LoopConfig(
+    # train_rows: the rows of the whole train dataset, which size the per-step LR schedule.
+    return lambda epochs, workers, cpus, run_id, uri, *, train_rows: LoopConfig(
         stage="distill",
-        members=[MemberConfig(name="student", role="student", spec=ModelSpec(family="mlp", hidden=[800, 800]), loss="kd", run_id=run_id)],
+        members=[MemberConfig(name="student", role="student", spec=ModelSpec(family="mlp", hidden=[800, 800]), loss="kd", run_id=run_id,
+                              kd=KDConfig(temperature=8.0, alpha=0.9))],
         optim=TrainConfig(epochs=epochs, batch_size=STUDENT_BATCH, lr=1e-3, num_workers=workers, cpus_per_worker=cpus, storage_path=str(storage)),
-        kd=KDConfig(temperature=8.0, alpha=0.9),
+        train_rows=train_rows,
         input_shape=arrays.input_shape,
         num_classes=arrays.num_classes,
         mean=arrays.mean,
