@@ -70,8 +70,8 @@ def machine() -> dict:
 
 
 def machine_words(m: dict) -> str:
-    gpu = f"GPU {m['gpu']}" if m.get("gpu") else "no GPU"
-    return (f"{m.get('nproc')} x {m.get('cpu_model') or 'CPU'}, {m.get('mem_gib')} GiB, {gpu}; "
+    """CPUs, memory, GPU and versions in one line: how every report names the machine it ran on."""
+    return (f"{m.get('nproc')} x {m.get('cpu_model') or '?'}, {m.get('mem_gib')} GiB, {gpu_words(m)}; "
             f"torch {m.get('torch')}, ray {m.get('ray')}, mlflow {m.get('mlflow')}, Python {m.get('python')}")
 
 
@@ -134,11 +134,9 @@ def report_header(load_start: list[float], script_argv: list[str] | None = None)
 def header_lines(report: dict) -> list[str]:
     """Command, when, machine and versions, load average: the first lines of every report written from a `report_header`
     (keys command, finished_utc or started_utc, machine, wall_s, load_start, load_end)."""
-    m = report["machine"]
     when = f"Run {report['finished_utc']}" if "finished_utc" in report else f"Started {report['started_utc']}"
     return [
         f"Command: `{report['command']}`  ",
-        f"{when} on {m.get('nproc')} x {m.get('cpu_model') or '?'}, {m.get('mem_gib')} GiB, {gpu_words(m)}; "
-        f"torch {m.get('torch')}, ray {m.get('ray')}, mlflow {m.get('mlflow')}, Python {m.get('python')}; {report['wall_s']:.0f} s in all.  ",
+        f"{when} on {machine_words(report['machine'])}; {report['wall_s']:.0f} s in all.  ",
         f"Load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}.",
     ]
