@@ -68,3 +68,38 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A state-dict file of the digits configs' CNN teacher, trained here in plain torch (a second, no Ray).
+
+    For tests whose subject is what comes after the teacher (sweeps, methods, views, faults): a teacher
+    trained by Ray Train costs a fit (10-12 s here) each; tests/test_pipeline.py and test_console.py still
+    train one the way a job does."""
+    import torch
+    import torch.nn.functional as F
+
+    from orchestrator.config import load_config, spec_of
+    from orchestrator.data.datasets import load_arrays, normalize_images
+    from orchestrator.train.models import build_model
+
+    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml")
+    data = load_arrays(cfg.dataset)
+    torch.manual_seed(0)
+    model = build_model(spec_of(cfg.teachers[0]), data.input_shape, data.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images = normalize_images(torch.from_numpy(data.train.images), data.mean, data.std)
+    labels = torch.from_numpy(data.train.labels)
+    for _ in range(8):
+        for batch in torch.randperm(len(labels)).split(64):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        test_accuracy = (model(normalize_images(torch.from_numpy(data.test.images), data.mean, data.std)).argmax(1) == torch.from_numpy(data.test.labels)).float().mean()
+    assert test_accuracy > 0.9, f"the test teacher reached only {test_accuracy:.3f}"
+    path = tmp_path_factory.mktemp("digits_teacher") / "cnn.pt"
+    torch.save(model.state_dict(), path)
+    return path

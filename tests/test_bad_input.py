@@ -198,6 +198,12 @@ CASES = {
     "more training CPUs than exist": (["run", DIGITS, "train.num_workers=4", "train.cpus_per_worker=512"], "train.num_workers x train.cpus_per_worker: 4 train workers need 2048 CPU, this machine has"),
     "teacher actor bigger than the machine": (["soft-targets", DIGITS, "soft_targets.num_cpus_per_actor=4096"], "soft_targets.num_cpus_per_actor: teacher actors each need 4096 CPU, this machine has"),
     "sweep needing more CPUs than exist": (["sweep", SWEEP, "train.cpus_per_worker=4096"], "train.num_workers x train.cpus_per_worker: 1 train workers need 4096 CPU"),
+    # Found while loading what the config names (moved here from test_cli.py: in this process, not a new one each)
+    "unknown dataset name": (["run", DIGITS, "dataset.name=imagenet"], "dataset.name: unknown dataset 'imagenet'"),
+    "torchvision data not on disk": (["run", DIGITS, "dataset.name=torchvision:CIFAR10", "dataset.root={f}/nowhere"], "dataset.download=true"),
+    "checkpoint not found": (["run", DIGITS, "teachers.0.checkpoint={f}/nowhere.pt"], "checkpoint not found: {f}/nowhere.pt"),
+    "jitter without views": (["run", DIGITS, "train.input_jitter=2"], "train.input_jitter: students train on views; set views.max_shift"),
+    "MLflow server that does not answer": (["run", DIGITS, "tracking.tracking_uri=http://127.0.0.1:9"], "tracking.tracking_uri: cannot use MLflow store http://127.0.0.1:9"),
 }
 
 

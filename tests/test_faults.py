@@ -399,7 +399,9 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
             time.sleep(1.0)  # into the actor pool's work
             ours = descendants(proc.pid)
             assert any("raylet" in command_line(pid) for pid in ours), [command_line(pid)[:80] for pid in ours]
-            # The dashboard (it can submit jobs) listens on loopback only.
+            # -v: Ray's own start-up lines are there (the default console leaves them out: test_console.py). The
+            # dashboard (it can submit jobs) listens on loopback only.
+            assert "Started a local Ray instance" in (tmp_path / "err.log").read_text()
             port = int(re.search(r"dashboard at \S*?127\.0\.0\.1:(\d+)", (tmp_path / "err.log").read_text()).group(1))
             assert listening_hosts(port) == {"127.0.0.1"}, listening_hosts(port)
             stop(proc)

@@ -24,9 +24,9 @@ def workdir(tmp_path, monkeypatch, mlflow_uri):
     return tmp_path
 
 
-def test_digits_every_method_family_online_teacher_with_jitter(ray_session, workdir, mlflow_uri):
+def test_digits_every_method_family_online_teacher_with_jitter(ray_session, workdir, mlflow_uri, digits_teacher):
     cfg = load_config(REPO_ROOT / "configs/digits_methods.yaml", [
-        "teachers.0.train.epochs=3", "train.epochs=4", "tracking.experiment=methods", "tracking.log_models=false",
+        f"teachers.0.checkpoint={digits_teacher}", "train.epochs=4", "tracking.experiment=methods", "tracking.log_models=false",
     ])
     assert cfg.teacher_mode == "online" and cfg.views.max_shift == 1
     rows = run_job(cfg)

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO_ROOT / "configs/digits_sweep.yaml")
 # ASHA with its only rung at the last epoch says STOP to every trial's final report: each trial
 # must still test its student and end its runs FINISHED.
-FAST = ["teachers.0.train.epochs=4", "train.epochs=3", "sweep.scheduler=asha", "sweep.grace_period=3",
+FAST = ["train.epochs=3", "sweep.scheduler=asha", "sweep.grace_period=3",
         "sweep.max_concurrent_trials=1", "tracking.experiment=sweep-it"]
 DIGITS_ROWS = 1797  # train + test: one teacher pass covers both
 
@@ -80,10 +80,11 @@ def test_optuna_search_samples_the_configured_space():
     assert len({d["temperature"] for d in drawn}) == 5
 
 
-def _sweep(args: list[str], workdir: Path, address: str) -> subprocess.Popen:
+def _sweep(args: list[str], workdir: Path, address: str, teacher: Path) -> subprocess.Popen:
+    """A sweep driver process; its teacher from `teacher` (conftest's digits_teacher): the sweep is under test, not the teacher."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
     log = open(workdir / f"sweep-{len(list(workdir.glob('sweep-*.log')))}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", CONFIG, *FAST, *args, "--address", address],
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", CONFIG, *FAST, f"teachers.0.checkpoint={teacher}", *args, "--address", address],
                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -110,14 +111,14 @@ def _wait_for_finished_trials(proc: subprocess.Popen, workdir: Path, count: int)
 
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
-def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
+def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teacher):
     address = ray.get_runtime_context().gcs_address
     rows_before = teacher_forward_rows()
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     # 1. The driver SIGKILLed (no cleanup runs in it) once a trial has finished.
-    first = _sweep([], tmp_path, address)
+    first = _sweep([], tmp_path, address, digits_teacher)
     _wait_for_finished_trials(first, tmp_path, 1)
     first.kill()
     first.wait()
@@ -125,7 +126,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
 
     # 2. Resumed, then Ctrl-C once a second trial has finished: Tune's graceful stop, exit 130,
     #    the parent and whatever was in flight ended KILLED, nothing left RUNNING.
-    second = _sweep(["--resume"], tmp_path, address)
+    second = _sweep(["--resume"], tmp_path, address, digits_teacher)
     _wait_for_finished_trials(second, tmp_path, 2)
     second.send_signal(signal.SIGINT)
     assert second.wait(timeout=300) == 130, (tmp_path / "sweep-1.log").read_text()[-3000:]
@@ -138,7 +139,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     assert [r.info.status for r in runs if r.data.tags.get("job") == "sweep"] == ["KILLED"]
 
     # 3. Resumed again: runs to the end.
-    third = _sweep(["--resume"], tmp_path, address)
+    third = _sweep(["--resume"], tmp_path, address, digits_teacher)
     assert third.wait(timeout=600) == 0, (tmp_path / "sweep-2.log").read_text()[-3000:]
 
     runs = client.search_runs([experiment.experiment_id], max_results=500)
@@ -150,7 +151,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     finished = [r for r in trials if r.info.status == "FINISHED"]
     assert sorted({r.data.tags["trial_id"] for r in finished}) == sorted(r.data.tags["trial_id"] for r in finished)
     assert len(finished) == 4
-    assert all(0.3 < r.data.metrics["test_accuracy"] <= 1 for r in finished)  # 3 epochs of a KD student on a 4-epoch teacher; chance is 0.1
+    assert all(0.3 < r.data.metrics["test_accuracy"] <= 1 for r in finished)  # 3 epochs of a KD student; chance is 0.1
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert {r.data.params["train.weight_decay"] for r in finished} <= {"0.0", "0.0001"}  # the swept dotted path, as sampled
     # Trials that finished before the kill and before the Ctrl-C were not run again.
@@ -206,7 +207,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path):
     assert {"report.json", "tradeoff.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session, tmp_path):
+def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session, tmp_path, digits_teacher):
     """teacher_mode online: the naive sweep bench_sweep.py compares against. Every trial runs the
     teacher on every train row of every epoch, and the parent run's teacher_forward_rows says so."""
     from orchestrator.data.datasets import split_train_val
@@ -214,7 +215,7 @@ def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session,
     address = ray.get_runtime_context().gcs_address
     online = ["teacher_mode=online", "sweep.space={temperature: {grid: [2.0]}, chain: {grid: [[]]}}", "train.epochs=2", "sweep.grace_period=2",
               "tracking.experiment=sweep-online"]  # one trial: the count, not the search, is under test
-    proc = _sweep(online, tmp_path, address)
+    proc = _sweep(online, tmp_path, address, digits_teacher)
     assert proc.wait(timeout=600) == 0, (tmp_path / "sweep-0.log").read_text()[-3000:]
     console = (tmp_path / "sweep-0.log").read_text()
     assert "Number of trials: 1/1" in console and "Result for sweep_trial" not in console  # Tune's table, not its per-report dumps
