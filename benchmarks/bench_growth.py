@@ -134,7 +134,8 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
             data = tiled(arrays, k, base_rows)
             n = len(data.train)
             # Teacher logits of the tiled rows = the 1x logits tiled the same way (same images, same teacher).
-            soft_k = SoftTargets("bench", {DENSE_COLUMN: np.concatenate([logits_1x] * k)[:, None]}, {}, n, False, 0, 0.0, "", "")  # (rows, 1 view, classes)
+            # In the object store, as a job's are: (rows, 1 view, classes).
+            soft_k = SoftTargets("bench", ray.put({DENSE_COLUMN: np.concatenate([logits_1x] * k)[:, None]}), ray.put({}), n, 0, 1, False, 0, 0.0, "", "")
             train_ids, val_ids = split_train_val(n, VAL_FRACTION, SEED)
             gc.collect()
             reset_driver_hwm()

@@ -210,6 +210,7 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> tupl
 
 
 def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int) -> dict:
+    import ray
     import torch
 
     from orchestrator.data.datasets import split_train_val
@@ -219,7 +220,7 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
 
     train_ids, val_ids = split_train_val(len(arrays.train), VAL_FRACTION, SEED)
     # One view per image (no augmentation): the cache layout is (rows, views, classes).
-    soft = SoftTargets("bench", {DENSE_COLUMN: teacher_logits[:, None]}, {}, len(arrays.train), False, 0, 0.0, "", "")
+    soft = SoftTargets("bench", ray.put({DENSE_COLUMN: teacher_logits[:, None]}), ray.put({}), len(arrays.train), 0, 1, False, 0, 0.0, "", "")
     work = Path(tempfile.mkdtemp(prefix="kd-bench-"))
     try:
         uri = f"sqlite:///{work / 'mlflow.db'}"

@@ -18,10 +18,11 @@ from orchestrator.data.datasets import load_arrays, normalize_images
 from orchestrator.data.views import epoch_views, views_of
 from orchestrator.flows.job import prepare
 from orchestrator.flows.pipeline import run_job
-from orchestrator.flows.stages import columns_by_id_and_view, view_policy
+from orchestrator.flows.stages import view_policy
 from orchestrator.losses.kd_settings import student_kd
 from orchestrator.losses.objective import Objective, StepInputs
 from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets
+from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.models import build_model
 from orchestrator.train.train_loop import LoopConfig, cached_teacher_logits
@@ -111,10 +112,21 @@ def test_cached_view_logits_are_the_teachers_logits_on_the_view_the_student_sees
     ids = np.arange(40)
     rows = predictor({"id": ids, "image": data.train.images[ids], "label": data.train.labels[ids]})
     import pyarrow as pa
+    import ray
 
-    train, _ = columns_by_id_and_view(pa.table({"id": rows["id"], "view": rows["view"], "teacher_logits": list(rows["teacher_logits"])}),
-                                      ["teacher_logits"], n_train=40, n_test=0, views=7)
-    batch = attach_soft_targets({"id": ids, "image": data.train.images[ids]}, columns=train)
+    # As a job does it: the rows assembled per id by a task, the columns left in the object store, and the
+    # map function handed their reference.
+    table = pa.table({"id": rows["id"], "view": rows["view"], "teacher_logits": list(rows["teacher_logits"])})
+    train_ref, _, summary = assemble_soft_targets.remote(None, ["id", "view", "teacher_logits"], ["teacher_logits"],
+                                                         {"n_train": 40, "n_test": 0, "views": 7}, table)
+    assert ray.get(summary) == {"rows": 40 * 7}
+    # What auto T and alpha read: an evenly strided sample, cut beside the object store (the actor's rows are in (id, view) order).
+    every = np.asarray(rows["teacher_logits"], dtype=np.float32)
+    assert torch.equal(ray.get(teacher_sample.remote(train_ref, 10, 7)), torch.from_numpy(every[np.linspace(0, 40 * 7 - 1, 7).astype(np.int64)]))
+    with pytest.raises(RuntimeError, match="do not cover every"):  # a missing (id, view) fails the task, and the stage with it
+        ray.get(assemble_soft_targets.remote(None, ["id", "view", "teacher_logits"], ["teacher_logits"],
+                                             {"n_train": 40, "n_test": 0, "views": 7}, table.slice(1))[2])
+    batch = attach_soft_targets({"id": ids, "image": data.train.images[ids]}, columns=train_ref)
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     loop = LoopConfig(stage="t", members=[], optim=cfg.train, input_shape=data.input_shape, num_classes=10, mean=data.mean, std=data.std,
                       encoding="fp32", seed=5, train_rows=40)

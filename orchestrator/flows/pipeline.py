@@ -23,7 +23,7 @@ from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
 from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, student_members, student_stage
 from orchestrator.losses.kd_settings import is_auto
 from orchestrator.losses.terms import describe_loss, uses_kd_section
-from orchestrator.teachers.soft_targets import decode_logits, fingerprint
+from orchestrator.teachers.soft_targets import fingerprint
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.memory import peak_rss_mb
 from orchestrator.train.models import build_model, count_params, load_weights, model_size_mb
@@ -57,11 +57,6 @@ def _row(role: str, name: str, metrics: dict, model: torch.nn.Module, wall_s: fl
     }
 
 
-def teacher_test_logits(prep: Prepared, soft: SoftTargets) -> torch.Tensor:
-    test_rows = {name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in soft.test_columns.items()}
-    return decode_logits(test_rows, num_classes=prep.data.num_classes)
-
-
 def dataset_inputs(prep: Prepared, soft: SoftTargets | None = None, *, students: bool = True) -> list[dict]:
     """The train (the students' transfer set, or the teachers' rows), validation and test data, and the soft
     targets, as MLflow dataset inputs: digests of the rows' content, their source, their size."""
@@ -80,7 +75,7 @@ def dataset_inputs(prep: Prepared, soft: SoftTargets | None = None, *, students:
                        "rows": len(prep.val_ids)})
     if soft is not None:
         inputs.append({"name": f"{data.name}-soft-targets", "digest": soft.fingerprint, "source": soft.path, "context": "soft_targets",
-                       "rows": soft.n_train * soft.views + len(next(iter(soft.test_columns.values())))})
+                       "rows": soft.n_train * soft.views + soft.n_test})
     return inputs
 
 
@@ -98,7 +93,7 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
             tracking.log_datasets(uri, t.run_id, [d for d in dataset_inputs(prep, students=False) if d["context"] != "test"])
         tracking.log_datasets(uri, soft.run_id, [d for d in dataset_inputs(prep, soft) if d["context"] == "soft_targets"])
         driver_peak["soft_targets"] = peak_rss_mb()
-        teacher_test = teacher_test_logits(prep, soft)
+        teacher_test = soft.test_logits(data.num_classes)
         rows = _teacher_rows(prep, teachers, teacher_test)
         assistants: list[TeacherWeights] = []
         if cfg.chain:  # the students learn from the last assistant's soft targets; agreement and KL stay the teachers'

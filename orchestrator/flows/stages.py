@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 import torch
@@ -24,16 +23,8 @@ from orchestrator.data.datasets import DatasetArrays, Split, to_ray_dataset
 from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
 from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets, forward_row_counter
-from orchestrator.teachers.soft_targets import (
-    build_lock,
-    column_to_numpy,
-    decode_logits,
-    fingerprint,
-    load_table,
-    logit_columns,
-    read_cache,
-    write_cache,
-)
+from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
+from orchestrator.teachers.soft_targets import build_lock, decode_logits, fingerprint, logit_columns, read_cache, write_cache
 from orchestrator.tracking.progress import say
 from orchestrator.train.models import build_model, count_params
 from orchestrator.train.train_loop import LoopConfig, MemberConfig
@@ -71,10 +62,16 @@ class TeacherWeights:
 
 @dataclass
 class SoftTargets:
+    """A soft-target cache entry as the job uses it. The logits themselves stay in Ray's object store: a task
+    assembles them there (`assemble_soft_targets`), the map tasks that join them to the images read them there,
+    and the driver holds only the references."""
+
     fingerprint: str
-    train_columns: dict[str, np.ndarray]  # encoded logit columns (n_train, V, ...): row i = train id i, one entry per view
-    test_columns: dict[str, np.ndarray]  # (n_test, ...): view 0 (the untouched image) of test row i
+    train_columns: "ray.ObjectRef"  # -> {name: (n_train, V, ...)}: encoded logit columns, row i = train id i, one entry per view
+    test_columns: "ray.ObjectRef"  # -> {name: (n_test, ...)}: view 0 (the untouched image) of test row i
     n_train: int
+    n_test: int
+    views: int
     cache_hit: bool
     forward_rows: int
     wall_s: float
@@ -82,16 +79,15 @@ class SoftTargets:
     run_id: str
     cache_bytes: int = 0  # the entry's parquet files on disk
 
-    @property
-    def views(self) -> int:
-        return next(iter(self.train_columns.values())).shape[1]
-
     def teacher_sample(self, num_classes: int, rows: int = 50_000) -> torch.Tensor:
-        """Decoded teacher logits of up to `rows` training (example, view) entries, evenly strided (what auto_kd reads)."""
-        flat = {name: values.reshape(-1, *values.shape[2:]) for name, values in self.train_columns.items()}
-        n = len(next(iter(flat.values())))
-        index = np.linspace(0, n - 1, min(rows, n)).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
-        return decode_logits({name: torch.from_numpy(np.ascontiguousarray(v[index])) for name, v in flat.items()}, num_classes=num_classes)
+        """Decoded teacher logits of up to `rows` training (example, view) entries, evenly strided (what auto_kd
+        reads): cut in a task beside the object store, so only the sample reaches the caller."""
+        return ray.get(teacher_sample.remote(self.train_columns, num_classes, rows))
+
+    def test_logits(self, num_classes: int) -> torch.Tensor:
+        """The teachers' decoded logits on the test split (n_test, K): what students are scored against."""
+        return decode_logits({name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in ray.get(self.test_columns).items()},
+                             num_classes=num_classes)
 
 
 @dataclass
@@ -181,23 +177,6 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
     )
 
 
-def columns_by_id_and_view(table: pa.Table, columns: list[str], *, n_train: int, n_test: int, views: int) -> tuple[dict, dict]:
-    """Cache rows -> ({name: (n_train, V, ...)}, {name: (n_test, ...)}), checking that every (id, view) is there once."""
-    table = table.sort_by([("id", "ascending"), ("view", "ascending")])
-    ids, view = column_to_numpy(table, "id"), column_to_numpy(table, "view")
-    want_ids = np.concatenate([np.repeat(np.arange(n_train), views), np.arange(n_train, n_train + n_test)])
-    want_views = np.concatenate([np.tile(np.arange(views), n_train), np.zeros(n_test, dtype=np.int64)])
-    if not (np.array_equal(ids, want_ids) and np.array_equal(view, want_views)):
-        raise RuntimeError(f"soft targets do not cover every (example, view) exactly once ({n_train} x {views} train, {n_test} test)")
-    split = n_train * views
-    train, test = {}, {}
-    for name in columns:
-        values = column_to_numpy(table, name)
-        train[name] = values[:split].reshape(n_train, views, *values.shape[1:])
-        test[name] = values[split:]
-    return train, test
-
-
 @dataclass
 class SoftTargetReport:
     """What the soft-target stage did, for its MLflow run (stage_runs.py)."""
@@ -220,26 +199,28 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
     counter = forward_row_counter("job")  # this job's rows only: a job beside it on the cluster does not count here
     rows_before = ray.get(counter.total.remote())
     # One builder per fingerprint: a concurrent job waits here, then reads what the first one wrote.
+    names = list(logit_columns(st.encoding))
     with build_lock(st.cache_dir, key) as lock_wait_s:
         entry = read_cache(st.cache_dir, key)
         cache_hit = entry is not None
         if cache_hit:
-            by_id = columns_by_id_and_view(load_table(entry, columns), logit_columns(st.encoding), **shape)
+            train_ref, test_ref, summary = assemble_soft_targets.remote(entry, columns, names, shape)
         else:
             generated = generate_soft_targets(cfg, teachers, data).materialize()
             # cache_dir as configured: a URI must reach write_cache whole (it resolves paths itself).
             entry = write_cache(generated, st.cache_dir, key, columns=columns,
                                 extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
-            # Training gets the logits from the object store, not from the parquet just written.
-            table = pa.concat_tables(ray.get(generated.select_columns(columns).to_arrow_refs()))
-            by_id = columns_by_id_and_view(table, logit_columns(st.encoding), **shape)
+            # Training gets the logits from the object store, not from the parquet just written; the driver
+            # passes the blocks' references and never holds a row.
+            train_ref, test_ref, summary = assemble_soft_targets.remote(None, columns, names, shape, *generated.select_columns(columns).to_arrow_refs())
+        ray.get(summary)  # a cache that does not cover every (example, view) fails here, inside the stage
     forward_rows = ray.get(counter.total.remote()) - rows_before
     wall = time.perf_counter() - started
     rows = shape["n_train"] * shape["views"] + shape["n_test"]
     size = sum(f["bytes"] for f in entry.manifest.get("files", []))
     say(f"soft targets: {'cache hit' if cache_hit else 'generated'}, {rows:,} rows ({views.count} view(s) per training image), "
         f"{forward_rows:,} teacher forward rows" + (f", {forward_rows / wall:,.0f} rows/s" if forward_rows else "") + f", {wall:.0f} s")
-    soft = SoftTargets(key, by_id[0], by_id[1], len(data.train.labels), cache_hit, forward_rows, wall, str(entry.path), "", size)
+    soft = SoftTargets(key, train_ref, test_ref, shape["n_train"], shape["n_test"], views.count, cache_hit, forward_rows, wall, str(entry.path), "", size)
     return soft, SoftTargetReport(cache_hit, rows, lock_wait_s, views.count)
 
 
@@ -275,7 +256,8 @@ def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays
 
 
 def with_soft_targets(split: Split, ids: np.ndarray, soft: SoftTargets) -> ray.data.Dataset:
-    """Train-split images joined with their teacher logits by id (ids index the train split directly)."""
+    """Train-split images joined with their teacher logits by id (ids index the train split directly); the map
+    tasks read the logits from the object store by reference."""
     return to_ray_dataset(split, ids).map_batches(attach_soft_targets, fn_kwargs={"columns": soft.train_columns}, batch_format="numpy").materialize()
 
 

@@ -27,7 +27,6 @@ from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import chain_label, stage_registry
 from orchestrator.flows.finished import log_model, logits_on_test_split, metrics_on_test_split
 from orchestrator.flows.job import Prepared, ray_logs_attached, start_job
-from orchestrator.flows.pipeline import teacher_test_logits
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
 from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, student_member
 from orchestrator.teachers.pool import teacher_forward_rows
@@ -149,7 +148,7 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
             model.load_state_dict(states[student.name])
             logits = logits_on_test_split(model, ctx.prep.data, use_gpu=base.train.use_gpu, precision=base.train.precision)
-            test = metrics_on_test_split(logits, ctx.prep.data, teacher_test_logits(ctx.prep, ctx.soft))
+            test = metrics_on_test_split(logits, ctx.prep.data, ctx.soft.test_logits(ctx.prep.data.num_classes))
             counted = {"params": count_params(model), "online_teacher_rows": last_epoch.get("online_teacher_rows", 0)}
             tracking.log_metrics(uri, stage_run, test | counted)
             tracking.log_metrics(uri, trial_run, test | counted)
