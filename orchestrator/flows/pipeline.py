@@ -12,13 +12,14 @@ import numpy as np
 import ray
 import torch
 
+from orchestrator.cluster.checks import teacher_gpus
 from orchestrator.config import JobConfig
 from orchestrator.flows.born_again import later_generations
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import StageRegistry
-from orchestrator.flows.finished import log_model, logits_on_test_split, metrics_on_test_split
+from orchestrator.flows.finished import log_model, put_test_split, score_models
 from orchestrator.flows.job import Prepared, job_context
-from orchestrator.flows.scoring import class_errors, correct_bias, pair_with_twin
+from orchestrator.flows.scoring import pair_with_twin
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
 from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, student_members, student_stage
 from orchestrator.losses.kd_settings import is_auto
@@ -26,20 +27,24 @@ from orchestrator.losses.terms import describe_loss, uses_kd_section
 from orchestrator.teachers.soft_targets import fingerprint
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.memory import peak_rss_mb
-from orchestrator.train.models import build_model, count_params, load_weights, model_size_mb
+from orchestrator.train.models import build_model, count_params, model_size_mb
 
 
-def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], teacher_test: torch.Tensor, role: str = "teacher") -> list[dict]:
+def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], soft: SoftTargets, test_ref, role: str = "teacher") -> list[dict]:
+    """Each teacher (or assistant) scored in a task against the teachers' test logits, logged, as a summary row."""
+    scores = score_models([(t.config, t.state_dict, t.config.name) for t in teachers], test_ref, soft.test_columns,
+                          precision=prep.cfg.soft_targets.precision, gpus=_scoring_gpus(prep.cfg))
     rows = []
-    data = prep.data
-    for t in teachers:
-        model = build_model(t.config, data.input_shape, data.num_classes)
-        load_weights(model, t.state_dict, where=t.config.name)
-        logits = logits_on_test_split(model, data, use_gpu=prep.cfg.train.use_gpu, precision=prep.cfg.soft_targets.precision)
-        metrics = metrics_on_test_split(logits, data, teacher_test)
-        tracking.log_metrics(prep.tracking_uri, t.run_id, metrics)
-        rows.append(_row(role, t.config.name, metrics, model, t.wall_s, t.run_id))
+    for t, score in zip(teachers, scores):
+        tracking.log_metrics(prep.tracking_uri, t.run_id, score["metrics"])
+        model = build_model(t.config, prep.data.input_shape, prep.data.num_classes)
+        rows.append(_row(role, t.config.name, score["metrics"], model, t.wall_s, t.run_id))
     return rows
+
+
+def _scoring_gpus(cfg: JobConfig) -> float:
+    """A scoring task's GPU share: the teacher actors' (soft_targets.num_gpus_per_actor), when the cluster has GPUs."""
+    return teacher_gpus(cfg.soft_targets.gpus_per_actor(cfg.train.use_gpu))
 
 
 def _row(role: str, name: str, metrics: dict, model: torch.nn.Module, wall_s: float, run_id: str) -> dict:
@@ -93,15 +98,16 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
             tracking.log_datasets(uri, t.run_id, [d for d in dataset_inputs(prep, students=False) if d["context"] != "test"])
         tracking.log_datasets(uri, soft.run_id, [d for d in dataset_inputs(prep, soft) if d["context"] == "soft_targets"])
         driver_peak["soft_targets"] = peak_rss_mb()
-        teacher_test = soft.test_logits(data.num_classes)
-        rows = _teacher_rows(prep, teachers, teacher_test)
+        test_ref = put_test_split(data)  # once, for every scoring task of the job
+        teacher_soft = soft  # agreement and KL are the teachers', whatever the students learn from
+        rows = _teacher_rows(prep, teachers, teacher_soft, test_ref)
         assistants: list[TeacherWeights] = []
         if cfg.chain:  # the students learn from the last assistant's soft targets; agreement and KL stay the teachers'
             registry = StageRegistry.remote()
             soft, assistants = run_chain(cfg, prep, soft, cfg.chain, track, registry)
             ray.kill(registry)
-            rows += _teacher_rows(prep, assistants, teacher_test, role="assistant")
-        student_rows, online_rows = distill_students(prep, soft, teachers, teacher_test, track, assistants=assistants)
+            rows += _teacher_rows(prep, assistants, teacher_soft, test_ref, role="assistant")
+        student_rows, online_rows = distill_students(prep, soft, teachers, teacher_soft, test_ref, track, assistants=assistants)
         rows += student_rows
         driver_peak["students"] = peak_rss_mb()
         stage_walls = {"teacher": sum(t.wall_s for t in teachers), "soft_targets": soft.wall_s, "students": rows[-1]["wall_s"]}
@@ -132,10 +138,11 @@ def log_job_artifacts(uri: str, parent_id: str, rows: list[dict], *, has_val: bo
         tracking.log_artifact(uri, parent_id, member_curves(histories, metric, Path(out)), "plots")
 
 
-def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWeights], teacher_test: torch.Tensor,
+def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWeights], teacher_soft: SoftTargets, test_ref,
                      track: TrackingContext, assistants: list[TeacherWeights] = ()) -> tuple[list[dict], int]:
-    """Students and twins trained, scored and logged; returns their rows and the rows an online teacher ran on.
-    With a chain, `soft` is the last assistant's and `assistants` are the chain's stages, teacher side first."""
+    """Students and twins trained, scored (against `teacher_soft`, on the test split at `test_ref`) and logged; returns
+    their rows and the rows an online teacher ran on. With a chain, `soft` is the last assistant's and `assistants`
+    are the chain's stages, teacher side first."""
     cfg, data, uri = prep.cfg, prep.data, prep.tracking_uri
     lineage = {
         "teacher_run_ids": ",".join(t.run_id for t in teachers),
@@ -168,31 +175,25 @@ def distill_students(prep: Prepared, soft: SoftTargets, teachers: list[TeacherWe
             tracking.log_datasets(uri, run_ids[m.name], dataset_inputs(prep, soft if m.role == "student" else None))
         result = student_stage(cfg, data, prep.student_train_ids, prep.val_ids, soft, track, run_ids, teachers=teachers)
         result = later_generations(prep, result, track, run_ids)  # born-again students: generations 2..k
-        rows = score_students(prep, result, teacher_test, run_ids)
+        rows = score_students(prep, result, teacher_soft, test_ref, run_ids)
     return rows, result.online_teacher_rows
 
 
-def score_students(prep: Prepared, result, teacher_test: torch.Tensor, run_ids: dict[str, str]) -> list[dict]:
-    """Test metrics of every student and twin, logged with the model; then each student paired with its twin."""
+def score_students(prep: Prepared, result, teacher_soft: SoftTargets, test_ref, run_ids: dict[str, str]) -> list[dict]:
+    """Test metrics of every student and twin (scoring tasks, all at once) against the teachers' test logits, logged
+    with the model; then each student paired with its twin."""
     cfg, data, uri = prep.cfg, prep.data, prep.tracking_uri
-    labels = torch.from_numpy(data.test.labels)
     excluded = cfg.transfer.exclude_classes
+    corrected = [m.name for m in result.members if excluded and cfg.transfer.bias_correction and m.role == "student"]
+    val = (data.train.images[prep.val_ids], data.train.labels[prep.val_ids]) if corrected else None
+    scores = score_models([(m.spec, result.state_dicts[m.name], m.name) for m in result.members], test_ref, teacher_soft.test_columns,
+                          precision=cfg.train.precision, gpus=_scoring_gpus(cfg), excluded=excluded, bias_val={name: val for name in corrected})
     rows, correct, errors = [], {}, {}
-    for m in result.members:
+    for m, score in zip(result.members, scores):
         model = build_model(m.spec, data.input_shape, data.num_classes)
-        model.load_state_dict(result.state_dicts[m.name])
-        logits = logits_on_test_split(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
-        extra = {}
-        if excluded:
-            extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
-        if excluded and cfg.transfer.bias_correction and m.role == "student":
-            before = metrics_on_test_split(logits, data, teacher_test)
-            extra = {"bias_shift": correct_bias(model, data.train.images[prep.val_ids], data.train.labels[prep.val_ids], excluded, mean=data.mean, std=data.std),
-                     "errors_before_bias_correction": before["test_errors"], "excluded_class_errors_before_bias_correction": extra["excluded_class_errors"]}
-            logits = logits_on_test_split(model, data, use_gpu=cfg.train.use_gpu, precision=cfg.train.precision)
-            extra["excluded_class_errors"] = class_errors(logits.argmax(1), labels, excluded)
-        metrics = metrics_on_test_split(logits, data, teacher_test)
-        correct[m.name], errors[m.name] = (logits.argmax(1) == labels).numpy(), metrics["test_errors"]
+        model.load_state_dict(score["state_dict"] or result.state_dicts[m.name])  # the bias-corrected weights, where corrected
+        metrics, extra = score["metrics"], score["extra"]
+        correct[m.name], errors[m.name] = score["correct"], metrics["test_errors"]
         tracking.log_metrics(uri, run_ids[m.name], metrics | {"wall_s": result.wall_s} | extra)
         if cfg.tracking.log_models:
             log_model(uri, run_ids[m.name], model, m.spec, data)

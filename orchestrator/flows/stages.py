@@ -24,7 +24,7 @@ from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
 from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets, forward_row_counter
 from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
-from orchestrator.teachers.soft_targets import build_lock, decode_logits, fingerprint, logit_columns, read_cache, write_cache
+from orchestrator.teachers.soft_targets import build_lock, fingerprint, logit_columns, read_cache, write_cache
 from orchestrator.tracking.progress import say
 from orchestrator.train.models import build_model, count_params
 from orchestrator.train.train_loop import LoopConfig, MemberConfig
@@ -63,8 +63,8 @@ class TeacherWeights:
 @dataclass
 class SoftTargets:
     """A soft-target cache entry as the job uses it. The logits themselves stay in Ray's object store: a task
-    assembles them there (`assemble_soft_targets`), the map tasks that join them to the images read them there,
-    and the driver holds only the references."""
+    assembles them there (`assemble_soft_targets`), the map tasks that join them to the images and the scoring
+    tasks (finished.py) read them there, and the driver holds only the references."""
 
     fingerprint: str
     train_columns: "ray.ObjectRef"  # -> {name: (n_train, V, ...)}: encoded logit columns, row i = train id i, one entry per view
@@ -83,11 +83,6 @@ class SoftTargets:
         """Decoded teacher logits of up to `rows` training (example, view) entries, evenly strided (what auto_kd
         reads): cut in a task beside the object store, so only the sample reaches the caller."""
         return ray.get(teacher_sample.remote(self.train_columns, num_classes, rows))
-
-    def test_logits(self, num_classes: int) -> torch.Tensor:
-        """The teachers' decoded logits on the test split (n_test, K): what students are scored against."""
-        return decode_logits({name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in ray.get(self.test_columns).items()},
-                             num_classes=num_classes)
 
 
 @dataclass

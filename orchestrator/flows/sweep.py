@@ -25,7 +25,7 @@ from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import chain_label, stage_registry
-from orchestrator.flows.finished import log_model, logits_on_test_split, metrics_on_test_split
+from orchestrator.flows.finished import log_model, model_scores
 from orchestrator.flows.job import Prepared, ray_logs_attached, start_job
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
 from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, student_member
@@ -147,8 +147,8 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                                                  teachers=ctx.teachers)  # run in the workers only with teacher_mode online
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
             model.load_state_dict(states[student.name])
-            logits = logits_on_test_split(model, ctx.prep.data, use_gpu=base.train.use_gpu, precision=base.train.precision)
-            test = metrics_on_test_split(logits, ctx.prep.data, ctx.soft.test_logits(ctx.prep.data.num_classes))
+            # Scored in this trial's own actor (never the driver), against the teachers' test logits.
+            test = model_scores(model, ctx.prep.data, ray.get(ctx.soft.test_columns), use_gpu=base.train.use_gpu, precision=base.train.precision)["metrics"]
             counted = {"params": count_params(model), "online_teacher_rows": last_epoch.get("online_teacher_rows", 0)}
             tracking.log_metrics(uri, stage_run, test | counted)
             tracking.log_metrics(uri, trial_run, test | counted)
