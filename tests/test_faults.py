@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -113,7 +114,7 @@ def soft_setup(ray_session, tmp_path_factory):
 def assert_same_soft_targets(got, clean) -> None:
     assert got.fingerprint == clean.fingerprint and got.n_train == clean.n_train
     for part, rows in (("train_columns", (N_TRAIN, 1, 10)), ("test_columns", (N_TEST, 10))):
-        mine, theirs = getattr(got, part), getattr(clean, part)
+        mine, theirs = ray.get(getattr(got, part)), ray.get(getattr(clean, part))  # the columns stay in the object store
         assert set(mine) == set(theirs)
         for name, values in theirs.items():
             assert mine[name].shape == values.shape == rows
