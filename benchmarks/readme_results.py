@@ -201,6 +201,7 @@ RESULTS = [
     Result("hinton_mnist", "hinton_mnist.json", "python benchmarks/hinton_mnist.py", render_hinton),
     Result("pipeline", "pipeline.json", "python benchmarks/bench_pipeline.py", bench_pipeline.render_pipeline),
     Result("growth", "growth.json", "python benchmarks/bench_growth.py", render_growth),
+    Result("driver_memory", "driver_memory.json", "python benchmarks/bench_driver_memory.py", lazy("bench_driver_memory", "render")),
     Result("methods", "methods.json", "python benchmarks/bench_methods.py", bench_methods.table),
     Result("fashion_gap", "fashion_gap.json", "python benchmarks/fashion_gap.py", render_fashion_gap),
     Result("sweep_cost", "sweep_cost.json", "python benchmarks/bench_sweep.py", lazy("bench_sweep", "markdown")),
