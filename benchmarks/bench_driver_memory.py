@@ -36,8 +36,8 @@ from harness import REPO, header_lines, loadavg, log, report_header, table, writ
 SEED = 0
 CLASSES = (10, 1000)
 # Starts `distill` and prints its peak RSS in KiB (ru_maxrss of the waited-for children: here, that one process).
-MEASURE = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; " \
-          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)"
+MEASURE = "import resource, subprocess, sys; exit_code = subprocess.run(sys.argv[1:]).returncode; " \
+          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, exit_code)"
 
 
 def write_dataset(folder: Path, train_rows: int, test_rows: int, classes: int) -> None:
@@ -74,9 +74,9 @@ def soft_targets_job(work: Path, classes: int, code: Path = REPO) -> dict:
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray, never another job's cluster
     load_start, started = loadavg(), time.perf_counter()
     done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, check=True)
-    peak_kib, code = (int(x) for x in done.stdout.strip().splitlines()[-1].split())
-    if code != 0:
-        raise SystemExit(f"distill soft-targets exited {code}:\n{done.stderr[-3000:]}")
+    peak_kib, exit_code = (int(x) for x in done.stdout.strip().splitlines()[-1].split())
+    if exit_code != 0:
+        raise SystemExit(f"distill soft-targets exited {exit_code}:\n{done.stderr[-3000:]}")
     line = next((l for l in (done.stdout + done.stderr).splitlines() if l.startswith("soft targets: generated")), "")
     return {"code": revision(code), "classes": classes, "driver_peak_rss_mb": round(peak_kib / 1024, 1), "wall_s": round(time.perf_counter() - started, 1),
             "load_start": load_start, "load_end": loadavg(), "stage_line": line}
