@@ -39,8 +39,9 @@ def build_trainer(loop: LoopConfig, datasets: dict[str, ray.data.Dataset], *, ru
             resources_per_worker={"CPU": optim.cpus_per_worker, **({"GPU": 1} if optim.use_gpu else {})},
         ),
         datasets=datasets,
-        # Only "train" is sharded: every worker may read all of "val", and rank 0 evaluates it whole.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Only "train" is sharded: every worker may read all of "val", and rank 0 evaluates it whole. One worker
+        # reads it whole too: a split of one would only add Ray Data's split coordinator (an actor process) per run.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if optim.num_workers > 1 else []),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=str(Path(optim.storage_path).resolve()) if "://" not in optim.storage_path else optim.storage_path,
