@@ -200,6 +200,9 @@ CASES = {
     "sweep needing more CPUs than exist": (["sweep", SWEEP, "train.cpus_per_worker=4096"], "train.num_workers x train.cpus_per_worker: 1 train workers need 4096 CPU"),
     # Found while loading what the config names (moved here from test_cli.py: in this process, not a new one each)
     "unknown dataset name": (["run", DIGITS, "dataset.name=imagenet"], "dataset.name: unknown dataset 'imagenet'"),
+    "normalisation for the wrong number of channels": (["run", DIGITS, "dataset.mean=[0.5, 0.5, 0.5]", "dataset.std=[0.2, 0.2, 0.2]"],
+                                                       "dataset.mean: 3 value(s) for the 1 channel(s) of digits"),
+    "a mean without a std": (["run", DIGITS, "dataset.mean=[0.5]"], "mean and std are given together"),
     "torchvision data not on disk": (["run", DIGITS, "dataset.name=torchvision:CIFAR10", "dataset.root={f}/nowhere"], "dataset.download=true"),
     "checkpoint not found": (["run", DIGITS, "teachers.0.checkpoint={f}/nowhere.pt"], "checkpoint not found: {f}/nowhere.pt"),
     "jitter without views": (["run", DIGITS, "train.input_jitter=2"], "train.input_jitter: students train on views; set views.max_shift"),

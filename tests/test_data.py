@@ -112,6 +112,18 @@ def test_normalize_false_gives_identity_statistics():
     assert arrays.mean == (0.0,) and arrays.std == (1.0,)
 
 
+def test_given_statistics_are_used_as_given_and_checked(digits):
+    given = load_arrays(DatasetConfig(name="digits", mean=[0.25], std=[0.5]))
+    assert (given.mean, given.std) == ((0.25,), (0.5,)) and digits.mean != (0.25,)  # not the images' own
+    with pytest.raises(ConfigError, match=r"dataset.mean: 3 value\(s\) for the 1 channel\(s\) of digits"):
+        load_arrays(DatasetConfig(name="digits", mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2]))
+    for fields, message in (({"mean": [0.5]}, "given together"), ({"mean": [0.5], "std": [0.0]}, "std: finite values > 0"),
+                            ({"mean": [1.5], "std": [0.2]}, r"mean: values in \[0, 1\]"), ({"mean": [0.5], "std": [0.2, 0.2]}, "one value per channel"),
+                            ({"mean": [0.5], "std": [0.2], "normalize": False}, "for normalize: true")):
+        with pytest.raises(ValueError, match=message):
+            DatasetConfig(name="digits", **fields)
+
+
 def write_idx(path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
     path.write_bytes(header + array.astype(np.uint8).tobytes())

@@ -35,6 +35,8 @@ class DatasetConfig(StrictModel):
     limit: int | None = Field(None, gt=0, description="keep only the first N training examples")
     test_limit: int | None = Field(None, gt=0, description="keep only the first N test examples")
     normalize: bool = Field(True, description="per-channel mean and std from the training images (off: pixels / 255)")
+    mean: list[float] | None = Field(None, description="per-channel mean in [0, 1] pixel units, with `std`: used as given instead of a pass over the training images")
+    std: list[float] | None = Field(None, description="per-channel std (> 0) in [0, 1] pixel units, with `mean`")
     # Bring-your-own data: parquet files written by anything (pandas, Spark, Ray Data, datasets).
     train_path: str | None = Field(None, description="parquet: the training rows, a parquet file or folder of them, local or a pyarrow URI (s3://, gs://, hdfs://, file://)")
     test_path: str | None = Field(None, description="parquet: the test rows, as train_path")
@@ -43,6 +45,21 @@ class DatasetConfig(StrictModel):
     id_column: str | None = Field(None, description="parquet: a unique example id; rows are ordered by it, so splits and views do not depend on file order")
     image_shape: list[int] | None = Field(None, description="parquet: [C, H, W] of each image, needed when the pixels are one flat list")
     num_classes: int | None = Field(None, gt=1, description="parquet: the number of classes (default: the largest training label + 1)")
+
+    @model_validator(mode="after")
+    def _given_statistics(self) -> DatasetConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std are given together (or neither: then they come from the training images)")
+        if self.mean is not None:
+            if not self.normalize:
+                raise ValueError("mean and std are for normalize: true (normalize: false divides pixels by 255 only)")
+            if len(self.mean) != len(self.std) or not self.mean:
+                raise ValueError(f"mean and std need one value per channel each, got {len(self.mean)} and {len(self.std)}")
+            if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in self.mean):
+                raise ValueError(f"mean: values in [0, 1] pixel units, got {self.mean}")
+            if not all(math.isfinite(v) and 0.0 < v for v in self.std):
+                raise ValueError(f"std: finite values > 0, got {self.std}")
+        return self
 
     @model_validator(mode="after")
     def _parquet_fields_only_for_parquet(self) -> DatasetConfig:

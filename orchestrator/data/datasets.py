@@ -124,7 +124,11 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     _validate(name, train, test, num_classes)
 
     channels = train.images.shape[1]
-    if cfg.normalize:
+    if cfg.normalize and cfg.mean is not None:  # given: no pass over the training images
+        if len(cfg.mean) != channels:
+            raise ConfigError(f"dataset.mean: {len(cfg.mean)} value(s) for the {channels} channel(s) of {name}'s images")
+        mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    elif cfg.normalize:
         mean, std = _channel_stats(train.images)
     else:
         mean, std = (0.0,) * channels, (1.0,) * channels
