@@ -1,4 +1,5 @@
-"""The one place a finished model (teacher, assistant, student, twin, sweep trial) is tested and recorded.
+"""The one place a finished model (teacher, assistant, student, twin, sweep trial, a teacher before and after
+pruning) is tested and recorded.
 
 Testing is a Ray task (`model_scores_task`, called by `score_models` for a stage's models): the test split goes
 to it by one object-store reference (`put_test_split`), the teachers' test logits by the reference the

@@ -13,11 +13,11 @@ import torch
 from orchestrator.compress.quantize import prune_model, sparsity
 from orchestrator.config import JobConfig, TeacherConfig, spec_of
 from orchestrator.data.datasets import DatasetArrays, Split, to_ray_dataset
+from orchestrator.flows.finished import put_test_split, score_models
 from orchestrator.flows.stages import TrackingContext, loop_config
 from orchestrator.teachers.soft_targets import build_lock, fingerprint
 from orchestrator.teachers.weights_cache import load_cached_weights, save_cached_weights, weights_file
 from orchestrator.tracking.progress import say
-from orchestrator.train.evaluate import classification_metrics, predict_logits
 from orchestrator.train.models import build_model, load_weights
 from orchestrator.train.train_loop import MemberConfig
 from orchestrator.train.trainer import fit_and_load
@@ -100,18 +100,20 @@ def obtain_teacher(cfg: JobConfig, index: int, data: DatasetArrays, train_ids, v
 
 
 def prune_teacher(model: torch.nn.Module, teacher: TeacherConfig, data: DatasetArrays) -> tuple[dict, dict[str, float]]:
-    """Prune `model` in place; returns the pruned weights and the teacher's test accuracy before and after.
+    """Prune `model` in place; returns the pruned weights and the teacher's test accuracy before and after, both
+    scored in one scoring task (finished.py), like every finished model.
 
     The test split is only reported here, never used to choose anything.
     """
-    labels = torch.from_numpy(data.test.labels)
-    before = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels)
+    unpruned = {k: v.detach().clone() for k, v in model.state_dict().items()}
     prune_model(model, teacher.prune_amount, structured=teacher.prune_structured)
-    after = classification_metrics(predict_logits(model, data.test.images, mean=data.mean, std=data.std), labels)
-    metrics = {"prune_sparsity": sparsity(model), "unpruned_test_accuracy": before["accuracy"], "pruned_test_accuracy": after["accuracy"]}
+    pruned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before, after = (score["metrics"] for score in score_models([(teacher, unpruned, teacher.name), (teacher, pruned, teacher.name)],
+                                                                 put_test_split(data), None, precision="fp32"))
+    metrics = {"prune_sparsity": sparsity(model), "unpruned_test_accuracy": before["test_accuracy"], "pruned_test_accuracy": after["test_accuracy"]}
     kind = "structured (filters/rows)" if teacher.prune_structured else "unstructured"
     print(f"teacher {teacher.name}: pruned {kind} {teacher.prune_amount:.0%} -> sparsity {metrics['prune_sparsity']:.1%}, "
-          f"test accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}", flush=True)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+          f"test accuracy {before['test_accuracy']:.4f} -> {after['test_accuracy']:.4f}", flush=True)
+    return pruned, metrics
 
 
