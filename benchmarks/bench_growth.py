@@ -79,7 +79,7 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
         rows = len(data.train)
         gc.collect()
         reset_driver_hwm()
-        with ActorPeak("TeacherPredictor") as actors, Foreign() as foreign:
+        with ActorPeak("TeacherActor") as actors, Foreign() as foreign:
             seconds, materialized = ray_soft_targets(cfg, teachers, data)
         entry = {"rows": rows, "s": round(seconds, 3), "rows_per_s": round(rows / seconds, 1), "foreign": foreign.share,
                  **driver_memory(hwm_ok), **actors.summary()}
@@ -226,7 +226,7 @@ def render_growth(report: dict) -> str:
         "before the stage; for the student it covers building the two Ray datasets and `fit()`)" if hwm else "") +
         ". Worker peak = `worker_peak_rss_mb` of the Ray Train run's last reported metrics (rank 0's ru_maxrss; "
         f"cross-check, the worker's VmHWM polled from /proc: {polled_train}). "
-        "Teacher actor peak = largest VmHWM of the actor-pool processes (command line naming TeacherPredictor, descendants of "
+        "Teacher actor peak = largest VmHWM of the actor-pool processes (command line naming TeacherActor, descendants of "
         "this process, not alive before the measurement began), read from /proc/<pid>/status every 0.2 s while generation "
         "runs: growth after the last read before a process exits is missed. RSS counts the object-store pages a process has touched.",
     ]

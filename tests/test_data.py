@@ -19,8 +19,8 @@ from orchestrator.data.datasets import (
     load_arrays,
     normalize_images,
     split_train_val,
-    to_ray_dataset,
 )
+from orchestrator.data.ray_objects import put_image_blocks, to_ray_dataset
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -311,3 +311,17 @@ def test_to_ray_dataset_small_and_empty_selections(ray_session, digits):
     assert to_ray_dataset(digits.test, np.array([], dtype=np.int64)).count() == 0
     with pytest.raises(ValueError, match="ids must lie in"):
         to_ray_dataset(digits.test, np.array([len(digits.test)]))
+
+
+def test_image_blocks_run_ids_on_across_splits_in_near_equal_blocks(ray_session, digits):
+    import ray
+
+    blocks = [ray.get(ref) for ref in put_image_blocks([digits.train, digits.test], 6)]
+    sizes = [len(b["id"]) for b in blocks]
+    assert len(blocks) == 6 and max(sizes) - min(sizes) <= 1
+    ids = np.concatenate([b["id"] for b in blocks])
+    assert np.array_equal(ids, np.arange(len(digits.train) + len(digits.test)))  # test ids follow the train ids
+    images = np.concatenate([b["image"] for b in blocks])
+    assert np.array_equal(images, np.concatenate([digits.train.images, digits.test.images]))  # the block across the two is joined
+    assert len(put_image_blocks([digits.test], 10_000)) == len(digits.test)  # never an empty block
+

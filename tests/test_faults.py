@@ -126,7 +126,7 @@ def test_teacher_actor_killed_mid_generation_gives_the_complete_identical_cache(
     cfg = s["config"]("killed")
     total = N_TRAIN + N_TEST
     before = teacher_forward_rows()
-    killer = Killer(ready=lambda: total // 5 <= teacher_forward_rows() - before < total // 2, find_pid=lambda: alive_actor_pid("MapWorker"))
+    killer = Killer(ready=lambda: total // 5 <= teacher_forward_rows() - before < total // 2, find_pid=lambda: alive_actor_pid("TeacherActor"))
     killer.start()
     got = soft_target_stage(cfg, s["teachers"], s["data"], s["track"])
     killer.join(timeout=5)

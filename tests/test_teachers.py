@@ -70,6 +70,40 @@ def test_predictor_matches_the_model_and_counts_rows(ray_session):
     assert teacher_forward_rows() - before == 5
 
 
+def test_warm_actors_serve_two_queued_passes_each_with_its_own_teacher(ray_session):
+    """Two passes queued on the same two actors before either finishes: every output row is its own pass's
+    teacher's logits, and the actors are the same processes before and after (the pool stays warm)."""
+    import pyarrow as pa
+    import ray
+
+    from orchestrator.data.datasets import Split
+    from orchestrator.data.ray_objects import put_image_blocks
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN, column_to_numpy
+    from orchestrator.teachers.warm_pool import run_pass, teacher_pool
+
+    actors = teacher_pool(2, threads=1)
+    pids = ray.get([actor.ready.remote() for actor in actors])
+    spec = ModelSpec(family="mlp", hidden=[8])
+    images = np.random.default_rng(1).integers(0, 256, size=(40, 1, 4, 4), dtype=np.uint8)
+    blocks = put_image_blocks([Split(images, np.zeros(40, dtype=np.int64))], 8)
+    models, passes = [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(build_model(spec, (1, 4, 4), 3).eval())
+        kwargs = {"teachers": [{"name": f"t{seed}", "spec": spec.model_dump(), "state_dict": models[-1].state_dict(), "weight": 1.0}],
+                  "input_shape": (1, 4, 4), "num_classes": 3, "mean": (0.5,), "std": (0.25,), "n_train": 40, "encoding": "fp32",
+                  "top_k": 5, "ensemble": "logits", "threads": 1, "use_gpu": False}
+        passes.append(run_pass(actors, kwargs, blocks))
+    for model, outputs in zip(models, passes):
+        table = pa.concat_tables(ray.get(outputs))
+        ids = column_to_numpy(table, "id")
+        assert sorted(ids.tolist()) == list(range(40))
+        with torch.no_grad():
+            expected = model(normalize_images(torch.from_numpy(images[ids]), (0.5,), (0.25,))).numpy()
+        np.testing.assert_allclose(column_to_numpy(table, DENSE_COLUMN), expected, atol=1e-6)
+    assert teacher_pool(2, threads=1) == actors and ray.get([actor.ready.remote() for actor in actors]) == pids
+
+
 # Another driver on the same cluster, running the teacher on 7 rows: its own job, its own count.
 OTHER_JOB = """
 import sys, time

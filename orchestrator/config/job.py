@@ -42,7 +42,7 @@ class JobConfig(StrictModel):
     kd: KDConfig = Field(default_factory=KDConfig, description="temperature and alpha of the `kd`-family losses")
     views: ViewsConfig = Field(default_factory=ViewsConfig, description="the augmented views students and twins train on; soft targets are cached per view")
     transfer: TransferConfig = Field(default_factory=TransferConfig, description="what the students learn from (Hinton et al.'s transfer set)")
-    soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig, description="the teacher actor pool and the soft-target cache")
+    soft_targets: SoftTargetConfig = Field(default_factory=SoftTargetConfig, description="the teacher actors and the soft-target cache")
     train: TrainConfig = Field(default_factory=TrainConfig, description="how students are trained (all students of a job share it)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
     sweep: SweepConfig | None = Field(None, description="turns the job into a Ray Tune sweep (docs/sweeps.md)")

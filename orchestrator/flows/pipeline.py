@@ -86,7 +86,8 @@ def dataset_inputs(prep: Prepared, soft: SoftTargets | None = None, *, students:
 
 def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_address: str | None = None, prepared: Prepared | None = None) -> list[dict]:
     """The whole distillation: teachers -> soft targets -> students -> test evaluation -> summary rows."""
-    with job_context(cfg, cfg.name, {"job": "distill"}, ray_address=ray_address, prepared=prepared, attach_ray_logs=True) as job:
+    with job_context(cfg, cfg.name, {"job": "distill"}, ray_address=ray_address, prepared=prepared, attach_ray_logs=True,
+                     warm_teachers=True) as job:
         prep, track, parent_id = job.prep, job.track, job.parent_id
         uri, data = prep.tracking_uri, prep.data
         tracking.set_tags(uri, parent_id, {"dataset": data.name})
@@ -218,7 +219,7 @@ def run_teacher_job(cfg: JobConfig, *, ray_address: str | None = None) -> list[T
 
 def run_soft_targets_job(cfg: JobConfig, *, ray_address: str | None = None) -> SoftTargets:
     """Teachers, then their soft targets into the fingerprinted cache."""
-    with job_context(cfg, f"{cfg.name}:soft-targets", {"job": "soft_targets"}, ray_address=ray_address) as job:
+    with job_context(cfg, f"{cfg.name}:soft-targets", {"job": "soft_targets"}, ray_address=ray_address, warm_teachers=True) as job:
         prep, track = job.prep, job.track
         teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
         started = time.perf_counter()

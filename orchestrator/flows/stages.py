@@ -19,12 +19,14 @@ import torch
 
 from orchestrator.cluster.checks import teacher_gpus
 from orchestrator.config import JobConfig, StudentConfig, TeacherConfig, spec_of
-from orchestrator.data.datasets import DatasetArrays, Split, to_ray_dataset
+from orchestrator.data.datasets import DatasetArrays, Split
+from orchestrator.data.ray_objects import put_image_blocks, to_ray_dataset
 from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
-from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets, forward_row_counter
+from orchestrator.teachers.pool import attach_soft_targets, forward_row_counter
 from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
 from orchestrator.teachers.soft_targets import build_lock, fingerprint, logit_columns, read_cache, write_cache
+from orchestrator.teachers.warm_pool import release, run_pass, start_teacher_pool, teacher_pool
 from orchestrator.tracking.progress import say
 from orchestrator.train.models import build_model, count_params
 from orchestrator.train.train_loop import LoopConfig, MemberConfig
@@ -132,17 +134,25 @@ def soft_target_views(cfg: JobConfig, data: DatasetArrays) -> ViewPolicy:
     return view_policy(cfg, data) if cfg.teacher_mode == "cached" else ViewPolicy(fill=data.fill)
 
 
-def _all_images(data: DatasetArrays) -> Split:
-    """Train and test rows in one dataset so the actor pool starts once; test ids follow the train ids."""
-    return Split(np.concatenate([data.train.images, data.test.images]), np.concatenate([data.train.labels, data.test.labels]))
+def teacher_threads(cfg: JobConfig) -> int:
+    return max(1, int(cfg.soft_targets.num_cpus_per_actor))
+
+
+def start_teachers(cfg: JobConfig) -> None:
+    """At job start, for jobs that make soft targets: the warm teacher actors start while the job goes on."""
+    if cfg.teachers:
+        start_teacher_pool(cfg.soft_targets.num_actors, teacher_threads(cfg), teacher_gpus(cfg.soft_targets.gpus_per_actor(cfg.train.use_gpu)))
 
 
 def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> ray.data.Dataset:
+    """Every (train id, view) and test id through the job's warm teacher actors (warm_pool.py): a dataset of
+    their output blocks (id, view, encoded logits), complete when returned. Test ids follow the train ids."""
     st = cfg.soft_targets
     gpus = teacher_gpus(st.gpus_per_actor(cfg.train.use_gpu))  # GPUs when the cluster has them, else the CPU
     views = soft_target_views(cfg, data)
+    threads = teacher_threads(cfg)
     predictor_kwargs: dict[str, Any] = {
-        # Weights as object-store references: small constructor arguments, fetched once per actor.
+        # Weights as object-store references: small arguments, fetched once per actor and pass.
         "teachers": [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "state_dict": ray.put(t.state_dict),
                       "weight": t.config.weight} for t in teachers],
         "input_shape": data.input_shape,
@@ -153,23 +163,25 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
         "encoding": st.encoding,
         "top_k": st.top_k,
         "ensemble": st.ensemble,
-        "threads": max(1, int(st.num_cpus_per_actor)),
+        "threads": threads,
         "use_gpu": gpus > 0,
         "views": asdict(views),
         "forward_batch": st.batch_size,
         "precision": st.precision,
     }
-    return to_ray_dataset(_all_images(data)).map_batches(
-        TeacherPredictor,
-        fn_constructor_kwargs=predictor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=st.num_actors),
-        # A train row becomes one output row per view: keep output batches near batch_size rows.
-        batch_size=max(1, st.batch_size // views.count),
-        batch_format="numpy",
-        zero_copy_batch=True,
-        num_cpus=st.num_cpus_per_actor,
-        num_gpus=gpus,
-    )
+    # A train row becomes one output row per view: blocks of about batch_size output rows, as many per actor.
+    rows = len(data.train.labels) + len(data.test.labels)
+    per_block = max(1, st.batch_size // views.count)
+    num_blocks = -(-rows // (per_block * st.num_actors)) * st.num_actors
+    actors = teacher_pool(st.num_actors, threads, gpus)
+    finished = False
+    try:
+        outputs = run_pass(actors, predictor_kwargs, put_image_blocks([data.train, data.test], num_blocks))
+        generated = ray.data.from_arrow_refs(outputs)  # reads each block's metadata: every block is done on return
+        finished = True
+        return generated
+    finally:
+        release(actors, gpus, finished=finished)
 
 
 @dataclass
@@ -207,7 +219,7 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
                                 extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
             # Training gets the logits from the object store, not from the parquet just written; the driver
             # passes the blocks' references and never holds a row.
-            train_ref, test_ref, summary = assemble_soft_targets.remote(None, columns, names, shape, *generated.select_columns(columns).to_arrow_refs())
+            train_ref, test_ref, summary = assemble_soft_targets.remote(None, columns, names, shape, *generated.to_arrow_refs())
         ray.get(summary)  # a cache that does not cover every (example, view) fails here, inside the stage
     forward_rows = ray.get(counter.total.remote()) - rows_before
     wall = time.perf_counter() - started

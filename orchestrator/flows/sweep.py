@@ -240,7 +240,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
     state_path = storage / sweep_dir_name(cfg) / STATE_FILE
     if resume and not tune.Tuner.can_restore(str(storage / sweep_dir_name(cfg))):
         raise ConfigError(f"--resume: no sweep to resume at {storage / sweep_dir_name(cfg)}")
-    prep = start_job(cfg, ray_address=ray_address)  # its parent run is its own: a resumed sweep reopens the one it had
+    prep = start_job(cfg, ray_address=ray_address, warm_teachers=True)  # its parent run is its own: a resumed sweep reopens the one it had
     uri = prep.tracking_uri
     rows_before = teacher_forward_rows("job")
     parent_id = _parent_run(prep, state_path, resume)

@@ -12,7 +12,8 @@ import torch
 
 from orchestrator.compress.quantize import prune_model, sparsity
 from orchestrator.config import JobConfig, TeacherConfig, spec_of
-from orchestrator.data.datasets import DatasetArrays, Split, to_ray_dataset
+from orchestrator.data.datasets import DatasetArrays, Split
+from orchestrator.data.ray_objects import to_ray_dataset
 from orchestrator.flows.finished import put_test_split, score_models
 from orchestrator.flows.stages import TrackingContext, loop_config
 from orchestrator.teachers.soft_targets import build_lock, fingerprint

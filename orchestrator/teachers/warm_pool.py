@@ -1,0 +1,109 @@
+"""The job's teacher actors, started once and kept warm: every soft-target pass of a job or sweep (its teachers',
+each chain assistant's, each born-again generation's) runs on the same actor processes.
+
+Why actors of our own, fed block references, rather than `map_batches(..., compute=ActorPoolStrategy)`: Ray
+Data starts its actor pool with each execution and stops it after, so every pass paid new processes and a
+torch import before its first row (at 60,000 rows that was most of the pass: 0.25x a plain loop). Here the
+driver starts the actors when the job starts (`start_teacher_pool`, beside the teacher stage and the MLflow
+set-up), puts the image blocks in the object store, and hands each actor block references; each call returns
+the reference of its output block (id, view, logits). Rows go from the object store to the actors and back,
+never through the driver; an actor killed mid-pass is restarted by Ray and its calls retried.
+
+Resources: the actors ask Ray for no CPU. They compute only during a pass, while the driver waits for it, and
+holding CPUs for the job's life would keep the job's own train workers from starting on a small cluster; their
+torch threads are `soft_targets.num_cpus_per_actor`. On a GPU cluster a pass starts its own actors with the
+configured GPU share and ends them after (`release`), so train workers can have whole GPUs: not warm there.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from orchestrator.teachers.pool import COUNTER_NAMESPACE, TeacherPredictor
+
+POOL_NAME = "kd-teacher"
+# Predictors an actor keeps built, by pass key: concurrent passes (two sweep trials' assistants) interleave calls.
+KEPT_PREDICTORS = 2
+
+
+# max_restarts / max_task_retries: a killed actor comes back and its calls run again (a pass is idempotent).
+@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)
+class TeacherActor:
+    """One warm process: torch imported, threads set; it builds a pass's teachers on that pass's first block."""
+
+    def __init__(self, threads: int) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.predictors: OrderedDict[str, TeacherPredictor] = OrderedDict()
+
+    def ready(self) -> int:
+        """This process's id: a warm actor answers every pass with the same one."""
+        return os.getpid()
+
+    def predict(self, key: str, predictor_kwargs: Mapping[str, Any], block: Mapping[str, np.ndarray]) -> pa.Table:
+        """One block of images (columns id, image) -> its soft-target rows (id, view, encoded logits)."""
+        if key not in self.predictors:
+            self.predictors[key] = TeacherPredictor(**predictor_kwargs)
+            while len(self.predictors) > KEPT_PREDICTORS:
+                self.predictors.popitem(last=False)
+        self.predictors.move_to_end(key)
+        return _table(self.predictors[key](dict(block)))
+
+
+def _table(columns: Mapping[str, np.ndarray]) -> pa.Table:
+    """Numpy columns as an Arrow table the way Ray Data stores them: (N, K) columns as Ray's tensor extension."""
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({name: ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values) for name, values in columns.items()})
+
+
+_POOLS: dict[tuple, list] = {}  # held here: a non-detached actor ends when the last handle to it goes
+
+
+def teacher_pool(size: int, threads: int, gpus: float = 0.0) -> list:
+    """This job's `size` warm teacher actors (started by the first call; later calls, in the driver or in a sweep
+    trial's actor, get the same processes by name). With `gpus`, new unnamed actors for one pass (see `release`)."""
+    if gpus > 0:
+        return [TeacherActor.options(num_gpus=gpus, scheduling_strategy="SPREAD").remote(threads) for _ in range(size)]
+    context = ray.get_runtime_context()
+    prefix = f"{POOL_NAME}-{context.get_job_id()}-t{threads}"
+    key = (context.get_node_id(), prefix)  # a restarted Ray numbers its jobs from 1 again, on a new node id
+    actors = _POOLS.setdefault(key, [])
+    while len(actors) < size:
+        actors.append(TeacherActor.options(name=f"{prefix}-{len(actors)}", namespace=COUNTER_NAMESPACE, get_if_exists=True,
+                                           scheduling_strategy="SPREAD").remote(threads))
+    return actors[:size]
+
+
+def start_teacher_pool(size: int, threads: int, gpus: float = 0.0) -> None:
+    """At job start: the warm actors' processes start (and import torch) while the job does other things."""
+    if gpus <= 0:
+        teacher_pool(size, threads)
+
+
+def release(actors: list, gpus: float, *, finished: bool = True) -> None:
+    """After a pass: a GPU pass's actors end (their GPU share goes back); warm CPU actors stay, unless the pass did
+    not finish (Ctrl-C, an error): then they end too, unrestarted, before Ray goes down with their calls in flight
+    (else Ray retries those calls on restarted actors while it shuts down, and logs an error after the job's last line)."""
+    if gpus > 0 or not finished:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    if not finished:
+        for pool in _POOLS.values():
+            pool[:] = [actor for actor in pool if actor not in actors]
+
+
+def run_pass(actors: list, predictor_kwargs: Mapping[str, Any], blocks: list) -> list:
+    """Each image block's reference to an actor, round robin (blocks are of equal size); returns the output blocks'
+    references, in block order. Each actor builds the pass's teachers on its first block of the pass."""
+    key = uuid.uuid4().hex
+    kwargs = ray.put(dict(predictor_kwargs))  # once, not once per block
+    return [actors[i % len(actors)].predict.remote(key, kwargs, block) for i, block in enumerate(blocks)]
