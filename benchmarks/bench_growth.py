@@ -97,7 +97,7 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
             f"actors {entry['actor_peak_rss_mb']} MB, load {loadavg()}")
         return entry, logits
 
-    # First call on this cluster: Ray Data's and the actors' worker processes start. Kept, not in the ratios.
+    # First call on this cluster: the teacher actors' processes start. Kept, not in the ratios.
     out["first_call_1x"], logits_1x = generate(1)
     runs: dict[int, list[dict]] = {k: [] for k in GROWTH_FACTORS}
     deadline = time.perf_counter() + gen_budget_s  # a busy machine must not stretch the run: later rounds are dropped
@@ -208,7 +208,7 @@ def render_growth(report: dict) -> str:
         f"{_linear_words(se['growth_in_worker'])} | | |",
         "",
         f"- \"linear\" only where both ratios are within {LINEAR_TOLERANCE:.0%} of 2 and 4.",
-        f"- Soft targets: `generate_soft_targets(...).materialize()` (teacher MLP 784-1200-1200-10, random init; default "
+        f"- Soft targets: `generate_soft_targets(...)` (teacher MLP 784-1200-1200-10, random init; default "
         f"`soft_targets` config: {st['1x']['runs'][0]['actor_processes'] or '?'} actor processes seen, "
         f"{g['config']['num_actors']} x {g['config']['num_cpus_per_actor']:g} CPU, batch {g['config']['batch_size']}, {g['config']['encoding']}), "
         f"timed from building the Ray dataset to materialized; median of {g['rounds_done']} runs per size, sizes interleaved "

@@ -8,7 +8,7 @@ Measures, in one process on one machine:
    (MNIST train) and 300k rows (MNIST train x5):
    (a) a plain loop: normalize_images + forward + fp16 encoding, batch 4096,
        torch.set_num_threads(<the CPUs Ray uses>), rows/s;
-   (b) the production path `orchestrator.flows.stages.generate_soft_targets(...).materialize()`,
+   (b) the production path `orchestrator.flows.stages.generate_soft_targets(...)`,
        timed end to end from putting the image blocks to every output block done, on a Ray started
        once at the beginning (its start-up is NOT counted): the first call with no job (the teacher
        actors start with it), a job's first call (actors started as a job starts them, and ready),
@@ -364,7 +364,7 @@ def render_pipeline(report: dict) -> str:
         "",
         f"- Soft targets: teacher MLP 784-1200-1200-10 (random init), batch {st['batch_size']}. Plain = one process, "
         f"{st['plain_threads']} torch threads, normalise + forward + fp16 encode. Production = "
-        f"`generate_soft_targets(...).materialize()` with the default `soft_targets` config "
+        f"`generate_soft_targets(...)` with the default `soft_targets` config "
         f"({st['config']['num_actors']} actors x {st['config']['num_cpus_per_actor']:g} thread, {st['config']['encoding']}), timed from "
         f"putting the image blocks to every output block done. Max |production - plain| logit: "
         f"{st['60k'].get('max_abs_diff_vs_plain', float('nan')):.3g}.",

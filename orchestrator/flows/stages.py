@@ -144,9 +144,10 @@ def start_teachers(cfg: JobConfig) -> None:
         start_teacher_pool(cfg.soft_targets.num_actors, teacher_threads(cfg), teacher_gpus(cfg.soft_targets.gpus_per_actor(cfg.train.use_gpu)))
 
 
-def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> ray.data.Dataset:
-    """Every (train id, view) and test id through the job's warm teacher actors (warm_pool.py): a dataset of
-    their output blocks (id, view, encoded logits), complete when returned. Test ids follow the train ids."""
+def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> list[ray.ObjectRef]:
+    """Every (train id, view) and test id through the job's warm teacher actors (warm_pool.py): the references
+    of their output blocks (Arrow tables: id, view, encoded logits), all done when returned. Test ids follow
+    the train ids."""
     st = cfg.soft_targets
     gpus = teacher_gpus(st.gpus_per_actor(cfg.train.use_gpu))  # GPUs when the cluster has them, else the CPU
     views = soft_target_views(cfg, data)
@@ -177,9 +178,9 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
     finished = False
     try:
         outputs = run_pass(actors, predictor_kwargs, put_image_blocks([data.train, data.test], num_blocks))
-        generated = ray.data.from_arrow_refs(outputs)  # reads each block's metadata: every block is done on return
+        ray.wait(outputs, num_returns=len(outputs), fetch_local=False)  # done, where the actors left them
         finished = True
-        return generated
+        return outputs
     finally:
         release(actors, gpus, finished=finished)
 
@@ -213,13 +214,13 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
         if cache_hit:
             train_ref, test_ref, summary = assemble_soft_targets.remote(entry, columns, names, shape)
         else:
-            generated = generate_soft_targets(cfg, teachers, data).materialize()
+            blocks = generate_soft_targets(cfg, teachers, data)
+            # Training gets the logits from the object store, not from the parquet written next (the task runs
+            # while the cache is written); the driver passes the blocks' references and never holds a row.
+            train_ref, test_ref, summary = assemble_soft_targets.remote(None, columns, names, shape, *blocks)
             # cache_dir as configured: a URI must reach write_cache whole (it resolves paths itself).
-            entry = write_cache(generated, st.cache_dir, key, columns=columns,
+            entry = write_cache(ray.data.from_arrow_refs(blocks), st.cache_dir, key, columns=columns,
                                 extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
-            # Training gets the logits from the object store, not from the parquet just written; the driver
-            # passes the blocks' references and never holds a row.
-            train_ref, test_ref, summary = assemble_soft_targets.remote(None, columns, names, shape, *generated.to_arrow_refs())
         ray.get(summary)  # a cache that does not cover every (example, view) fails here, inside the stage
     forward_rows = ray.get(counter.total.remote()) - rows_before
     wall = time.perf_counter() - started

@@ -28,6 +28,10 @@ import pyarrow as pa
 import ray
 import torch
 
+# At import, so when the actor starts, not in the job's first pass: importing ray.data took 0.5 s of a 2.2 s
+# pass at 60,000 rows on new actors.
+from ray.data.extensions import ArrowTensorArray
+
 from orchestrator.teachers.pool import COUNTER_NAMESPACE, TeacherPredictor
 
 POOL_NAME = "kd-teacher"
@@ -60,8 +64,6 @@ class TeacherActor:
 
 def _table(columns: Mapping[str, np.ndarray]) -> pa.Table:
     """Numpy columns as an Arrow table the way Ray Data stores them: (N, K) columns as Ray's tensor extension."""
-    from ray.data.extensions import ArrowTensorArray
-
     return pa.table({name: ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values) for name, values in columns.items()})
 
 
