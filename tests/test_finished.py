@@ -1,4 +1,5 @@
-"""Scoring finished models in a Ray task: the same figures as in this process, metrics (not logits) back."""
+"""Scoring finished models off the driver (a Ray task, or the job's warm teacher actor): the same figures as in
+this process, metrics (not logits) back."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import torch
 from orchestrator.config import load_config
 from orchestrator.data.datasets import load_arrays
 from orchestrator.flows.finished import model_scores, put_test_split, score_models
+from orchestrator.teachers.warm_pool import start_teacher_pool, warm_actor
 from orchestrator.train.models import build_model
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs/digits_kd.yaml"
 
 
-def test_a_stage_scored_in_a_task_matches_this_process_and_sends_back_no_logits(ray_session):
+@pytest.mark.parametrize("where", ["task", "warm actor"])
+def test_a_stage_scored_off_the_driver_matches_this_process_and_sends_back_no_logits(ray_session, where):
     cfg = load_config(DIGITS)
     data = load_arrays(cfg.dataset)
     spec = cfg.students[0]
@@ -28,9 +31,12 @@ def test_a_stage_scored_in_a_task_matches_this_process_and_sends_back_no_logits(
     teacher = {"teacher_logits": np.random.default_rng(0).normal(size=(n_test, 10)).astype(np.float16)}  # as the cache encodes them
     val = (data.train.images[:300], data.train.labels[:300])
 
-    # Two members of one stage, one with its transfer-set bias corrected (class 3 left out), in one task.
+    if where == "warm actor":  # as a job that makes soft targets has them (stages.start_teachers)
+        start_teacher_pool(2, threads=1)
+        assert warm_actor() is not None
+    # Two members of one stage, one with its transfer-set bias corrected (class 3 left out), in one call.
     remote = score_models([(spec, model.state_dict(), "student"), (spec, model.state_dict(), "twin")], put_test_split(data), ray.put(teacher),
-                          precision="fp32", excluded=[3], bias_val={"student": val})
+                          precision="fp32", excluded=[3], bias_val={"student": val}, warm=where == "warm actor")
     plain = model_scores(copy.deepcopy(model), data, teacher, use_gpu=False, precision="fp32", excluded=[3])
     corrected = model_scores(copy.deepcopy(model), data, teacher, use_gpu=False, precision="fp32", excluded=[3], bias_val=val)
 

@@ -1,8 +1,8 @@
 """The one place a finished model (teacher, assistant, student, twin, sweep trial, a teacher before and after
 pruning) is tested and recorded.
 
-Testing is a Ray task (`model_scores_task`, called by `score_models` for a stage's models): the test split goes
-to it by one object-store reference (`put_test_split`), the teachers' test logits by the reference the
+Testing runs on one of the job's warm teacher actors, or in a Ray task (`score_models`, for a stage's models):
+the test split goes to it by one object-store reference (`put_test_split`), the teachers' test logits by the reference the
 soft-target stage left there, and what comes back is each model's metrics (accuracy, errors, agreement with
 and KL to the teacher), the per-example correctness the paired test reads and, when the transfer-set bias
 was corrected, the corrected weights. No logits reach the driver. A sweep trial, itself a Tune actor, calls
@@ -67,13 +67,13 @@ def model_scores(model: torch.nn.Module, data: DatasetArrays, teacher_test: Mapp
             "state_dict": model.state_dict() if excluded and bias_val is not None else None}
 
 
-@ray.remote
-def model_scores_task(models: Sequence[tuple[dict, Mapping[str, torch.Tensor], str]], test_split: DatasetArrays,
-                      teacher_test: Mapping[str, np.ndarray] | None, *, use_gpu: bool, precision: str, excluded: Sequence[int] = (),
-                      bias_val: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict[str, Any]]:
-    """`model_scores` of each (spec, weights, name) on a Ray worker, the models rebuilt there (Ray resolves the
-    references among the arguments: the test split and the teachers' test columns come from the object store).
-    One task for a stage's models, not one each: on small models a worker's imports cost more than the scoring."""
+def score_stage(models: Sequence[tuple[dict, Mapping[str, torch.Tensor], str]], test_split: DatasetArrays,
+                teacher_test: Mapping[str, np.ndarray] | None, *, use_gpu: bool, precision: str, excluded: Sequence[int] = (),
+                bias_val: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict[str, Any]]:
+    """`model_scores` of each (spec, weights, name), the models rebuilt where this runs: a warm teacher actor or a
+    task (`score_models`; Ray resolves the references among the arguments: the test split and the teachers'
+    test columns come from the object store). One call for a stage's models, not one each: on small models a
+    new worker's imports cost more than the scoring."""
     scores = []
     for spec, state_dict, name in models:
         model = build_model(ModelSpec.model_validate(spec), test_split.input_shape, test_split.num_classes)
@@ -81,6 +81,9 @@ def model_scores_task(models: Sequence[tuple[dict, Mapping[str, torch.Tensor], s
         scores.append(model_scores(model, test_split, teacher_test, use_gpu=use_gpu, precision=precision, excluded=excluded,
                                    bias_val=(bias_val or {}).get(name)))
     return scores
+
+
+model_scores_task = ray.remote(score_stage)
 
 
 def put_test_split(data: DatasetArrays) -> ray.ObjectRef:
@@ -91,12 +94,20 @@ def put_test_split(data: DatasetArrays) -> ray.ObjectRef:
 
 def score_models(models: Sequence[tuple[ModelSpec, Mapping[str, torch.Tensor], str]], test_ref: ray.ObjectRef, teacher_test: ray.ObjectRef, *,
                  precision: str, gpus: float = 0.0, excluded: Sequence[int] = (),
-                 bias_val: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict[str, Any]]:
-    """Every (spec, weights, name) scored in a scoring task; results in the given order. `bias_val` maps the
-    names whose transfer-set bias is corrected to their validation images and labels."""
+                 bias_val: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None, warm: bool = True) -> list[dict[str, Any]]:
+    """Every (spec, weights, name) scored off the driver; results in the given order. `bias_val` maps the names
+    whose transfer-set bias is corrected to their validation images and labels.
+
+    On one of the job's warm teacher actors when the job has them on the CPU (`warm`): torch is imported there
+    and no worker process starts; else in a task (with `gpus`, its GPU share)."""
+    from orchestrator.teachers.warm_pool import warm_actor  # the driver's side only: a scoring task's worker never needs it
+
     models = [(spec_of(spec).model_dump(mode="json"), state, name) for spec, state, name in models]
-    return ray.get(model_scores_task.options(num_gpus=gpus).remote(models, test_ref, teacher_test, use_gpu=gpus > 0, precision=precision,
-                                                                     excluded=list(excluded), bias_val=bias_val))
+    kwargs = {"use_gpu": gpus > 0, "precision": precision, "excluded": list(excluded), "bias_val": bias_val}
+    actor = warm_actor() if warm and gpus == 0 else None
+    if actor is not None:
+        return ray.get(actor.call.remote(score_stage, models, test_ref, teacher_test, **kwargs))
+    return ray.get(model_scores_task.options(num_gpus=gpus).remote(models, test_ref, teacher_test, **kwargs))
 
 
 def log_model(uri: str, run_id: str, model: torch.nn.Module, spec: ModelSpec, data: DatasetArrays) -> None:

@@ -52,6 +52,10 @@ class TeacherActor:
         """This process's id: a warm actor answers every pass with the same one."""
         return os.getpid()
 
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` in this warm process: the job's test-set scoring (flows/finished.py)."""
+        return fn(*args, **kwargs)
+
     def predict(self, key: str, predictor_kwargs: Mapping[str, Any], block: Mapping[str, np.ndarray]) -> pa.Table:
         """One block of images (columns id, image) -> its soft-target rows (id, view, encoded logits)."""
         if key not in self.predictors:
@@ -83,6 +87,13 @@ def teacher_pool(size: int, threads: int, gpus: float = 0.0) -> list:
         actors.append(TeacherActor.options(name=f"{prefix}-{len(actors)}", namespace=COUNTER_NAMESPACE, get_if_exists=True,
                                            scheduling_strategy="SPREAD").remote(threads))
     return actors[:size]
+
+
+def warm_actor() -> Any | None:
+    """One of the current job's warm CPU actors that this process started or found, else None."""
+    context = ray.get_runtime_context()
+    node, prefix = context.get_node_id(), f"{POOL_NAME}-{context.get_job_id()}-"
+    return next((actors[0] for (node_id, name), actors in _POOLS.items() if node_id == node and name.startswith(prefix) and actors), None)
 
 
 def start_teacher_pool(size: int, threads: int, gpus: float = 0.0) -> None:
