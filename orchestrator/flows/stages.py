@@ -175,14 +175,16 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
     per_block = max(1, st.batch_size // views.count)
     num_blocks = -(-rows // (per_block * st.num_actors)) * st.num_actors
     actors = teacher_pool(st.num_actors, threads, gpus)
-    finished = False
+    interrupted = False
     try:
         outputs = run_pass(actors, predictor_kwargs, put_image_blocks([data.train, data.test], num_blocks))
         ray.wait(outputs, num_returns=len(outputs), fetch_local=False)  # done, where the actors left them
-        finished = True
         return outputs
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupts.py raises it): Ray goes down next
+        interrupted = True
+        raise
     finally:
-        release(actors, gpus, finished=finished)
+        release(actors, gpus, interrupted=interrupted)
 
 
 @dataclass

@@ -102,14 +102,15 @@ def start_teacher_pool(size: int, threads: int, gpus: float = 0.0) -> None:
         teacher_pool(size, threads)
 
 
-def release(actors: list, gpus: float, *, finished: bool = True) -> None:
-    """After a pass: a GPU pass's actors end (their GPU share goes back); warm CPU actors stay, unless the pass did
-    not finish (Ctrl-C, an error): then they end too, unrestarted, before Ray goes down with their calls in flight
-    (else Ray retries those calls on restarted actors while it shuts down, and logs an error after the job's last line)."""
-    if gpus > 0 or not finished:
+def release(actors: list, gpus: float, *, interrupted: bool = False) -> None:
+    """After a pass: a GPU pass's actors end (their GPU share goes back); warm CPU actors stay, unless the pass was
+    interrupted (Ctrl-C, SIGTERM): then they end too, unrestarted, before Ray goes down with their calls in flight
+    (else Ray retries those calls on restarted actors while it shuts down, and logs an error after the job's last
+    line). A pass that failed otherwise leaves them up: a sweep's other trials may be using them."""
+    if gpus > 0 or interrupted:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-    if not finished:
+    if interrupted:
         for pool in _POOLS.values():
             pool[:] = [actor for actor in pool if actor not in actors]
 
