@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -34,6 +35,14 @@ def _runs_by_name(client: MlflowClient, experiment: str) -> dict[str, list]:
     for run in runs:
         by_name.setdefault(run.info.run_name, []).append(run)
     return by_name
+
+
+def _teacher_actor_pids() -> set[int]:
+    """The alive warm teacher actors' processes on this session's cluster (teachers/warm_pool.py)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "TeacherActor"), ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
 
 
 @pytest.fixture
@@ -100,7 +109,9 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     chain_cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [*FAST, "train.epochs=2", "students=[{name: mlp16, family: mlp, hidden: [16]}]",
                                                                   "chain=[{family: mlp, hidden: [48]}]"])
     rows_before = teacher_forward_rows()
+    warm_before = _teacher_actor_pids()
     chained = run_job(chain_cfg)
+    assert warm_before and _teacher_actor_pids() == warm_before  # the assistant's pass ran on the same warm actors
     assert [(r["role"], r["name"]) for r in chained] == [("teacher", "cnn"), ("assistant", "assistant1"), ("student", "mlp16"), ("baseline", "mlp16-baseline")]
     assert chained[0]["test_accuracy"] == teacher["test_accuracy"]  # same teacher weights
     assert chained[1]["test_accuracy"] > 0.5 and chained[1]["params"] == 64 * 48 + 48 + 48 * 10 + 10
