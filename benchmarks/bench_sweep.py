@@ -3,7 +3,7 @@
 Both arms are the same `distill sweep` (configs/fashion_sweep.yaml, direct KD, a fixed 4 x 2 grid
 over temperature and alpha, FIFO, one seed), run one after the other on this machine:
 
-- cached: the production path. The teacher runs once, on the Ray Data actor pool, into the
+- cached: the production path. The teacher runs once, on the job's warm teacher actors, into the
   fingerprinted parquet cache; every trial streams its soft targets from there.
 - naive: `teacher_mode=online`. Every trial runs the teacher inside its Ray Train worker on every
   batch of every epoch, which is what a sweep without a soft-target cache does.

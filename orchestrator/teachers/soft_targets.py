@@ -1,6 +1,6 @@
 """Teacher soft targets: column schema, logit codecs, fingerprint and an on-disk parquet cache.
 
-A teacher's logits for a split are computed once (by a Ray Data actor pool) and
+A teacher's logits for a split are computed once (by the job's teacher actors, warm_pool.py) and
 published under `<root>/<fingerprint>/` so no later job or trial re-runs the
 teacher. Publishing is atomic: data lands in `<root>/.tmp-<fp>-<uuid>/` and the
 directory is renamed into place only after `manifest.json` (complete: true) is
