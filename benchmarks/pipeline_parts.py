@@ -141,7 +141,7 @@ def ray_student_run(loop, datasets: dict, clock_file: Path, *, last_metrics: boo
     clock_file.unlink(missing_ok=True)
     trainer = build_trainer(loop, datasets, run_name=f"bench-{loop.optim.num_workers}w-{int(time.time())}")
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _ReportClock(str(clock_file))]
-    with Foreign() as foreign:
+    with Foreign(poll=True) as foreign:  # the train workers exit before fit() returns
         started = time.perf_counter()
         result = trainer.fit()
         fit_s = time.perf_counter() - started

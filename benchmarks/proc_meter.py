@@ -64,16 +64,35 @@ class Foreign:
     Another job on the machine slows every figure; this makes that visible per measurement.
     """
 
+    POLL_S = 0.5
+
+    def __init__(self, *, poll: bool = False) -> None:
+        # Ray's worker processes are reaped without their CPU time reaching a parent's counters, so a Ray Train
+        # worker that ends before the measurement does counts as foreign load. `poll` reads our processes' time
+        # every POLL_S from a thread (to within POLL_S of each one's exit; what is lost errs towards more foreign
+        # load): for measurements where this process only waits, never around work done in this process.
+        self.poll = poll
+
     def __enter__(self) -> "Foreign":
         self.wall, self.busy, self.own = time.perf_counter(), _busy_jiffies(), _own_cpu()
+        self.seen = dict(self.own)
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, daemon=True) if self.poll else None
+        if self._poller:
+            self._poller.start()
         return self
 
+    def _poll(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            self.seen.update(_own_cpu())
+
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._poller:
+            self._poller.join()
+        self.seen.update(_own_cpu())
         wall = time.perf_counter() - self.wall
-        # Ray's worker processes are reaped without their CPU time reaching a parent's counters, so our
-        # share is summed over our processes alive at the end (the time of those that exited is lost:
-        # this errs towards more foreign load, never less).
-        own = sum(ticks - self.own.get(key, 0) for key, ticks in _own_cpu().items())
+        own = sum(ticks - self.own.get(key, 0) for key, ticks in self.seen.items())
         foreign = (_busy_jiffies() - self.busy) - own
         capacity = wall * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
         self.share = round(min(1.0, max(0.0, foreign / capacity)), 3) if capacity > 0 else 0.0
