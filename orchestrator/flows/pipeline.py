@@ -12,7 +12,6 @@ import numpy as np
 import ray
 import torch
 
-from orchestrator.cluster.checks import teacher_gpus
 from orchestrator.config import JobConfig
 from orchestrator.flows.born_again import later_generations
 from orchestrator.flows.chain_runner import run_chain
@@ -21,7 +20,7 @@ from orchestrator.flows.finished import log_model, put_test_split, score_models
 from orchestrator.flows.job import Prepared, job_context
 from orchestrator.flows.scoring import pair_with_twin
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
-from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, student_members, student_stage
+from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, student_members, student_stage, teacher_actor_gpus
 from orchestrator.losses.kd_settings import is_auto
 from orchestrator.losses.terms import describe_loss, uses_kd_section
 from orchestrator.teachers.soft_targets import fingerprint
@@ -33,18 +32,13 @@ from orchestrator.train.models import build_model, count_params, model_size_mb
 def _teacher_rows(prep: Prepared, teachers: list[TeacherWeights], soft: SoftTargets, test_ref, role: str = "teacher") -> list[dict]:
     """Each teacher (or assistant) scored in a task against the teachers' test logits, logged, as a summary row."""
     scores = score_models([(t.config, t.state_dict, t.config.name) for t in teachers], test_ref, soft.test_columns,
-                          precision=prep.cfg.soft_targets.precision, gpus=_scoring_gpus(prep.cfg))
+                          precision=prep.cfg.soft_targets.precision, gpus=teacher_actor_gpus(prep.cfg))
     rows = []
     for t, score in zip(teachers, scores):
         tracking.log_metrics(prep.tracking_uri, t.run_id, score["metrics"])
         model = build_model(t.config, prep.data.input_shape, prep.data.num_classes)
         rows.append(_row(role, t.config.name, score["metrics"], model, t.wall_s, t.run_id))
     return rows
-
-
-def _scoring_gpus(cfg: JobConfig) -> float:
-    """A scoring task's GPU share: the teacher actors' (soft_targets.num_gpus_per_actor), when the cluster has GPUs."""
-    return teacher_gpus(cfg.soft_targets.gpus_per_actor(cfg.train.use_gpu))
 
 
 def _row(role: str, name: str, metrics: dict, model: torch.nn.Module, wall_s: float, run_id: str) -> dict:
@@ -188,7 +182,7 @@ def score_students(prep: Prepared, result, teacher_soft: SoftTargets, test_ref, 
     corrected = [m.name for m in result.members if excluded and cfg.transfer.bias_correction and m.role == "student"]
     val = (data.train.images[prep.val_ids], data.train.labels[prep.val_ids]) if corrected else None
     scores = score_models([(m.spec, result.state_dicts[m.name], m.name) for m in result.members], test_ref, teacher_soft.test_columns,
-                          precision=cfg.train.precision, gpus=_scoring_gpus(cfg), excluded=excluded, bias_val={name: val for name in corrected})
+                          precision=cfg.train.precision, gpus=teacher_actor_gpus(cfg), excluded=excluded, bias_val={name: val for name in corrected})
     rows, correct, errors = [], {}, {}
     for m, score in zip(result.members, scores):
         model = build_model(m.spec, data.input_shape, data.num_classes)

@@ -116,7 +116,7 @@ def soft_target_key(cfg: JobConfig, teachers: list[TeacherWeights], data: Datase
         "views": soft_target_views(cfg, data).fingerprint_parts(),
         "encoding": st.encoding,
         # bf16 inference, TF32 and cuDNN change the logits' low bits: a cache made on a GPU is not the CPU's.
-        "inference": {"device": "cuda" if teacher_gpus(st.gpus_per_actor(cfg.train.use_gpu)) > 0 else "cpu", "precision": st.precision},
+        "inference": {"device": "cuda" if teacher_actor_gpus(cfg) > 0 else "cpu", "precision": st.precision},
         "top_k": st.top_k if st.encoding == "topk" else None,
         "ensemble": st.ensemble if len(teachers) > 1 else None,
     })
@@ -138,10 +138,15 @@ def teacher_threads(cfg: JobConfig) -> int:
     return max(1, int(cfg.soft_targets.num_cpus_per_actor))
 
 
+def teacher_actor_gpus(cfg: JobConfig) -> float:
+    """GPUs per teacher actor (and per scoring task): as configured when the cluster has GPUs, else 0 (the CPU)."""
+    return teacher_gpus(cfg.soft_targets.gpus_per_actor(cfg.train.use_gpu))
+
+
 def start_teachers(cfg: JobConfig) -> None:
     """At job start, for jobs that make soft targets: the warm teacher actors start while the job goes on."""
     if cfg.teachers:
-        start_teacher_pool(cfg.soft_targets.num_actors, teacher_threads(cfg), teacher_gpus(cfg.soft_targets.gpus_per_actor(cfg.train.use_gpu)))
+        start_teacher_pool(cfg.soft_targets.num_actors, teacher_threads(cfg), teacher_actor_gpus(cfg))
 
 
 def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> list[ray.ObjectRef]:
@@ -149,7 +154,7 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
     of their output blocks (Arrow tables: id, view, encoded logits), all done when returned. Test ids follow
     the train ids."""
     st = cfg.soft_targets
-    gpus = teacher_gpus(st.gpus_per_actor(cfg.train.use_gpu))  # GPUs when the cluster has them, else the CPU
+    gpus = teacher_actor_gpus(cfg)
     views = soft_target_views(cfg, data)
     threads = teacher_threads(cfg)
     predictor_kwargs: dict[str, Any] = {

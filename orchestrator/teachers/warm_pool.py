@@ -74,15 +74,21 @@ def _table(columns: Mapping[str, np.ndarray]) -> pa.Table:
 _POOLS: dict[tuple, list] = {}  # held here: a non-detached actor ends when the last handle to it goes
 
 
+def _this_job() -> tuple[str, str]:
+    """(the node id, the actor-name prefix of the current job): a restarted Ray numbers its jobs from 1 again,
+    on a new node id, so the pair names one job's pools in `_POOLS`."""
+    context = ray.get_runtime_context()
+    return context.get_node_id(), f"{POOL_NAME}-{context.get_job_id()}-"
+
+
 def teacher_pool(size: int, threads: int, gpus: float = 0.0) -> list:
     """This job's `size` warm teacher actors (started by the first call; later calls, in the driver or in a sweep
     trial's actor, get the same processes by name). With `gpus`, new unnamed actors for one pass (see `release`)."""
     if gpus > 0:
         return [TeacherActor.options(num_gpus=gpus, scheduling_strategy="SPREAD").remote(threads) for _ in range(size)]
-    context = ray.get_runtime_context()
-    prefix = f"{POOL_NAME}-{context.get_job_id()}-t{threads}"
-    key = (context.get_node_id(), prefix)  # a restarted Ray numbers its jobs from 1 again, on a new node id
-    actors = _POOLS.setdefault(key, [])
+    node, job_prefix = _this_job()
+    prefix = f"{job_prefix}t{threads}"
+    actors = _POOLS.setdefault((node, prefix), [])
     while len(actors) < size:
         actors.append(TeacherActor.options(name=f"{prefix}-{len(actors)}", namespace=COUNTER_NAMESPACE, get_if_exists=True,
                                            scheduling_strategy="SPREAD").remote(threads))
@@ -91,8 +97,7 @@ def teacher_pool(size: int, threads: int, gpus: float = 0.0) -> list:
 
 def warm_actor() -> Any | None:
     """One of the current job's warm CPU actors that this process started or found, else None."""
-    context = ray.get_runtime_context()
-    node, prefix = context.get_node_id(), f"{POOL_NAME}-{context.get_job_id()}-"
+    node, prefix = _this_job()
     return next((actors[0] for (node_id, name), actors in _POOLS.items() if node_id == node and name.startswith(prefix) and actors), None)
 
 
