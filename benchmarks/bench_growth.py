@@ -64,7 +64,7 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
     import ray
 
     from orchestrator.data.datasets import split_train_val
-    from orchestrator.flows.stages import SoftTargets, with_soft_targets
+    from orchestrator.flows.stages import SoftTargets, student_datasets
     from orchestrator.teachers.soft_targets import DENSE_COLUMN, column_to_numpy
     from orchestrator.tracking import runs as tracking
 
@@ -139,10 +139,10 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
             train_ids, val_ids = split_train_val(n, VAL_FRACTION, SEED)
             gc.collect()
             reset_driver_hwm()
-            datasets = {"train": with_soft_targets(data.train, train_ids, soft_k), "val": with_soft_targets(data.train, val_ids, soft_k)}
+            datasets, objects = student_datasets(data.train, train_ids, val_ids, soft_k)
             run_id = tracking.create_run(uri, experiment, f"student-{k}x")
             with ActorPeak("RayTrainWorker") as train_workers:
-                run = ray_student_run(make_loop(epochs, 1, float(threads), run_id, uri, train_rows=len(train_ids)), datasets, work / "clock.txt", last_metrics=True)
+                run = ray_student_run(make_loop(epochs, 1, float(threads), run_id, uri, train_rows=len(train_ids)), datasets, work / "clock.txt", last_metrics=True, objects=objects)
             tracking.end_run(uri, run_id)
             last = run.pop("last_metrics")
             polled = train_workers.summary()

@@ -243,7 +243,7 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
     import torch
 
     from orchestrator.data.datasets import split_train_val
-    from orchestrator.flows.stages import SoftTargets, with_soft_targets
+    from orchestrator.flows.stages import SoftTargets, student_datasets
     from orchestrator.teachers.soft_targets import DENSE_COLUMN
     from orchestrator.tracking import runs as tracking
 
@@ -267,14 +267,14 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
         plain_steady, plain_used = clean_median(plain[1:], plain_foreign[1:])
         log(f"student plain: epochs {[round(s, 3) for s in plain]} s, foreign CPU share {plain_foreign}, load {loadavg()}")
 
-        datasets = {"train": with_soft_targets(arrays.train, train_ids, soft), "val": with_soft_targets(arrays.train, val_ids, soft)}
+        datasets, objects = student_datasets(arrays.train, train_ids, val_ids, soft)
         runs = {}
         configs = [("1_worker", 1, float(threads), 5 if quick else 7)]
         if not quick:
             configs.append(("2_workers", 2, float(threads) / 2, 5))
         for key, workers, cpus, epochs in configs:
             run_id = tracking.create_run(uri, experiment, f"student-{key}")
-            runs[key] = ray_student_run(make_loop(epochs, workers, cpus, run_id, uri, train_rows=len(train_ids)), datasets, work / "clock.txt")
+            runs[key] = ray_student_run(make_loop(epochs, workers, cpus, run_id, uri, train_rows=len(train_ids)), datasets, work / "clock.txt", objects=objects)
             tracking.end_run(uri, run_id)
             runs[key]["workers"], runs[key]["cpus_per_worker"] = workers, cpus
             runs[key]["ratio"] = round(runs[key]["steady_epoch_s"] / plain_steady, 3)

@@ -132,14 +132,14 @@ class _ReportClock:
         return ReportClock(path)
 
 
-def ray_student_run(loop, datasets: dict, clock_file: Path, *, last_metrics: bool = False) -> dict:
+def ray_student_run(loop, datasets: dict, clock_file: Path, *, last_metrics: bool = False, objects: dict | None = None) -> dict:
     """One Ray Train run as the orchestrator builds it; the steady-state epoch is the median interval between
     consecutive reports as the controller sees them (epoch 0, which pulls the shard, is excluded)."""
     from orchestrator.train.train_loop import load_state
     from orchestrator.train.trainer import build_trainer
 
     clock_file.unlink(missing_ok=True)
-    trainer = build_trainer(loop, datasets, run_name=f"bench-{loop.optim.num_workers}w-{int(time.time())}")
+    trainer = build_trainer(loop, datasets, run_name=f"bench-{loop.optim.num_workers}w-{int(time.time())}", objects=objects)
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _ReportClock(str(clock_file))]
     with Foreign(poll=True) as foreign:  # the train workers exit before fit() returns
         started = time.perf_counter()

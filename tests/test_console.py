@@ -61,3 +61,20 @@ def test_default_console_is_ours(tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 0  # rebuilt from its state dict and spec, nothing unpickled
     # -v brings Ray's own lines back ("Started a local Ray instance", its dashboard address): asserted on the
     # -v runs of test_faults.py's Ctrl-C test, which starts a job of its own anyway.
+
+
+def test_a_runs_ray_logs_are_those_written_while_it_ran(ray_session, tmp_path):
+    """A driver that runs several jobs (a notebook, this test session) attaches to each run only the worker
+    logs written during it, not every earlier job's again."""
+    import time
+
+    from orchestrator.tracking.progress import copy_job_logs
+
+    started = time.time() - 1.0
+    # Four at once: more than Ray's prestarted workers (their files carry no job id), so some start for this job.
+    speak = ray_session.remote(num_cpus=0)(lambda: (time.sleep(1.0), print("kd-log-marker", flush=True)))
+    ray_session.get([speak.remote() for _ in range(4)])
+    (tmp_path / "now").mkdir()
+    (tmp_path / "later").mkdir()
+    assert any("kd-log-marker" in p.read_text(errors="replace") for p in copy_job_logs(tmp_path / "now", since=started))
+    assert copy_job_logs(tmp_path / "later", since=time.time() + 60) == []

@@ -210,17 +210,18 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teac
     assert {"report.json", "tradeoff.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session, tmp_path, digits_teacher):
+def test_online_sweep_runs_the_teacher_in_every_trial_and_counts_it(ray_session, tmp_path, monkeypatch, mlflow_uri, capfd, digits_teacher):
     """teacher_mode online: the naive sweep bench_sweep.py compares against. Every trial runs the
-    teacher on every train row of every epoch, and the parent run's teacher_forward_rows says so."""
+    teacher on every train row of every epoch, and the parent run's teacher_forward_rows says so.
+    In this process (the driver's own start-up is test_sweep_killed_interrupted_and_resumed's subject)."""
     from orchestrator.data.datasets import split_train_val
+    from orchestrator.flows.sweep import run_sweep
 
-    address = ray.get_runtime_context().gcs_address
+    monkeypatch.chdir(tmp_path)  # the cache and Tune's storage are relative to where a user runs the job
     online = ["teacher_mode=online", "sweep.space={temperature: {grid: [2.0]}, chain: {grid: [[]]}}", "train.epochs=2", "sweep.grace_period=2",
               "tracking.experiment=sweep-online"]  # one trial: the count, not the search, is under test
-    proc = _sweep(online, tmp_path, address, digits_teacher)
-    assert proc.wait(timeout=600) == 0, (tmp_path / "sweep-0.log").read_text()[-3000:]
-    console = (tmp_path / "sweep-0.log").read_text()
+    run_sweep(load_config(CONFIG, [*FAST, f"teachers.0.checkpoint={digits_teacher}", *online]))
+    console = capfd.readouterr().out
     assert "Number of trials: 1/1" in console and "Result for sweep_trial" not in console  # Tune's table, not its per-report dumps
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

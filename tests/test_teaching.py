@@ -21,8 +21,8 @@ from orchestrator.flows.pipeline import run_job
 from orchestrator.flows.stages import view_policy
 from orchestrator.losses.kd_settings import student_kd
 from orchestrator.losses.objective import Objective, StepInputs
-from orchestrator.teachers.pool import TeacherPredictor, attach_soft_targets
-from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
+from orchestrator.teachers.pool import TeacherPredictor
+from orchestrator.teachers.soft_target_columns import assemble_soft_targets, gather_soft_targets, teacher_sample
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.models import build_model
 from orchestrator.train.train_loop import LoopConfig, cached_teacher_logits
@@ -114,8 +114,8 @@ def test_cached_view_logits_are_the_teachers_logits_on_the_view_the_student_sees
     import pyarrow as pa
     import ray
 
-    # As a job does it: the rows assembled per id by a task, the columns left in the object store, and the
-    # map function handed their reference.
+    # As a job does it: the rows assembled per id by a task, the columns left in the object store, and each
+    # train worker gathering its rows' logits from them.
     table = pa.table({"id": rows["id"], "view": rows["view"], "teacher_logits": list(rows["teacher_logits"])})
     train_ref, _, summary = assemble_soft_targets.remote(None, ["id", "view", "teacher_logits"], ["teacher_logits"],
                                                          {"n_train": 40, "n_test": 0, "views": 7}, table)
@@ -126,7 +126,7 @@ def test_cached_view_logits_are_the_teachers_logits_on_the_view_the_student_sees
     with pytest.raises(RuntimeError, match="do not cover every"):  # a missing (id, view) fails the task, and the stage with it
         ray.get(assemble_soft_targets.remote(None, ["id", "view", "teacher_logits"], ["teacher_logits"],
                                              {"n_train": 40, "n_test": 0, "views": 7}, table.slice(1))[2])
-    batch = attach_soft_targets({"id": ids, "image": data.train.images[ids]}, columns=train_ref)
+    batch = {"id": ids, "image": data.train.images[ids], **gather_soft_targets(ray.get(train_ref), ids)}  # the train worker's join
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     loop = LoopConfig(stage="t", members=[], optim=cfg.train, input_shape=data.input_shape, num_classes=10, mean=data.mean, std=data.std,
                       encoding="fp32", seed=5, train_rows=40)

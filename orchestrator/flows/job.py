@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,21 +169,22 @@ def job_context(cfg: JobConfig, run_name: str, tags: dict, *, ray_address: str |
 @contextlib.contextmanager
 def ray_logs_attached(uri: str, run_id: str) -> Iterator[None]:
     """On the way out of a job, finished or failed (not interrupted: Ctrl-C must be quick), the Ray worker
-    logs the console left out, attached to its run as ray_logs/."""
+    logs the console left out, attached to its run as ray_logs/: those written to while the job ran."""
+    started = time.time() - 1.0  # file times are coarser than the clock on some filesystems
     try:
         yield
     except KeyboardInterrupt:
         raise
     except BaseException:
-        _attach_ray_logs(uri, run_id)
+        _attach_ray_logs(uri, run_id, started)
         raise
-    _attach_ray_logs(uri, run_id)
+    _attach_ray_logs(uri, run_id, started)
 
 
-def _attach_ray_logs(uri: str, run_id: str) -> None:
+def _attach_ray_logs(uri: str, run_id: str, since: float) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="kd-ray-logs-") as out:
-            if copy_job_logs(Path(out)):
+            if copy_job_logs(Path(out), since=since):
                 tracking.log_artifacts(uri, run_id, out, "ray_logs")
     except Exception:  # noqa: BLE001  (best effort: the logs stay in Ray's session folder; the job's result must not depend on them)
         pass

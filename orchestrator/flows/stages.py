@@ -23,13 +23,13 @@ from orchestrator.data.datasets import DatasetArrays, Split
 from orchestrator.data.ray_objects import put_image_blocks, to_ray_dataset
 from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
-from orchestrator.teachers.pool import attach_soft_targets, forward_row_counter
+from orchestrator.teachers.pool import forward_row_counter
 from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
 from orchestrator.teachers.soft_targets import build_lock, fingerprint, logit_columns, read_cache, write_cache
 from orchestrator.teachers.warm_pool import release, run_pass, start_teacher_pool, teacher_pool
 from orchestrator.tracking.progress import say
 from orchestrator.train.models import build_model, count_params
-from orchestrator.train.train_loop import LoopConfig, MemberConfig
+from orchestrator.train.train_loop import SOFT_COLUMNS, LoopConfig, MemberConfig
 from orchestrator.train.trainer import fit_and_load
 
 # Bump when the cached columns change meaning. 2: one row per (id, view) with columns id, view and the
@@ -270,10 +270,14 @@ def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays
     return members
 
 
-def with_soft_targets(split: Split, ids: np.ndarray, soft: SoftTargets) -> ray.data.Dataset:
-    """Train-split images joined with their teacher logits by id (ids index the train split directly); the map
-    tasks read the logits from the object store by reference."""
-    return to_ray_dataset(split, ids).map_batches(attach_soft_targets, fn_kwargs={"columns": soft.train_columns}, batch_format="numpy").materialize()
+def student_datasets(split: Split, train_ids: np.ndarray, val_ids: np.ndarray, soft: SoftTargets) -> tuple[dict[str, ray.data.Dataset], dict]:
+    """The students' train and validation rows (id, image, label) as Ray Datasets, and the object the train
+    workers join them with: the soft-target columns' reference (ids index the train split directly, so each
+    worker gathers its rows' logits from shared memory; no joined copy is made, nothing passes the driver)."""
+    datasets = {"train": to_ray_dataset(split, train_ids)}
+    if len(val_ids):
+        datasets["val"] = to_ray_dataset(split, val_ids)
+    return datasets, {SOFT_COLUMNS: soft.train_columns}
 
 
 def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext,
@@ -285,16 +289,13 @@ def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, sof
     """
     loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding,
                        train_rows=len(train_ids), views=view_policy(cfg, data)).model_copy(update={"has_val": len(val_ids) > 0})
-    objects = None
+    datasets, objects = student_datasets(data.train, train_ids, val_ids, soft)
     if cfg.teacher_mode == "online":
         if not teachers:
             raise ValueError("teacher_mode online: this stage was given no teachers to run")
         online = [{"name": t.config.name, "spec": spec_of(t.config).model_dump(mode="json"), "weight": t.config.weight} for t in teachers]
         loop = loop.model_copy(update={"teacher_mode": "online", "online_teachers": online, "ensemble": cfg.soft_targets.ensemble})
-        objects = {"teacher_states": ray.put([t.state_dict for t in teachers])}  # weights through the object store, once
-    datasets = {"train": with_soft_targets(data.train, train_ids, soft)}
-    if len(val_ids):
-        datasets["val"] = with_soft_targets(data.train, val_ids, soft)
+        objects["teacher_states"] = ray.put([t.state_dict for t in teachers])  # weights through the object store, once
     return fit_and_load(loop, datasets, run_name=run_name, callbacks=callbacks, objects=objects)
 
 

@@ -153,16 +153,3 @@ class TeacherPredictor:
             counter.add.remote(len(rows))
         logits = torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
         return {"id": out_ids, "view": views.astype(np.int16), **encode_logits(logits, encoding=self.encoding, top_k=self.top_k)}
-
-
-def attach_soft_targets(batch: dict[str, np.ndarray], *, columns: "Mapping[str, np.ndarray] | ray.ObjectRef") -> dict[str, np.ndarray]:
-    """map_batches function: add the encoded teacher logits of every view of each row, looked up by its id.
-
-    `columns` hold (n_train, V, ...) arrays, or are a reference to them in the object store (what a job passes:
-    each map task maps them from shared memory, no copy through the driver). Ids are dense row indices, so
-    the join is an array gather rather than a shuffle join.
-    """
-    if isinstance(columns, ray.ObjectRef):
-        columns = ray.get(columns)
-    ids = batch["id"]
-    return {**batch, **{name: values[ids] for name, values in columns.items()}}

@@ -13,6 +13,14 @@ from orchestrator.teachers.cache_manifest import CacheEntry, load_table
 from orchestrator.teachers.soft_targets import column_to_numpy
 
 
+def gather_soft_targets(columns: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The encoded logits of every view of each row, looked up by its id: {name: (len(ids), V, ...)}.
+
+    `columns` are the train columns below (row i = train id i), as the train workers map them from the object
+    store; ids are dense row indices, so the join with a batch of images is an array gather, not a shuffle join."""
+    return {name: values[ids] for name, values in columns.items()}
+
+
 def columns_by_id_and_view(table: pa.Table, columns: list[str], *, n_train: int, n_test: int, views: int) -> tuple[dict, dict]:
     """Cache rows -> ({name: (n_train, V, ...)}, {name: (n_test, ...)}), checking that every (id, view) is there once."""
     table = table.sort_by([("id", "ascending"), ("view", "ascending")])

@@ -140,9 +140,11 @@ def quiet_driver_logs() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
-def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20) -> list[Path]:
+def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20, since: float = 0.0) -> list[Path]:
     """This job's Ray worker logs on the driver's node (the stdout and stderr of every task and actor it ran
     there: what the console left out), each cut to its last `max_bytes`, copied into dest for MLflow.
+    `since` (a time.time()): only logs written to since then, so a driver that runs several jobs (a notebook,
+    a test session) attaches to each run its own workers' logs, not every earlier job's again.
 
     On the embedded default that is every worker of the job; on a cluster, the head node's share (each
     node keeps its own in its session folder, `ray logs`). [] when the folder cannot be found."""
@@ -155,8 +157,9 @@ def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20) -> list[Path]:
     job = ray.get_runtime_context().get_job_id()
     copied = []
     for path in sorted(logs.glob(f"worker-*-{job}-*")):
-        size = path.stat().st_size
-        if path.suffix not in (".out", ".err") or size == 0:
+        stat = path.stat()
+        size = stat.st_size
+        if path.suffix not in (".out", ".err") or size == 0 or stat.st_mtime < since:
             continue
         with open(path, "rb") as f:
             f.seek(max(0, size - max_bytes))

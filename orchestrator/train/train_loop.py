@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import ray.data
 import ray.train
 import ray.train.torch
@@ -29,6 +30,7 @@ from orchestrator.data.views import ViewPolicy, epoch_views, random_views, views
 from orchestrator.losses.objective import build_objective, step_members
 from orchestrator.losses.terms import LossTerm, uses_dml
 from orchestrator.teachers.online import OnlineTeacher, layer_pairs
+from orchestrator.teachers.soft_target_columns import gather_soft_targets
 from orchestrator.teachers.soft_targets import decode_logits, logit_columns
 from orchestrator.tracking.progress import emit
 from orchestrator.train.evaluate import classification_metrics
@@ -38,9 +40,10 @@ from orchestrator.train.optim import build_optimizer, build_scheduler, steps_per
 from orchestrator.train.precision import autocast, grad_scaler
 
 STATE_FILE = "state.pt"
-# Key of the train_loop_config entry holding Ray object refs (online teachers' weights): popped
-# before the typed LoopConfig is rebuilt, since weights are not JSON.
+# Key of the train_loop_config entry holding Ray object refs (online teachers' weights, the soft-target
+# columns): popped before the typed LoopConfig is rebuilt, since arrays are not JSON.
 OBJECTS_KEY = "_objects"
+SOFT_COLUMNS = "soft_columns"  # -> {name: (n_train, V, ...)}: the encoded logits of train row i at row i
 
 
 class MemberConfig(BaseModel):
@@ -100,11 +103,21 @@ class ShardBatches:
     With `in_memory` the shard is pulled from the object store once and kept as
     tensors: later epochs are plain tensor indexing, which is what brings a Ray
     Train epoch close to a plain PyTorch loop.
+
+    `soft_columns` (the cache's logit columns, read from the object store) are joined to the images here by
+    row id: the shard itself carries only id, image and label, so no joined copy is made before training.
     """
 
-    def __init__(self, shard, *, batch_size: int, in_memory: bool, seed: int) -> None:
+    def __init__(self, shard, *, batch_size: int, in_memory: bool, seed: int, soft_columns: dict[str, np.ndarray] | None = None) -> None:
         self.shard, self.batch_size, self.in_memory, self.seed = shard, batch_size, in_memory, seed
+        self.soft_columns = soft_columns or {}
         self.tensors: dict[str, torch.Tensor] | None = None
+
+    def _with_soft_targets(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.soft_columns:
+            return batch
+        joined = gather_soft_targets(self.soft_columns, batch["id"].numpy())  # ids index the train split, as the columns' rows do
+        return {**batch, **{name: torch.from_numpy(values) for name, values in joined.items()}}
 
     def collect(self) -> dict[str, torch.Tensor]:
         if self.tensors is None:
@@ -120,6 +133,8 @@ class ShardBatches:
             if "id" in tensors and len(tensors["id"]):
                 order = torch.argsort(tensors["id"])
                 tensors = {key: value[order] for key, value in tensors.items()}
+            if "id" in tensors:
+                tensors = self._with_soft_targets(tensors)
             if torch.cuda.is_available():
                 tensors = {key: value.pin_memory() for key, value in tensors.items()}
             self.tensors = tensors
@@ -127,9 +142,10 @@ class ShardBatches:
 
     def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         if not self.in_memory:
-            yield from self.shard.iter_torch_batches(
-                batch_size=self.batch_size, local_shuffle_buffer_size=self.batch_size * 8, local_shuffle_seed=self.seed + epoch
-            )
+            for batch in self.shard.iter_torch_batches(
+                batch_size=self.batch_size, local_shuffle_buffer_size=self.batch_size * 8, local_shuffle_seed=self.seed + epoch, device="cpu"
+            ):
+                yield self._with_soft_targets(batch)
             return
         tensors = self.collect()
         n = len(next(iter(tensors.values())))
@@ -316,9 +332,9 @@ def train_loop_per_worker(config: dict) -> None:
         layers = [layer for m in loop.members for layer in _teacher_layers(m.loss)]
         teacher_model = OnlineTeacher(loop.online_teachers, ray.get(objects["teacher_states"]), input_shape=loop.input_shape,
                                       num_classes=loop.num_classes, ensemble=loop.ensemble, layers=layers, device=device)
-    train = ShardBatches(
-        ray.train.get_dataset_shard("train"), batch_size=loop.optim.batch_size, in_memory=loop.optim.cache_shard_in_memory, seed=loop.seed + 7919 * rank
-    )
+    soft_columns = ray.get(objects[SOFT_COLUMNS]) if SOFT_COLUMNS in objects else None  # mapped from shared memory, not copied
+    train = ShardBatches(ray.train.get_dataset_shard("train"), batch_size=loop.optim.batch_size, in_memory=loop.optim.cache_shard_in_memory,
+                         seed=loop.seed + 7919 * rank, soft_columns=soft_columns)
     if loop.optim.cache_shard_in_memory:  # the exact number of batches this worker will draw
         steps = max(1, math.ceil(len(train.collect()["label"]) / loop.optim.batch_size))
     else:
@@ -326,7 +342,8 @@ def train_loop_per_worker(config: dict) -> None:
     members = build_members(loop, state, teacher_model, steps=steps)
     # Identical initial weights on every rank (above), but not identical dropout masks: each rank its own stream.
     torch.manual_seed(loop.seed * 7919 + rank + 1)
-    val = ShardBatches(ray.train.get_dataset_shard("val"), batch_size=4096, in_memory=True, seed=0) if loop.has_val and rank == 0 else None
+    val = (ShardBatches(ray.train.get_dataset_shard("val"), batch_size=4096, in_memory=True, seed=0, soft_columns=soft_columns)
+           if loop.has_val and rank == 0 else None)
     generator = torch.Generator().manual_seed(loop.seed + rank)
 
     for epoch in range(start_epoch, loop.optim.epochs):
