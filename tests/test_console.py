@@ -71,10 +71,11 @@ def test_a_runs_ray_logs_are_those_written_while_it_ran(ray_session, tmp_path):
     from orchestrator.tracking.progress import copy_job_logs
 
     started = time.time() - 1.0
-    # Four at once: more than Ray's prestarted workers (their files carry no job id), so some start for this job.
-    speak = ray_session.remote(num_cpus=0)(lambda: (time.sleep(1.0), print("kd-log-marker", flush=True)))
-    ray_session.get([speak.remote() for _ in range(4)])
+    # Four at once: more than Ray prestarts (their files carry no job id in their names: the job is found in them).
+    speak = ray_session.remote(num_cpus=0)(lambda: (time.sleep(1.0), print("kd-log-marker", flush=True), os.getpid())[-1])
+    workers = set(ray_session.get([speak.remote() for _ in range(4)]))
     (tmp_path / "now").mkdir()
     (tmp_path / "later").mkdir()
-    assert any("kd-log-marker" in p.read_text(errors="replace") for p in copy_job_logs(tmp_path / "now", since=started))
+    copied = [p for p in copy_job_logs(tmp_path / "now", since=started) if "kd-log-marker" in p.read_text(errors="replace")]
+    assert sorted(int(p.stem.rsplit("-", 1)[1]) for p in copied) == sorted(workers), copied  # every worker that ran one, prestarted or not
     assert copy_job_logs(tmp_path / "later", since=time.time() + 60) == []

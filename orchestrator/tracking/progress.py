@@ -140,6 +140,24 @@ def quiet_driver_logs() -> None:
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
+# Workers Ray starts before any job asks for them carry this job id in their log names; the job that
+# leases one is named inside the file instead (Ray writes ":job_id:<id>" when the worker takes its first task).
+PRESTARTED = "ffffffff"
+
+
+def _ran_for(path: Path, job: str) -> bool:
+    """Whether a prestarted worker's log (or its .out/.err sibling) names `job` as the job it ran for."""
+    marker = f":job_id:{job}".encode()
+    for sibling in (path.with_suffix(".out"), path.with_suffix(".err")):
+        try:
+            with open(sibling, "rb") as f:
+                if marker in f.read(1 << 16):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20, since: float = 0.0) -> list[Path]:
     """This job's Ray worker logs on the driver's node (the stdout and stderr of every task and actor it ran
     there: what the console left out), each cut to its last `max_bytes`, copied into dest for MLflow.
@@ -156,7 +174,7 @@ def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20, since: float = 0.0) -
     logs = Path(node["ObjectStoreSocketName"]).parent.parent / "logs"
     job = ray.get_runtime_context().get_job_id()
     copied = []
-    for path in sorted(logs.glob(f"worker-*-{job}-*")):
+    for path in sorted(logs.glob(f"worker-*-{job}-*")) + sorted(p for p in logs.glob(f"worker-*-{PRESTARTED}-*") if _ran_for(p, job)):
         stat = path.stat()
         size = stat.st_size
         if path.suffix not in (".out", ".err") or size == 0 or stat.st_mtime < since:
