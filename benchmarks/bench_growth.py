@@ -139,7 +139,7 @@ def bench_growth(arrays, *, base_rows: int, rounds: int, epochs: int, threads: i
             train_ids, val_ids = split_train_val(n, VAL_FRACTION, SEED)
             gc.collect()
             reset_driver_hwm()
-            datasets, objects = student_datasets(data.train, train_ids, val_ids, soft_k)
+            datasets, objects = student_datasets(data, train_ids, val_ids, soft_k)
             run_id = tracking.create_run(uri, experiment, f"student-{k}x")
             with ActorPeak("RayTrainWorker") as train_workers:
                 run = ray_student_run(make_loop(epochs, 1, float(threads), run_id, uri, train_rows=len(train_ids)), datasets, work / "clock.txt", last_metrics=True, objects=objects)

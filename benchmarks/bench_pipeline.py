@@ -267,7 +267,7 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
         plain_steady, plain_used = clean_median(plain[1:], plain_foreign[1:])
         log(f"student plain: epochs {[round(s, 3) for s in plain]} s, foreign CPU share {plain_foreign}, load {loadavg()}")
 
-        datasets, objects = student_datasets(arrays.train, train_ids, val_ids, soft)
+        datasets, objects = student_datasets(arrays, train_ids, val_ids, soft)
         runs = {}
         configs = [("1_worker", 1, float(threads), 5 if quick else 7)]
         if not quick:

@@ -20,7 +20,8 @@ from orchestrator.data.datasets import (
     normalize_images,
     split_train_val,
 )
-from orchestrator.data.ray_objects import put_image_blocks, to_ray_dataset
+from orchestrator.data.ray_objects import image_blocks, put_image_blocks, rows_dataset, to_ray_dataset
+from orchestrator.flows.finished import put_test_split
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -325,3 +326,18 @@ def test_image_blocks_run_ids_on_across_splits_in_near_equal_blocks(ray_session,
     assert np.array_equal(images, np.concatenate([digits.train.images, digits.test.images]))  # the block across the two is joined
     assert len(put_image_blocks([digits.test], 10_000)) == len(digits.test)  # never an empty block
 
+
+
+def test_a_jobs_object_store_copies_are_made_once_and_travel_with_the_dataset(ray_session):
+    """What a sweep relies on: its trials (and a job's later stages) use the driver's object-store copies of the
+    data, shipped inside the pickled dataset, instead of putting their own."""
+    import ray
+
+    data = load_arrays(DatasetConfig(name="digits"))  # its own: no copies made yet
+    ids = np.arange(100, 300)
+    rows, blocks, test = rows_dataset(data, ids), image_blocks(data, 6), put_test_split(data)
+    assert rows_dataset(data, ids.copy()) is rows and image_blocks(data, 6) is blocks and put_test_split(data) is test
+    assert rows_dataset(data, ids[:-1]) is not rows and image_blocks(data, 5) is not blocks  # other selections: other copies
+    # As tune.with_parameters ships a job: the dataset pickled into the object store, read back in another process.
+    elsewhere = ray.remote(lambda d: ([b.hex() for b in image_blocks(d, 6)], put_test_split(d).hex(), rows_dataset(d, ids).count()))
+    assert ray.get(elsewhere.remote(data)) == ([b.hex() for b in blocks], test.hex(), len(ids))

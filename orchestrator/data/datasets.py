@@ -71,6 +71,9 @@ class DatasetArrays:
     std: tuple[float, ...]
     fill: int = 0  # the background (most common border pixel, uint8): what shifted views are padded with
     source: str = ""  # where the examples were read from (a path or a package), for MLflow's dataset inputs
+    # The arrays' object-store copies, made once per Ray job (ray_objects.put_once) and pickled with the
+    # dataset: a sweep trial or a later stage uses the driver's references instead of putting its own.
+    objects: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def fingerprint(self, split: str) -> str:
         """sha256 (first 16 hex chars) of a split's shapes, dtypes and bytes; cached on the split."""

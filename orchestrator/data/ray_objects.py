@@ -1,10 +1,13 @@
 """The driver's arrays as Ray objects: Ray Datasets for the train workers, image blocks for the teacher actors.
 
-Each is one copy into the object store; nothing is read back into the driver."""
+Each is one copy into the object store; nothing is read back into the driver. `put_once` keeps the copies on
+the dataset, so every stage of a job and every trial of a sweep shares the driver's references."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +15,9 @@ import ray
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
-from orchestrator.data.datasets import Split
+from orchestrator.data.datasets import DatasetArrays, Split
+
+T = TypeVar("T")
 
 # At least this many Ray blocks, so two train workers (or a 2-actor pool) have work for both even on a small split.
 MIN_RAY_BLOCKS = 4
@@ -72,3 +77,31 @@ def put_image_blocks(parts: Sequence[Split], num_blocks: int) -> list[ray.Object
         images = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         blocks.append(ray.put({"id": np.arange(lo, hi, dtype=np.int64), "image": images}))
     return blocks
+
+
+def put_once(data: DatasetArrays, key: tuple, make: Callable[[], T]) -> T:
+    """`make()`'s object-store copy of `data`, made on the first call per Ray job and key and kept on `data`.
+
+    The references travel with `data` when it is pickled (tune.with_parameters ships it to every trial), so a
+    trial, a chain stage or a born-again generation reads the copy the driver made. Keyed by the job as well:
+    a dataset kept across a Ray restart (a notebook) never hands out references of a cluster that is gone."""
+    scope = (ray.get_runtime_context().get_job_id(), ray.get_runtime_context().gcs_address, *key)
+    if scope not in data.objects:
+        data.objects[scope] = make()
+    return data.objects[scope]
+
+
+def ids_key(ids: np.ndarray) -> str:
+    """A short digest of a row selection, to key its dataset by."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    return hashlib.sha1(ids.data).hexdigest()[:16] + f"-{len(ids)}"
+
+
+def rows_dataset(data: DatasetArrays, ids: np.ndarray) -> ray.data.Dataset:
+    """The train split's rows `ids` as a Ray Dataset (to_ray_dataset), made once per job (put_once)."""
+    return put_once(data, ("train_rows", ids_key(ids)), lambda: to_ray_dataset(data.train, ids))
+
+
+def image_blocks(data: DatasetArrays, num_blocks: int) -> list[ray.ObjectRef]:
+    """Train then test images in `num_blocks` blocks (put_image_blocks), made once per job (put_once)."""
+    return put_once(data, ("image_blocks", num_blocks), lambda: put_image_blocks([data.train, data.test], num_blocks))

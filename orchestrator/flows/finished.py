@@ -23,6 +23,7 @@ import torch
 
 from orchestrator.config import ModelSpec, spec_of
 from orchestrator.data.datasets import DatasetArrays, Split
+from orchestrator.data.ray_objects import put_once
 from orchestrator.flows.scoring import class_errors, correct_bias
 from orchestrator.teachers.soft_targets import decode_logits
 from orchestrator.train.evaluate import classification_metrics, eval_device, predict_logits
@@ -87,9 +88,9 @@ model_scores_task = ray.remote(score_stage)
 
 
 def put_test_split(data: DatasetArrays) -> ray.ObjectRef:
-    """The test split alone (no training rows), put in the object store once for every scoring task of a job."""
+    """The test split alone (no training rows), put in the object store once per job for every scoring task."""
     empty = Split(data.train.images[:0], data.train.labels[:0])
-    return ray.put(replace(data, train=empty))
+    return put_once(data, ("test_split",), lambda: ray.put(replace(data, train=empty)))
 
 
 def score_models(models: Sequence[tuple[ModelSpec, Mapping[str, torch.Tensor], str]], test_ref: ray.ObjectRef, teacher_test: ray.ObjectRef, *,

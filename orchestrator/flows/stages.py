@@ -19,8 +19,8 @@ import torch
 
 from orchestrator.cluster.checks import teacher_gpus
 from orchestrator.config import JobConfig, StudentConfig, TeacherConfig, spec_of
-from orchestrator.data.datasets import DatasetArrays, Split
-from orchestrator.data.ray_objects import put_image_blocks, to_ray_dataset
+from orchestrator.data.datasets import DatasetArrays
+from orchestrator.data.ray_objects import image_blocks, rows_dataset
 from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
 from orchestrator.teachers.pool import forward_row_counter
@@ -182,7 +182,7 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
     actors = teacher_pool(st.num_actors, threads, gpus)
     interrupted = False
     try:
-        outputs = run_pass(actors, predictor_kwargs, put_image_blocks([data.train, data.test], num_blocks))
+        outputs = run_pass(actors, predictor_kwargs, image_blocks(data, num_blocks))  # put once per job
         ray.wait(outputs, num_returns=len(outputs), fetch_local=False)  # done, where the actors left them
         return outputs
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupts.py raises it): Ray goes down next
@@ -270,13 +270,14 @@ def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays
     return members
 
 
-def student_datasets(split: Split, train_ids: np.ndarray, val_ids: np.ndarray, soft: SoftTargets) -> tuple[dict[str, ray.data.Dataset], dict]:
-    """The students' train and validation rows (id, image, label) as Ray Datasets, and the object the train
-    workers join them with: the soft-target columns' reference (ids index the train split directly, so each
-    worker gathers its rows' logits from shared memory; no joined copy is made, nothing passes the driver)."""
-    datasets = {"train": to_ray_dataset(split, train_ids)}
+def student_datasets(data: DatasetArrays, train_ids: np.ndarray, val_ids: np.ndarray, soft: SoftTargets) -> tuple[dict[str, ray.data.Dataset], dict]:
+    """The students' train and validation rows (id, image, label) as Ray Datasets, put once per job and shared
+    by its stages and sweep trials (ray_objects.rows_dataset), and the object the train workers join them
+    with: the soft-target columns' reference (ids index the train split directly, so each worker gathers its
+    rows' logits from shared memory; no joined copy is made, nothing passes the driver)."""
+    datasets = {"train": rows_dataset(data, train_ids)}
     if len(val_ids):
-        datasets["val"] = to_ray_dataset(split, val_ids)
+        datasets["val"] = rows_dataset(data, val_ids)
     return datasets, {SOFT_COLUMNS: soft.train_columns}
 
 
@@ -289,7 +290,7 @@ def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, sof
     """
     loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding,
                        train_rows=len(train_ids), views=view_policy(cfg, data)).model_copy(update={"has_val": len(val_ids) > 0})
-    datasets, objects = student_datasets(data.train, train_ids, val_ids, soft)
+    datasets, objects = student_datasets(data, train_ids, val_ids, soft)
     if cfg.teacher_mode == "online":
         if not teachers:
             raise ValueError("teacher_mode online: this stage was given no teachers to run")
