@@ -60,6 +60,11 @@ class Split:
         return self._fingerprint[0]
 
 
+def ids_digest(ids: np.ndarray) -> str:
+    """sha256 of a row selection's bytes: the key of its dataset (ray_objects) and part of its MLflow digest."""
+    return hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()
+
+
 @dataclass(frozen=True)
 class DatasetArrays:
     name: str

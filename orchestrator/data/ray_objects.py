@@ -5,7 +5,6 @@ the dataset, so every stage of a job and every trial of a sweep shares the drive
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -15,7 +14,7 @@ import ray
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
-from orchestrator.data.datasets import DatasetArrays, Split
+from orchestrator.data.datasets import DatasetArrays, Split, ids_digest
 
 T = TypeVar("T")
 
@@ -91,15 +90,9 @@ def put_once(data: DatasetArrays, key: tuple, make: Callable[[], T]) -> T:
     return data.objects[scope]
 
 
-def ids_key(ids: np.ndarray) -> str:
-    """A short digest of a row selection, to key its dataset by."""
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    return hashlib.sha1(ids.data).hexdigest()[:16] + f"-{len(ids)}"
-
-
 def rows_dataset(data: DatasetArrays, ids: np.ndarray) -> ray.data.Dataset:
     """The train split's rows `ids` as a Ray Dataset (to_ray_dataset), made once per job (put_once)."""
-    return put_once(data, ("train_rows", ids_key(ids)), lambda: to_ray_dataset(data.train, ids))
+    return put_once(data, ("train_rows", ids_digest(ids)), lambda: to_ray_dataset(data.train, ids))
 
 
 def image_blocks(data: DatasetArrays, num_blocks: int) -> list[ray.ObjectRef]:

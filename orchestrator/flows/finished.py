@@ -89,8 +89,7 @@ model_scores_task = ray.remote(score_stage)
 
 def put_test_split(data: DatasetArrays) -> ray.ObjectRef:
     """The test split alone (no training rows), put in the object store once per job for every scoring task."""
-    empty = Split(data.train.images[:0], data.train.labels[:0])
-    return put_once(data, ("test_split",), lambda: ray.put(replace(data, train=empty)))
+    return put_once(data, ("test_split",), lambda: ray.put(replace(data, train=Split(data.train.images[:0], data.train.labels[:0]))))
 
 
 def score_models(models: Sequence[tuple[ModelSpec, Mapping[str, torch.Tensor], str]], test_ref: ray.ObjectRef, teacher_test: ray.ObjectRef, *,

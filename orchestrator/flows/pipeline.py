@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import ray
 import torch
 
 from orchestrator.config import JobConfig
+from orchestrator.data.datasets import ids_digest
 from orchestrator.flows.born_again import later_generations
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import StageRegistry
@@ -62,7 +62,7 @@ def dataset_inputs(prep: Prepared, soft: SoftTargets | None = None, *, students:
     data = prep.data
 
     def rows_digest(ids: np.ndarray) -> str:
-        return fingerprint({"split": data.fingerprint("train"), "ids": hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()})
+        return fingerprint({"split": data.fingerprint("train"), "ids": ids_digest(ids)})
 
     train_ids = prep.student_train_ids if students else prep.train_ids
     inputs = [
