@@ -341,3 +341,31 @@ def test_a_jobs_object_store_copies_are_made_once_and_travel_with_the_dataset(ra
     # As tune.with_parameters ships a job: the dataset pickled into the object store, read back in another process.
     elsewhere = ray.remote(lambda d: ([b.hex() for b in image_blocks(d, 6)], put_test_split(d).hex(), rows_dataset(d, ids).count()))
     assert ray.get(elsewhere.remote(data)) == ([b.hex() for b in blocks], test.hex(), len(ids))
+
+
+def test_a_dataset_shipped_without_its_arrays_keeps_its_references_and_refuses_its_pixels(ray_session):
+    """How a sweep's trials get the dataset (flows/sweep.trial_context): shapes, statistics, fingerprints and the
+    object-store copies made so far, none of the images or labels; reading a value raises instead of quietly
+    working on something else."""
+    import ray
+    import ray.cloudpickle
+
+    data = load_arrays(DatasetConfig(name="digits"))
+    ids = np.arange(100, 300)
+    rows, test = rows_dataset(data, ids), put_test_split(data)
+    light = data.without_arrays()
+    assert (len(light.train.labels), len(light.test), light.input_shape, light.num_classes, light.mean) == \
+        (len(data.train.labels), len(data.test), data.input_shape, data.num_classes, data.mean)
+    assert (light.fingerprint("train"), light.fingerprint("test")) == (data.fingerprint("train"), data.fingerprint("test"))
+    assert rows_dataset(light, ids) is rows and put_test_split(light) is test  # the driver's copies, not new ones
+    shipped, whole = len(ray.cloudpickle.dumps(light)), len(ray.cloudpickle.dumps(data))
+    assert whole - shipped >= data.train.images.nbytes + data.test.images.nbytes, (whole, shipped)
+    with pytest.raises(LookupError, match="without its arrays"):
+        light.train.images[ids]
+    with pytest.raises(LookupError, match="without its arrays"):
+        np.asarray(light.test.images)
+    with pytest.raises(LookupError, match="without its arrays"):
+        rows_dataset(light, ids[:-1])  # a copy it was not shipped with cannot be made from it
+    # In another process, as a trial: its rows and the test split come from the object store.
+    elsewhere = ray.remote(lambda d: (rows_dataset(d, ids).count(), int(ray.get(put_test_split(d)).test.images.sum())))
+    assert ray.get(elsewhere.remote(light)) == (len(ids), int(data.test.images.sum()))

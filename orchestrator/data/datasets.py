@@ -12,7 +12,7 @@ import gzip
 import hashlib
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +34,42 @@ class DataNotFoundError(ConfigError):
     """The dataset's files are not on this machine; the message names the install step."""
 
 
+LEFT_BEHIND = "this dataset travelled without its arrays (DatasetArrays.without_arrays): read its object-store copies (data/ray_objects.py)"
+
+
+@dataclass(frozen=True)
+class LeftBehind:
+    """An array's shape and dtype without its values: what `DatasetArrays.without_arrays` leaves in a split.
+
+    Lengths and shapes still answer; reading a value raises, so code that should have used the dataset's
+    object-store copies fails loudly instead of working on something else."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    ndim = property(lambda self: len(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        raise LookupError(LEFT_BEHIND)
+
+    def __array__(self, *args, **kwargs):
+        raise LookupError(LEFT_BEHIND)
+
+
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # uint8, (N, C, H, W), C-contiguous
+    images: np.ndarray  # uint8, (N, C, H, W), C-contiguous; a LeftBehind where shipped without its arrays
     labels: np.ndarray  # int64, (N,)
     # Hashing 47 MB of MNIST on every call would be wasteful; the arrays are treated as immutable.
     _fingerprint: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.images, LeftBehind) or isinstance(self.labels, LeftBehind):
+            if len(self.images) != len(self.labels):
+                raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+            return
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise ConfigError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
         if self.labels.dtype != np.int64 or self.labels.shape != (len(self.images),):
@@ -58,6 +86,12 @@ class Split:
                 digest.update(np.ascontiguousarray(array).data)
             self._fingerprint.append(digest.hexdigest()[:16])
         return self._fingerprint[0]
+
+    def without_arrays(self) -> "Split":
+        """This split's shapes and fingerprint, none of its values."""
+        light = Split(LeftBehind(self.images.shape, self.images.dtype), LeftBehind(self.labels.shape, self.labels.dtype))
+        light._fingerprint.append(self.fingerprint())
+        return light
 
 
 def ids_digest(ids: np.ndarray) -> str:
@@ -85,6 +119,14 @@ class DatasetArrays:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         return getattr(self, split).fingerprint()
+
+    def without_arrays(self) -> "DatasetArrays":
+        """What a sweep ships to its trials: the shapes, statistics, fingerprints and object-store copies made so
+        far (`objects`), not the images or labels. A trial reads rows through those copies, and one on another
+        node pulls no example it does not train on; reading a value from it raises (LeftBehind)."""
+        light = replace(self, train=self.train.without_arrays(), test=self.test.without_arrays())
+        light.objects.update(self.objects)
+        return light
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -149,6 +149,15 @@ def start_teachers(cfg: JobConfig) -> None:
         start_teacher_pool(cfg.soft_targets.num_actors, teacher_threads(cfg), teacher_actor_gpus(cfg))
 
 
+def soft_target_blocks(cfg: JobConfig, data: DatasetArrays) -> int:
+    """How many image blocks a soft-target pass reads: a train row becomes one output row per view, so blocks of
+    about batch_size output rows, as many per actor."""
+    st = cfg.soft_targets
+    rows = len(data.train.labels) + len(data.test.labels)
+    per_block = max(1, st.batch_size // soft_target_views(cfg, data).count)
+    return -(-rows // (per_block * st.num_actors)) * st.num_actors
+
+
 def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> list[ray.ObjectRef]:
     """Every (train id, view) and test id through the job's warm teacher actors (warm_pool.py): the references
     of their output blocks (Arrow tables: id, view, encoded logits), all done when returned. Test ids follow
@@ -175,14 +184,10 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
         "forward_batch": st.batch_size,
         "precision": st.precision,
     }
-    # A train row becomes one output row per view: blocks of about batch_size output rows, as many per actor.
-    rows = len(data.train.labels) + len(data.test.labels)
-    per_block = max(1, st.batch_size // views.count)
-    num_blocks = -(-rows // (per_block * st.num_actors)) * st.num_actors
     actors = teacher_pool(st.num_actors, threads, gpus)
     interrupted = False
     try:
-        outputs = run_pass(actors, predictor_kwargs, image_blocks(data, num_blocks))  # put once per job
+        outputs = run_pass(actors, predictor_kwargs, image_blocks(data, soft_target_blocks(cfg, data)))  # put once per job
         ray.wait(outputs, num_returns=len(outputs), fetch_local=False)  # done, where the actors left them
         return outputs
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupts.py raises it): Ray goes down next

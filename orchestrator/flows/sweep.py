@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
+from orchestrator.data.ray_objects import image_blocks, rows_dataset
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import chain_label, stage_registry
-from orchestrator.flows.finished import log_model, model_scores
+from orchestrator.flows.finished import log_model, model_scores, put_test_split
 from orchestrator.flows.job import Prepared, ray_logs_attached, start_job
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
-from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, student_member
+from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, soft_target_blocks, student_member
 from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import progress_printer, verbose
@@ -91,12 +92,28 @@ def trial_config(cfg: JobConfig, params: dict[str, Any]) -> JobConfig:
 
 @dataclass
 class SweepContext:
-    """What every trial needs, shipped once through the object store (tune.with_parameters)."""
+    """What every trial needs, shipped once through the object store (tune.with_parameters): the dataset as
+    references (`trial_context`), never its arrays."""
 
     prep: Prepared
     teachers: list[TeacherWeights]
     soft: SoftTargets
     sweep_run_id: str
+
+
+def trial_context(prep: Prepared, teachers: list[TeacherWeights], soft: SoftTargets, sweep_run_id: str) -> SweepContext:
+    """The trials' context: the object-store copies a trial reads (its students' train and validation rows, the
+    test split it is scored on, and for chains the image blocks its assistants' soft-target passes read) are put
+    here, once, and the dataset travels without its arrays (DatasetArrays.without_arrays). A trial on another node
+    pulls the rows its workers train on, not the driver's whole dataset."""
+    data = prep.data
+    rows_dataset(data, prep.student_train_ids)
+    if len(prep.val_ids):
+        rows_dataset(data, prep.val_ids)
+    put_test_split(data)
+    if any(prep.cfg.sweep.chains()):
+        image_blocks(data, soft_target_blocks(prep.cfg, data))
+    return SweepContext(replace(prep, data=data.without_arrays()), teachers, soft, sweep_run_id)
 
 
 class ReportAllButLastEpoch(TuneReportCallback):
@@ -147,8 +164,9 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                                                  teachers=ctx.teachers)  # run in the workers only with teacher_mode online
             model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
             model.load_state_dict(states[student.name])
-            # Scored in this trial's own actor (never the driver), against the teachers' test logits.
-            test = model_scores(model, ctx.prep.data, ray.get(ctx.soft.test_columns), use_gpu=base.train.use_gpu, precision=base.train.precision)["metrics"]
+            # Scored in this trial's own actor (never the driver) on the test split's object-store copy, against the teachers' test logits.
+            test_split = ray.get(put_test_split(ctx.prep.data))
+            test = model_scores(model, test_split, ray.get(ctx.soft.test_columns), use_gpu=base.train.use_gpu, precision=base.train.precision)["metrics"]
             counted = {"params": count_params(model), "online_teacher_rows": last_epoch.get("online_teacher_rows", 0)}
             tracking.log_metrics(uri, stage_run, test | counted)
             tracking.log_metrics(uri, trial_run, test | counted)
@@ -256,7 +274,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
             teachers = [resolve_teacher(cfg, i, prep.data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track.with_progress(sink))
                         for i in range(len(cfg.teachers))]
             soft = soft_target_stage(cfg, teachers, prep.data, track)
-            ctx = SweepContext(prep, teachers, soft, parent_id)
+            ctx = trial_context(prep, teachers, soft, parent_id)
             registry = stage_registry(parent_id)
             if resume:
                 ray.get(registry.reset_running.remote())
