@@ -83,6 +83,33 @@ def test_optuna_search_samples_the_configured_space():
     assert len({d["temperature"] for d in drawn}) == 5
 
 
+def test_trials_get_the_datasets_references_not_its_arrays(ray_session, mlflow_uri):
+    """trial_context: what a trial reads is put once, in the driver, and the dataset travels without its arrays.
+    A trial that reached for a pixel would raise LookupError: the sweeps below run whole trials on it."""
+    import ray.cloudpickle
+
+    from orchestrator.data.datasets import LeftBehind
+    from orchestrator.data.ray_objects import image_blocks, rows_dataset
+    from orchestrator.flows.finished import put_test_split
+    from orchestrator.flows.job import prepare
+    from orchestrator.flows.stages import soft_target_blocks
+    from orchestrator.flows.sweep import SweepContext, trial_context
+
+    prep = prepare(load_config(CONFIG, [THREE_TRIALS]))  # chains: their assistants' teacher passes read image blocks too
+    ctx = trial_context(prep, [], None, "sweep-run")
+    data = ctx.prep.data
+    assert isinstance(data.train.images, LeftBehind) and isinstance(data.test.labels, LeftBehind)
+    assert (len(data.train.labels), data.input_shape, data.fingerprint("train")) == (len(prep.data.train.labels), prep.data.input_shape, prep.data.fingerprint("train"))
+    # The copies the trial finds are the driver's, made before it shipped.
+    assert rows_dataset(data, prep.student_train_ids) is rows_dataset(prep.data, prep.student_train_ids)
+    assert rows_dataset(data, prep.val_ids) is rows_dataset(prep.data, prep.val_ids)
+    assert put_test_split(data) is put_test_split(prep.data)
+    blocks = soft_target_blocks(prep.cfg, prep.data)
+    assert image_blocks(data, blocks) is image_blocks(prep.data, blocks)
+    images = prep.data.train.images.nbytes + prep.data.test.images.nbytes
+    assert len(ray.cloudpickle.dumps(ctx)) <= len(ray.cloudpickle.dumps(SweepContext(prep, [], None, "sweep-run"))) - images
+
+
 def _sweep(args: list[str], workdir: Path, address: str, teacher: Path) -> subprocess.Popen:
     """A sweep driver process; its teacher from `teacher` (conftest's digits_teacher): the sweep is under test, not the teacher."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
