@@ -21,7 +21,7 @@ HOST_SPEED: list[str] = []
 
 def pytest_sessionstart(session):
     """How fast this host is right now, measured before the tests and printed after them: the same suite took
-    569 s and 1071 s of pytest on this project's 2-core machines a day apart, and most of its time is processes
+    569 s and 1071 s of pytest on this project's 2-core machines hours apart, and most of its time is processes
     starting and importing torch. Two probes (about 3 s): a pure-Python loop and a new interpreter importing torch."""
     import subprocess
     import sys
