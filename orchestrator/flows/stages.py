@@ -275,15 +275,20 @@ def student_members(cfg: JobConfig, run_ids: dict[str, str], data: DatasetArrays
     return members
 
 
-def student_datasets(data: DatasetArrays, train_ids: np.ndarray, val_ids: np.ndarray, soft: SoftTargets) -> tuple[dict[str, ray.data.Dataset], dict]:
+def student_rows(data: DatasetArrays, train_ids: np.ndarray, val_ids: np.ndarray) -> dict[str, ray.data.Dataset]:
     """The students' train and validation rows (id, image, label) as Ray Datasets, put once per job and shared
-    by its stages and sweep trials (ray_objects.rows_dataset), and the object the train workers join them
-    with: the soft-target columns' reference (ids index the train split directly, so each worker gathers its
-    rows' logits from shared memory; no joined copy is made, nothing passes the driver)."""
+    by its stages and sweep trials (ray_objects.rows_dataset)."""
     datasets = {"train": rows_dataset(data, train_ids)}
     if len(val_ids):
         datasets["val"] = rows_dataset(data, val_ids)
-    return datasets, {SOFT_COLUMNS: soft.train_columns}
+    return datasets
+
+
+def student_datasets(data: DatasetArrays, train_ids: np.ndarray, val_ids: np.ndarray, soft: SoftTargets) -> tuple[dict[str, ray.data.Dataset], dict]:
+    """`student_rows`, and the object the train workers join them with: the soft-target columns' reference (ids
+    index the train split directly, so each worker gathers its rows' logits from shared memory; no joined copy
+    is made, nothing passes the driver)."""
+    return student_rows(data, train_ids, val_ids), {SOFT_COLUMNS: soft.train_columns}
 
 
 def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, soft: SoftTargets, track: TrackingContext,

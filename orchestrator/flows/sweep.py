@@ -23,13 +23,21 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
-from orchestrator.data.ray_objects import image_blocks, rows_dataset
+from orchestrator.data.ray_objects import image_blocks
 from orchestrator.flows.chain_runner import run_chain
 from orchestrator.flows.chains import chain_label, stage_registry
 from orchestrator.flows.finished import log_model, model_scores, put_test_split
 from orchestrator.flows.job import Prepared, ray_logs_attached, start_job
 from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
-from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, distill_members, soft_target_blocks, student_member
+from orchestrator.flows.stages import (
+    SoftTargets,
+    TeacherWeights,
+    TrackingContext,
+    distill_members,
+    soft_target_blocks,
+    student_member,
+    student_rows,
+)
 from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import progress_printer, verbose
@@ -107,9 +115,7 @@ def trial_context(prep: Prepared, teachers: list[TeacherWeights], soft: SoftTarg
     here, once, and the dataset travels without its arrays (DatasetArrays.without_arrays). A trial on another node
     pulls the rows its workers train on, not the driver's whole dataset."""
     data = prep.data
-    rows_dataset(data, prep.student_train_ids)
-    if len(prep.val_ids):
-        rows_dataset(data, prep.val_ids)
+    student_rows(data, prep.student_train_ids, prep.val_ids)  # what distill_members hands Ray Train in a trial
     put_test_split(data)
     if any(prep.cfg.sweep.chains()):
         image_blocks(data, soft_target_blocks(prep.cfg, data))
