@@ -174,7 +174,9 @@ def copy_job_logs(dest: Path, *, max_bytes: int = 1 << 20, since: float = 0.0) -
     logs = Path(node["ObjectStoreSocketName"]).parent.parent / "logs"
     job = ray.get_runtime_context().get_job_id()
     copied = []
-    for path in sorted(logs.glob(f"worker-*-{job}-*")) + sorted(p for p in logs.glob(f"worker-*-{PRESTARTED}-*") if _ran_for(p, job)):
+    prestarted = sorted(logs.glob(f"worker-*-{PRESTARTED}-*"))
+    ours = {stem for stem in {p.stem for p in prestarted} if _ran_for(logs / f"{stem}.out", job)}  # one look per worker, not per file
+    for path in sorted(logs.glob(f"worker-*-{job}-*")) + [p for p in prestarted if p.stem in ours]:
         stat = path.stat()
         size = stat.st_size
         if path.suffix not in (".out", ".err") or size == 0 or stat.st_mtime < since:
