@@ -159,6 +159,9 @@ CASES = {
                                      "dataset: {f}/unlabelled_row.parquet column 'label' has 1 missing label(s)"),
     "parquet source that does not exist": (["run", DIGITS, "dataset.name=parquet", "dataset.train_path={f}/nowhere.parquet", "dataset.test_path={f}/digits.parquet"],
                                            "dataset.train_path: {f}/nowhere.parquet does not exist"),
+    "training rows without labels and a twin": (["run", DIGITS, "dataset.name=parquet", "dataset.train_path={f}/digits.parquet", "dataset.test_path={f}/digits.parquet",
+                                                "dataset.train_labels=false", "transfer.labels=false", "dataset.val_fraction=0"],
+                                               "baseline: must be false: the training rows have no labels (dataset.train_labels false)"),
     "excluded class out of range": (["run", DIGITS, "transfer.exclude_classes=[12]"], "transfer.exclude_classes: class 12 does not exist"),
     # Paths: empty, or the wrong kind of thing
     "empty config file": (["run", "{f}/empty.yaml"], "{f}/empty.yaml: the config file is empty"),

@@ -129,6 +129,49 @@ def test_unreadable_files_and_misplaced_fields_are_config_errors(tmp_path):
         load_config(None, ["dataset.image_column=pixels"])
 
 
+def _without_labels(digits_parquet: Path, tmp_path: Path) -> list[str]:
+    """The fixture's training rows written again without their label column: a transfer set."""
+    pq.write_table(pq.read_table(digits_parquet / "train.parquet").drop_columns(["digit"]), tmp_path / "unlabelled.parquet")
+    return ["dataset.name=parquet", f"dataset.train_path={tmp_path / 'unlabelled.parquet'}", f"dataset.test_path={digits_parquet / 'test.parquet'}",
+            "dataset.image_column=png", "dataset.label_column=digit", "dataset.id_column=example_id", "dataset.train_labels=false"]
+
+
+def test_a_training_source_without_labels_is_a_transfer_set(digits_parquet, tmp_path):
+    from orchestrator.data.parquet_source import UNLABELLED
+
+    overrides = _without_labels(digits_parquet, tmp_path)
+    data = load_arrays(load_config(None, [*overrides, "transfer.labels=false", "baseline=false", "dataset.val_fraction=0",
+                                          "teachers.0.checkpoint=" + str(digits_parquet / "train.parquet")]).dataset)
+    images, labels = _digits()
+    np.testing.assert_array_equal(data.train.images[:, 0], images[:1500])
+    assert (data.train.labels == UNLABELLED).all() and data.num_classes == 10  # the classes come from the test rows
+    np.testing.assert_array_equal(data.test.labels, labels[1500:])
+    with pytest.raises(ConfigError, match=r"unlabelled.parquet has no column 'digit'"):  # labels expected unless told otherwise
+        load_arrays(load_config(None, [o for o in overrides if o != "dataset.train_labels=false"]).dataset)
+
+
+GIVEN = ["transfer.labels=false", "baseline=false", "dataset.val_fraction=0", "teachers.0.checkpoint=teacher.pt"]
+UNLABELLED_REFUSED = {
+    "students read labels": ([g for g in GIVEN if g != "transfer.labels=false"], "transfer.labels: must be false"),
+    "a twin": ([g for g in GIVEN if g != "baseline=false"], "baseline: must be false"),
+    "a validation split": ([g for g in GIVEN if g != "dataset.val_fraction=0"], "dataset.val_fraction: must be 0"),
+    "a teacher to train": ([g for g in GIVEN if not g.startswith("teachers.")], "teachers.0: needs a checkpoint or mlflow_model"),
+    "a chain": ([*GIVEN, "chain=[{family: mlp, hidden: [8]}]"], "chain: not with unlabelled training rows"),
+    "classes left out": ([*GIVEN, "transfer.exclude_classes=[3]"], "transfer.exclude_classes: not with unlabelled training rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNLABELLED_REFUSED), ids=list(UNLABELLED_REFUSED))
+def test_nothing_trains_on_the_labels_a_transfer_set_does_not_have(tmp_path, case):
+    (tmp_path / "teacher.pt").write_bytes(b"")
+    overrides, message = UNLABELLED_REFUSED[case]
+    base = ["dataset.name=parquet", f"dataset.train_path={tmp_path / 'teacher.pt'}", f"dataset.test_path={tmp_path / 'teacher.pt'}", "dataset.train_labels=false"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*base, *[o.replace("teacher.pt", str(tmp_path / "teacher.pt")) for o in overrides]])
+    with pytest.raises(ConfigError, match=r"dataset.train_labels only apply to dataset.name parquet"):
+        load_config(None, ["dataset.train_labels=false"])
+
+
 @pytest.mark.integration
 def test_read_from_an_s3_uri(s3_server, monkeypatch, digits_parquet):  # noqa: F811
     import pyarrow.fs as pafs
@@ -168,3 +211,21 @@ def test_distilled_end_to_end_from_parquet(ray_session, digits_parquet, tmp_path
     parent = client.search_runs([client.get_experiment_by_name("parquet").experiment_id], "tags.job = 'distill'")[0]
     sources = {d.dataset.source for d in parent.inputs.dataset_inputs}
     assert any("train.parquet" in s for s in sources), sources
+
+
+@pytest.mark.integration
+def test_students_learn_from_a_training_source_without_labels(ray_session, digits_parquet, tmp_path, monkeypatch, mlflow_uri, digits_teacher):
+    """dataset.train_labels false: no label column in the training file; the student learns from the teacher alone.
+    Its training rows carry label -1, on which cross-entropy fails: the job finishing shows that nothing read one."""
+    from orchestrator.flows.pipeline import run_job
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [
+        *_without_labels(digits_parquet, tmp_path), "transfer.labels=false", "baseline=false", "dataset.val_fraction=0",
+        f"teachers.0.checkpoint={digits_teacher}", "train.epochs=6", "students=[{name: mlp32, family: mlp, hidden: [32]}]",
+        "soft_targets.num_actors=1", "tracking.experiment=unlabelled"])
+    rows = run_job(cfg)
+    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "cnn"), ("student", "mlp32")]
+    teacher, student = rows
+    assert teacher["test_accuracy"] > 0.9
+    assert student["test_accuracy"] > 0.7 and student["agreement"] > 0.7  # 0.86 here; chance is 0.1, and all of it came from the teacher

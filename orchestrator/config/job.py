@@ -77,7 +77,26 @@ class JobConfig(StrictModel):
             raise ValueError("chain: the online teacher runs the teachers themselves in the workers; a chain needs teacher_mode cached")
         if self.sweep is not None:
             self._check_sweep(self.sweep)
+        if not self.dataset.train_labels:
+            self._check_unlabelled_training_rows()
         return self
+
+    def _check_unlabelled_training_rows(self) -> None:
+        """dataset.train_labels false: nothing may read a training label (they are UNLABELLED, -1), and nothing of
+        the job may train on labels: the teachers come given, the students learn from them alone."""
+        needs = "the training rows have no labels (dataset.train_labels false)"
+        if self.transfer.labels:
+            raise ValueError(f"transfer.labels: must be false: {needs}, so the students learn from the teacher alone")
+        if self.baseline:
+            raise ValueError(f"baseline: must be false: {needs}; a label-only twin has nothing to learn from")
+        if self.dataset.val_fraction:
+            raise ValueError(f"dataset.val_fraction: must be 0: {needs}, so none can be held out to validate on")
+        for i, teacher in enumerate(self.teachers):
+            if not (teacher.checkpoint or teacher.mlflow_model):
+                raise ValueError(f"teachers.{i}: needs a checkpoint or mlflow_model: {needs} to train it on")
+        for field, value in (("chain", self.chain), ("transfer.exclude_classes", self.transfer.exclude_classes)):
+            if value:
+                raise ValueError(f"{field}: not with unlabelled training rows ({needs})")
 
     def _check_sweep(self, sweep: SweepConfig) -> None:
         names = [s.name for s in self.students]

@@ -42,6 +42,7 @@ class DatasetConfig(StrictModel):
     test_path: str | None = Field(None, description="parquet: the test rows, as train_path")
     image_column: str | None = Field(None, description="parquet: the image column (default `image`): encoded PNG/JPEG bytes, or nested lists / a flat list of pixels (uint8, or floats in [0, 1])")
     label_column: str | None = Field(None, description="parquet: the integer class column (default `label`)")
+    train_labels: bool = Field(True, description="parquet: false when the training rows have no labels: a transfer set the students learn from given teachers alone (needs transfer.labels false, baseline false, dataset.val_fraction 0, every teacher from a checkpoint or mlflow_model); the test rows keep theirs")
     id_column: str | None = Field(None, description="parquet: a unique example id; rows are ordered by it, so splits and views do not depend on file order")
     image_shape: list[int] | None = Field(None, description="parquet: [C, H, W] of each image, needed when the pixels are one flat list")
     num_classes: int | None = Field(None, gt=1, description="parquet: the number of classes (default: the largest training label + 1)")
@@ -71,7 +72,7 @@ class DatasetConfig(StrictModel):
             if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) <= 0):
                 raise ValueError(f"image_shape must be [C, H, W] of positive sizes, got {self.image_shape}")
         else:
-            stray = [f"dataset.{f}" for f in parquet_only if getattr(self, f) is not None]
+            stray = [f"dataset.{f}" for f in parquet_only if getattr(self, f) is not None] + ([] if self.train_labels else ["dataset.train_labels"])
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to dataset.name parquet (this dataset is {self.name!r})")
         return self

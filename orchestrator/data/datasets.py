@@ -165,7 +165,7 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         train = Split(train.images[: cfg.limit], train.labels[: cfg.limit])
     if cfg.test_limit is not None:
         test = Split(test.images[: cfg.test_limit], test.labels[: cfg.test_limit])
-    _validate(name, train, test, num_classes)
+    _validate(name, train, test, num_classes, labelled_train=cfg.train_labels)
 
     channels = train.images.shape[1]
     if cfg.normalize and cfg.mean is not None:  # given: no pass over the training images
@@ -189,12 +189,12 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     )
 
 
-def _validate(name: str, train: Split, test: Split, num_classes: int) -> None:
+def _validate(name: str, train: Split, test: Split, num_classes: int, labelled_train: bool = True) -> None:
     if len(train) == 0 or len(test) == 0:
         raise ConfigError(f"dataset {name!r}: empty split (train {len(train)}, test {len(test)})")
     if train.images.shape[1:] != test.images.shape[1:]:
         raise ConfigError(f"dataset {name!r}: train images {train.images.shape[1:]} and test images {test.images.shape[1:]} differ in shape")
-    for split_name, split in (("train", train), ("test", test)):
+    for split_name, split in (("train", train), ("test", test))[0 if labelled_train else 1:]:  # unlabelled: parquet_source.UNLABELLED
         low, high = int(split.labels.min()), int(split.labels.max())
         if low < 0 or high >= num_classes:
             raise ConfigError(f"dataset {name!r}: {split_name} labels span [{low}, {high}], expected [0, {num_classes})")

@@ -8,6 +8,9 @@ datasets. The config names the columns. Images may be
 - nested lists, (H, W) or (H, W, C) per row, or one flat list with `dataset.image_shape` = [C, H, W];
 - uint8 pixels, other integers in [0, 255], or floats in [0, 1].
 
+With `dataset.train_labels: false` the training source needs no label column: it is a transfer set (Hinton et
+al. 2015, section 3), whose rows the students learn from a given teacher alone; the test source keeps its labels.
+
 Anything else is refused with one line naming the source and the column (a ConfigError, so the CLI
 exits 2 before Ray starts): a missing column, no rows, a null or non-integer label, a label outside
 the class range, NaN pixels, images of mixed shapes.
@@ -30,6 +33,9 @@ from orchestrator.errors import ConfigError
 
 DEFAULT_IMAGE_COLUMN = "image"
 DEFAULT_LABEL_COLUMN = "label"
+# The label of a training row read with dataset.train_labels false: no class. A loss that read it (cross-entropy)
+# would fail on it rather than learn from a made-up class; the job's config keeps such losses away (config/job.py).
+UNLABELLED = -1
 
 
 def load_parquet(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
@@ -40,16 +46,17 @@ def load_parquet(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     label_column = cfg.label_column or DEFAULT_LABEL_COLUMN
     splits = []
     for field, where in (("train_path", cfg.train_path), ("test_path", cfg.test_path)):
-        table = _read(where, [image_column, label_column, *([cfg.id_column] if cfg.id_column else [])], field)
+        labelled = field == "test_path" or cfg.train_labels
+        table = _read(where, [image_column, *([label_column] if labelled else []), *([cfg.id_column] if cfg.id_column else [])], field)
         if cfg.id_column:
             table = _ordered_by_id(table, cfg.id_column, where)
-        labels = _labels(table.column(label_column), where, label_column)
+        labels = _labels(table.column(label_column), where, label_column) if labelled else np.full(table.num_rows, UNLABELLED, dtype=np.int64)
         images = _images(table.column(image_column), where, image_column, cfg.image_shape)
         splits.append((images, labels))
     (train_images, train_labels), (test_images, test_labels) = splits
     if train_images.shape[1:] != test_images.shape[1:]:
         raise ConfigError(f"dataset: images in {cfg.train_path} are {train_images.shape[1:]} but in {cfg.test_path} {test_images.shape[1:]}")
-    num_classes = cfg.num_classes or int(train_labels.max()) + 1
+    num_classes = cfg.num_classes or int((train_labels if cfg.train_labels else test_labels).max()) + 1
     for where, labels in ((cfg.train_path, train_labels), (cfg.test_path, test_labels)):
         if labels.max() >= num_classes:
             raise ConfigError(f"dataset: {where} column {label_column!r} has label {int(labels.max())}, outside [0, {num_classes}) "
