@@ -206,6 +206,7 @@ RESULTS = [
     Result("fashion_gap", "fashion_gap.json", "python benchmarks/fashion_gap.py", render_fashion_gap),
     Result("sweep_cost", "sweep_cost.json", "python benchmarks/bench_sweep.py", lazy("bench_sweep", "markdown")),
     Result("storage", "storage.json", "python benchmarks/bench_storage.py", render_storage),
+    Result("foreign_parquet", "foreign_parquet.json", "python benchmarks/foreign_parquet.py", lazy("foreign_parquet", "render")),
 ]
 
 

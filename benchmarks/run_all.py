@@ -42,6 +42,7 @@ BENCHES = (
     Bench("growth", (("{py}", "benchmarks/bench_growth.py"),), (("{py}", "benchmarks/bench_growth.py", "--quick"),), 7),
     Bench("driver_memory", (("{py}", "benchmarks/bench_driver_memory.py"),), (("{py}", "benchmarks/bench_driver_memory.py", "--quick"),), 3),
     Bench("mnist_demo", (("{py}", "benchmarks/mnist_demo.py"),), None, 12),
+    Bench("foreign_parquet", (("{py}", "benchmarks/foreign_parquet.py"),), (("{py}", "benchmarks/foreign_parquet.py", "--quick"),), 12),
     Bench("storage", (("{py}", "benchmarks/bench_storage.py"),), (("{py}", "benchmarks/bench_storage.py", "--quick"),), 30),
     Bench("sweep_cost", (("{py}", "benchmarks/bench_sweep.py"),), (("{py}", "benchmarks/bench_sweep.py", "--quick"),), 45),
     Bench("fashion_gap", (("{distill}", "run", "configs/fashion_kd.yaml"), ("{distill}", "sweep", "configs/fashion_sweep.yaml"),
