@@ -158,6 +158,7 @@ UNLABELLED_REFUSED = {
     "a teacher to train": ([g for g in GIVEN if not g.startswith("teachers.")], "teachers.0: needs a checkpoint or mlflow_model"),
     "a chain": ([*GIVEN, "chain=[{family: mlp, hidden: [8]}]"], "chain: not with unlabelled training rows"),
     "classes left out": ([*GIVEN, "transfer.exclude_classes=[3]"], "transfer.exclude_classes: not with unlabelled training rows"),
+    "a sweep": ([*GIVEN, "sweep={space: {temperature: {grid: [1.0, 2.0]}}}"], "sweep: not with unlabelled training rows"),  # its trials compare on validation labels
 }
 
 

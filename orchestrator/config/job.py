@@ -94,7 +94,7 @@ class JobConfig(StrictModel):
         for i, teacher in enumerate(self.teachers):
             if not (teacher.checkpoint or teacher.mlflow_model):
                 raise ValueError(f"teachers.{i}: needs a checkpoint or mlflow_model: {needs} to train it on")
-        for field, value in (("chain", self.chain), ("transfer.exclude_classes", self.transfer.exclude_classes)):
+        for field, value in (("chain", self.chain), ("transfer.exclude_classes", self.transfer.exclude_classes), ("sweep", self.sweep)):
             if value:
                 raise ValueError(f"{field}: not with unlabelled training rows ({needs})")
 
