@@ -145,6 +145,11 @@ def test_a_training_source_without_labels_is_a_transfer_set(digits_parquet, tmp_
     images, labels = _digits()
     np.testing.assert_array_equal(data.train.images[:, 0], images[:1500])
     assert (data.train.labels == UNLABELLED).all() and data.num_classes == 10  # the classes come from the test rows
+    import torch
+    import torch.nn.functional as F
+
+    with pytest.raises(IndexError, match="out of bounds"):  # why -1: a loss that read these labels fails, it learns no made-up class
+        F.cross_entropy(torch.zeros(1, 10), torch.from_numpy(data.train.labels[:1]))
     np.testing.assert_array_equal(data.test.labels, labels[1500:])
     with pytest.raises(ConfigError, match=r"unlabelled.parquet has no column 'digit'"):  # labels expected unless told otherwise
         load_arrays(load_config(None, [o for o in overrides if o != "dataset.train_labels=false"]).dataset)
