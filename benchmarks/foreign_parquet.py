@@ -4,26 +4,33 @@ same job on the bundled loader: same pixels and seed, so the same test errors, m
     .venv/bin/python benchmarks/foreign_parquet.py            # full Fashion-MNIST, 60,000 + 10,000 rows
     .venv/bin/python benchmarks/foreign_parquet.py --quick    # 3,000 training rows: checks the plumbing only
     .venv/bin/python benchmarks/foreign_parquet.py --workdir DIR   # keep the parquet files, stores and caches in DIR
+    .venv/bin/python benchmarks/foreign_parquet.py --local         # the parquet jobs read the local folder, not S3
 
 The data is Fashion-MNIST as Debian's `dataset-fashion-mnist` ships it (IDX files), read here with gzip and
 numpy, not with the project's loader, each image PNG-encoded by Pillow and written by pyarrow the way an
 export job writes a table: the training rows shuffled into four part files of a folder, an `item_id` column
 that restores their order, the class in a column called `category`. Then `distill run` twice, each in its
 own directory (its own MLflow store and caches, so the second job reuses nothing of the first): once with
-`dataset.name=fashion_mnist`, once with `dataset.name=parquet` on those files. A third job reads the same
-training rows written without their label column (`dataset.train_labels: false`, a transfer set) and learns
-from the first job's teacher alone. Writes
+`dataset.name=fashion_mnist`, once with `dataset.name=parquet` on those files, read from an S3 URI (a moto
+S3 server on 127.0.0.1, as the tests start one, the folder copied into a bucket; `--local` reads the
+folder). A third job reads the same training rows written without their label column
+(`dataset.train_labels: false`, a transfer set) and learns from the first job's teacher alone. Writes
 benchmarks/results/foreign_parquet.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,24 +91,53 @@ def write_parquet(root: Path) -> dict:
             "writer": "pyarrow.parquet.write_table, PNG bytes from Pillow, labels int16 in `category`, ids in `item_id`"}
 
 
-def parquet_overrides(root: Path) -> list[str]:
-    return ["dataset.name=parquet", f"dataset.train_path={root / 'train'}", f"dataset.test_path={root / 'test.parquet'}",
+@contextlib.contextmanager
+def s3_copy(root: Path) -> Iterator[Callable[[str], str]]:
+    """The written files behind an S3 URI: a moto S3 server on 127.0.0.1 (as the tests start one), the folder copied
+    into a bucket; yields name -> URI. The AWS variables it needs are set here, for this process and its jobs."""
+    import pyarrow.fs as pafs
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):  # up to a minute for it to listen
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.3)
+        os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"})
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        bucket = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
+                                   endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True)
+        bucket.create_dir("kd-bucket")
+        pafs.copy_files(str(root), "kd-bucket/fashion", destination_filesystem=bucket)
+        yield lambda name: f"s3://kd-bucket/fashion/{name}?{query}"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def parquet_overrides(at: Callable[[str], str]) -> list[str]:
+    """`at`: the written file or folder of that name, as a path or a URI."""
+    return ["dataset.name=parquet", f"dataset.train_path={at('train')}", f"dataset.test_path={at('test.parquet')}",
             "dataset.image_column=png", "dataset.label_column=category", "dataset.id_column=item_id"]
 
 
-def unlabelled_overrides(root: Path, teacher_run_id: str) -> list[str]:
+def unlabelled_overrides(at: Callable[[str], str], teacher_run_id: str) -> list[str]:
     """The training rows without labels; the bundled job's teacher (from its MLflow run) teaches, the student learns from it alone."""
-    return [*parquet_overrides(root), f"dataset.train_path={root / 'train-unlabelled'}", "dataset.train_labels=false", "transfer.labels=false",
+    return [*parquet_overrides(at), f"dataset.train_path={at('train-unlabelled')}", "dataset.train_labels=false", "transfer.labels=false",
             "baseline=false", f"teachers.0.mlflow_model=runs:/{teacher_run_id}/model", "tracking.experiment=foreign-parquet-unlabelled"]
 
 
-def same_pixels(root: Path, extra: list[str]) -> bool:
+def same_pixels(at: Callable[[str], str], extra: list[str]) -> bool:
     """Both sources, loaded as a job loads them, hold the same images and labels in the same order."""
     from orchestrator.config import load_config
     from orchestrator.data.datasets import load_arrays
 
     bundled = load_arrays(load_config(CONFIG, [*JOB, *extra]).dataset)
-    parquet = load_arrays(load_config(CONFIG, [*JOB, *extra, *parquet_overrides(root)]).dataset)
+    parquet = load_arrays(load_config(CONFIG, [*JOB, *extra, *parquet_overrides(at)]).dataset)
     return all(np.array_equal(getattr(getattr(bundled, s), a), getattr(getattr(parquet, s), a)) for s in ("train", "test") for a in ("images", "labels"))
 
 
@@ -109,16 +145,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3,000 training rows, 1 epoch each: the plumbing only")
     parser.add_argument("--workdir", help="keep the parquet files, MLflow stores and caches here (default: a temporary folder)")
+    parser.add_argument("--local", action="store_true", help="read the parquet files from the local folder, not from an S3 URI")
     args = parser.parse_args(argv)
-    extra = QUICK if args.quick else []
     load_start, t0 = loadavg(), time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="foreign-parquet-"))
     log(f"writing Debian's Fashion-MNIST as parquet under {work / 'parquet'}")
     written = write_parquet(work / "parquet")
-    identical_pixels = same_pixels(work / "parquet", extra)
+    with contextlib.nullcontext(lambda name: str(work / "parquet" / name)) if args.local else s3_copy(work / "parquet") as at:
+        log(f"the parquet jobs read {at('train')}")
+        jobs, identical_pixels = run_jobs(work, at, QUICK if args.quick else [])
+    errors = {source: {r["name"]: r["test_errors"] for r in jobs[source]["rows"]} for source in ("bundled", "parquet")}
+    report = {**report_header(load_start), "quick": args.quick, "wall_s": round(time.perf_counter() - t0, 1), "written": written,
+              "read_from": "local folder" if args.local else "S3 URI (moto server on 127.0.0.1)", "identical_pixels": identical_pixels, "identical_test_errors": errors["bundled"] == errors["parquet"], "jobs": jobs}
+    path = write_result("foreign_parquet", report)
+    print("\n".join(render(report).splitlines()[3:]))
+    log(f"wrote {path}")
+    return 0 if identical_pixels else 1
+
+
+def run_jobs(work: Path, at: Callable[[str], str], extra: list[str]) -> tuple[dict, bool]:
+    """The bundled job, the parquet job and the job on the rows without labels; whether both sources load the same arrays."""
+    identical_pixels = same_pixels(at, extra)
     log(f"same pixels and labels from both sources: {identical_pixels}")
     jobs = {}
-    for source, overrides in (("bundled", []), ("parquet", parquet_overrides(work / "parquet"))):
+    for source, overrides in (("bundled", []), ("parquet", parquet_overrides(at))):
         workdir = work / source
         workdir.mkdir(exist_ok=True)
         log(f"distill run ({source} source) in {workdir}")
@@ -127,15 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher_run = next(r["mlflow_run_id"] for r in jobs["bundled"]["rows"] if r["role"] == "teacher")
     log("distill run (parquet source without labels, the bundled job's teacher)")
     workdir = work / "bundled"
-    jobs["unlabelled"] = distill_run(CONFIG, [*JOB, *extra, *unlabelled_overrides(work / "parquet", teacher_run)], workdir=workdir,
+    jobs["unlabelled"] = distill_run(CONFIG, [*JOB, *extra, *unlabelled_overrides(at, teacher_run)], workdir=workdir,
                                      summary=workdir / "summary-unlabelled.json", log=workdir / "job-unlabelled.log")
-    errors = {source: {r["name"]: r["test_errors"] for r in jobs[source]["rows"]} for source in ("bundled", "parquet")}
-    report = {**report_header(load_start), "quick": args.quick, "wall_s": round(time.perf_counter() - t0, 1), "written": written,
-              "identical_pixels": identical_pixels, "identical_test_errors": errors["bundled"] == errors["parquet"], "jobs": jobs}
-    path = write_result("foreign_parquet", report)
-    print("\n".join(render(report).splitlines()[3:]))
-    log(f"wrote {path}")
-    return 0 if identical_pixels else 1
+    return jobs, identical_pixels
 
 
 def render(report: dict) -> str:
@@ -156,6 +200,7 @@ def render(report: dict) -> str:
         "",
         f"Written: {written['train']['rows']:,} training rows in {written['train']['files']} part files and {written['test']['rows']:,} test rows, "
         f"{written['bytes'] / 1e6:.1f} MB, in {written['write_s']:.0f} s ({written['writer']}), from Debian's IDX files, not through this project's loader. "
+        f"The parquet jobs read them from {report.get('read_from', 'the local folder')}. "
         f"Same images and labels, in the same order, from both sources: {'yes' if report['identical_pixels'] else '**no**'}.",
         "",
         *table(["role", "name", "test errors, bundled `fashion_mnist`", "test errors, `parquet` source", "same"], rows, "llrrl"),
@@ -168,7 +213,7 @@ def render(report: dict) -> str:
         *table(["model", "test errors", "learnt from"], transfer_rows, "lrl"),
         "",
         f"- Each job: `{jobs['parquet']['command'].split(' dataset.name=parquet')[0]}`, the parquet one with `dataset.name=parquet` and its "
-        "train_path (the folder), test_path, image_column=png, label_column=category, id_column=item_id; each in its own directory "
+        "train_path (the folder, as a path or URI), test_path, image_column=png, label_column=category, id_column=item_id; each in its own directory "
         "(MLflow store, teacher and soft-target caches), so the parquet job trained its own teacher.",
         f"- Load average per job: bundled {jobs['bundled']['load_start']} -> {jobs['bundled']['load_end']}, "
         f"parquet {jobs['parquet']['load_start']} -> {jobs['parquet']['load_end']}, "
