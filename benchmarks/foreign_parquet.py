@@ -119,15 +119,15 @@ def s3_copy(root: Path) -> Iterator[Callable[[str], str]]:
         server.wait(timeout=20)
 
 
-def parquet_overrides(at: Callable[[str], str]) -> list[str]:
-    """`at`: the written file or folder of that name, as a path or a URI."""
-    return ["dataset.name=parquet", f"dataset.train_path={at('train')}", f"dataset.test_path={at('test.parquet')}",
+def parquet_overrides(at: Callable[[str], str], train: str = "train") -> list[str]:
+    """`at`: the written file or folder of that name, as a path or a URI; `train`: the training folder's name."""
+    return ["dataset.name=parquet", f"dataset.train_path={at(train)}", f"dataset.test_path={at('test.parquet')}",
             "dataset.image_column=png", "dataset.label_column=category", "dataset.id_column=item_id"]
 
 
 def unlabelled_overrides(at: Callable[[str], str], teacher_run_id: str) -> list[str]:
     """The training rows without labels; the bundled job's teacher (from its MLflow run) teaches, the student learns from it alone."""
-    return [*parquet_overrides(at), f"dataset.train_path={at('train-unlabelled')}", "dataset.train_labels=false", "transfer.labels=false",
+    return [*parquet_overrides(at, train="train-unlabelled"), "dataset.train_labels=false", "transfer.labels=false",
             "baseline=false", f"teachers.0.mlflow_model=runs:/{teacher_run_id}/model", "tracking.experiment=foreign-parquet-unlabelled"]
 
 
