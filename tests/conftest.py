@@ -88,10 +88,39 @@ def pytest_sessionfinish(session, exitstatus):
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_store(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store, its schema made by MLflow itself, once: MLflow's migrations cost 2-3 s per
+    new database here (26 stores in the suite), a copy of the migrated file 0.05 s."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="session")
+def new_mlflow_store(_empty_mlflow_store):
+    """`new_mlflow_store(folder)` -> the URI of a fresh store at folder/mlflow.db, as a first job there would make it.
+
+    Only the Default experiment's artifact location names a folder, that of the template: moved to `folder`."""
+    import shutil
+    import sqlite3
+
+    def make(folder: Path) -> str:
+        db = folder / "mlflow.db"
+        shutil.copyfile(_empty_mlflow_store, db)
+        with sqlite3.connect(db) as conn:
+            conn.execute("update experiments set artifact_location = ? where experiment_id = 0", (str(folder / "mlruns" / "0"),))
+        return f"sqlite:///{db}"
+
+    return make
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path, monkeypatch) -> str:
+def mlflow_uri(tmp_path, monkeypatch, new_mlflow_store) -> str:
     """A fresh SQLite tracking store for one test, also exported for code that reads the environment."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 
@@ -129,3 +158,24 @@ def digits_teacher(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("digits_teacher") / "cnn.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_cli_job(tmp_path_factory, new_mlflow_store):
+    """One short `distill run` as a user starts it (a `distill` process, not a TTY), shared by the tests that read
+    what it leaves: its console (test_console.py) and its runs, which `distill report` measures (test_compress.py).
+
+    A whole job costs 40-70 s here; the two tests read different things of the same finished job."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    folder = tmp_path_factory.mktemp("digits_cli_job")
+    uri = new_mlflow_store(folder)
+    argv = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.train.epochs=2", "train.epochs=1", "soft_targets.num_actors=1",
+            "views.max_shift=1", "students=[{name: mlp32, family: mlp, hidden: [32]}]", "tracking.experiment=console"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KD_VERBOSE")}
+    env |= {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=folder, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return SimpleNamespace(folder=folder, uri=uri, console=proc.stdout + proc.stderr, argv=argv)

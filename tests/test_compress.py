@@ -22,7 +22,7 @@ from torch import nn
 
 from orchestrator.cli import main as cli_main
 from orchestrator.compress import quantize as compress
-from orchestrator.config import DatasetConfig, ModelSpec, load_config, spec_of
+from orchestrator.config import DatasetConfig, ModelSpec, load_config
 from orchestrator.data.datasets import load_arrays, normalize_images
 from orchestrator.train.models import build_model, count_params
 
@@ -244,24 +244,17 @@ def test_report_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.integration
-def test_distill_run_then_report_logs_measured_figures(ray_session, tmp_path, monkeypatch, mlflow_uri, capsys):
+def test_distill_run_then_report_logs_measured_figures(digits_cli_job, tmp_path, monkeypatch, capsys):
+    """`distill report` on the parent run of conftest's digits_cli_job: a `distill run` (teacher cnn, student mlp32
+    and its twin) finished in another process, as a user reports on a job run earlier."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.flows.pipeline import run_job
-
     monkeypatch.chdir(tmp_path)
-    # The teacher from a state-dict file (no training run: what is measured here is the report, not the teacher).
-    spec = spec_of(load_config(REPO_ROOT / "configs/digits_kd.yaml").teachers[0])
-    torch.manual_seed(0)
-    torch.save(build_model(spec, (1, 8, 8), 10).state_dict(), tmp_path / "teacher.pt")
-    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [
-        f"teachers.0.checkpoint={tmp_path / 'teacher.pt'}", "train.epochs=1", "students=[{name: mlp32, family: mlp, hidden: [32]}]",
-        "soft_targets.num_actors=1", "tracking.experiment=compress-it",
-    ])  # fmt: skip
-    rows = run_job(cfg)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", digits_cli_job.uri)
+    mlflow_uri = digits_cli_job.uri
+    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml")
     client = MlflowClient(mlflow_uri)
-    parent_id = client.get_run(rows[0]["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
-    capsys.readouterr()
+    parent_id = client.search_runs([client.get_experiment_by_name("console").experiment_id], "tags.job = 'distill'")[0].info.run_id
 
     started = time.perf_counter()
     assert cli_main(["report", parent_id]) == 0  # the store comes from $MLFLOW_TRACKING_URI
@@ -310,7 +303,7 @@ def test_distill_run_then_report_logs_measured_figures(ray_session, tmp_path, mo
 
         got = onnxruntime.InferenceSession(str(local / "model.onnx")).run(None, {"images": xt.numpy()})[0]
         assert float((torch.from_numpy(got) - _logits(float_model, xt)).abs().max()) <= 1e-3
-    with sqlite3.connect(tmp_path / "mlflow.db") as conn:  # report adds no runs
+    with sqlite3.connect(digits_cli_job.folder / "mlflow.db") as conn:  # report adds no runs
         assert conn.execute("select count(*) from runs").fetchone()[0] == 1 + 4  # parent, teacher, soft targets, student, baseline
 
     # Bad input against a real store: one line, exit code 2.

@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from orchestrator.tracking import runs as tracking
 
 pytestmark = pytest.mark.integration
-REPO_ROOT = Path(__file__).resolve().parents[1]
-JOB = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.train.epochs=2", "train.epochs=1", "soft_targets.num_actors=1",
-       "views.max_shift=1", "tracking.experiment=console"]
 NOISE = ("Started a local Ray instance", "TrainingReport(", "A new progress UI", "Pickle", "pickle", "(pid=", "Running Dataset", "Token authentication", "available CPUs")
 ESCAPE = re.compile(r"\x1b\[")
 
 
-def _distill(args: list[str], workdir: Path) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KD_VERBOSE")}
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def test_default_console_is_ours(tmp_path):
-    quiet = _distill(JOB, tmp_path)
+def test_default_console_is_ours(digits_cli_job):
+    """conftest's digits_cli_job: `distill run` on digits, a 2-epoch teacher, one student and its twin, 9 views."""
+    quiet = digits_cli_job.console
     lines = quiet.splitlines()
     assert len(lines) <= 60, quiet
     for noise in NOISE:
@@ -37,7 +24,7 @@ def test_default_console_is_ours(tmp_path):
     assert not ESCAPE.search(quiet)  # not a terminal: plain lines
     # One line per epoch per model, then the table.
     assert sum("[teacher:cnn] epoch" in line for line in lines) == 2
-    assert sum("[distill:mlp16-baseline] epoch 1/1" in line for line in lines) == 1
+    assert sum("[distill:mlp32-baseline] epoch 1/1" in line for line in lines) == 1
     assert any(line.startswith("teacher cnn: training 2 epochs") for line in lines)
     # A stage's end line comes after its last epoch line, not before it.
     last_epoch = max(i for i, line in enumerate(lines) if "[teacher:cnn] epoch" in line)
@@ -45,7 +32,7 @@ def test_default_console_is_ours(tmp_path):
     assert any("kd-orchestrator results (test set)" in line for line in lines)
 
     # The MLflow side: a training experiment, the parent's datasets and artifacts.
-    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = tracking.client(digits_cli_job.uri)
     experiment = client.get_experiment_by_name("console")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     parent = client.search_runs([experiment.experiment_id], "tags.job = 'distill'")[0]
@@ -57,7 +44,7 @@ def test_default_console_is_ours(tmp_path):
     ray_logs = [a.path for a in client.list_artifacts(parent.info.run_id, "ray_logs")]
     assert ray_logs and all(re.fullmatch(r"ray_logs/worker-\w+-\w+-\d+\.(out|err)", p) for p in ray_logs), ray_logs
     student = client.search_runs([experiment.experiment_id], "tags.role = 'student'")[0]
-    model = tracking.load_torch_model(f"sqlite:///{tmp_path / 'mlflow.db'}", f"runs:/{student.info.run_id}/model")
+    model = tracking.load_torch_model(digits_cli_job.uri, f"runs:/{student.info.run_id}/model")
     assert sum(p.numel() for p in model.parameters()) > 0  # rebuilt from its state dict and spec, nothing unpickled
     # -v brings Ray's own lines back ("Started a local Ray instance", its dashboard address): asserted on the
     # -v runs of test_faults.py's Ctrl-C test, which starts a job of its own anyway.

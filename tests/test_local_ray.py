@@ -61,8 +61,8 @@ sys.exit(cli.main(["run", sys.argv[1], "tracking.experiment=no-ray"]))
 """
 
 
-def test_a_local_ray_that_does_not_start_is_one_line_and_exit_1(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_a_local_ray_that_does_not_start_is_one_line_and_exit_1(tmp_path, new_mlflow_store):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=new_mlflow_store(tmp_path))
     # Ray's own waits for a GCS that never answers (5 s per connection, 30 s for its cluster id) cut short:
     # the failure and its one line are under test, not how long Ray waits (46 s -> 10 s here).
     env |= {"RAY_py_gcs_connect_timeout_s": "2", "RAY_gcs_rpc_server_connect_timeout_s": "1"}

@@ -131,14 +131,8 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     assert chain_student.data.tags["assistant_run_ids"] == stage.info.run_id
     assert chain_student.data.tags["lineage"] == f"{second_teacher.info.run_id}>{stage.info.run_id}"
 
-    # The chain job again: the assistant and both caches are reused; neither teacher nor assistant runs again.
-    rows_before = teacher_forward_rows()
-    again = run_job(chain_cfg)
-    assert teacher_forward_rows() == rows_before
-    assert [r["test_errors"] for r in again[:2]] == [r["test_errors"] for r in chained[:2]]
-    runs = _runs_by_name(client, "it")
-    second_stage = max(runs["stage:assistant1"], key=lambda r: r.info.start_time)
-    assert second_stage.data.tags["reused"] == "True" and second_stage.data.tags["source_run_id"] == stage.info.run_id
+    # A later job (or trial) finds the memoised assistant instead of training it again: one Ray Train run less
+    # here, so shown where a second run happens anyway, by the resumed sweep driver in test_sweep.py.
 
     # The teacher logged to MLflow, used as the teacher of a soft-targets job: same weights,
     # so the same fingerprint and a cache hit, still with no teacher inference.
@@ -147,12 +141,13 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow
     assert reused[0].data.tags["source_run_id"] == trained[0].info.run_id  # lineage to the run that trained it
     teacher_uri = f"runs:/{trained[0].info.run_id}/model"
     overrides = [*FAST, f"teachers.0.mlflow_model={teacher_uri}"]
+    rows_before = teacher_forward_rows()
     assert cli_main(["soft-targets", str(REPO_ROOT / "configs/digits_kd.yaml"), *overrides]) == 0
     assert cli_main(["teacher", str(REPO_ROOT / "configs/digits_kd.yaml"), *FAST]) == 0
     runs = _runs_by_name(client, "it")
     assert {"digits_kd:soft-targets", "digits_kd:teacher"} <= set(runs)
     sources = sorted(r.data.tags["source"] for r in runs["teacher:cnn"])
-    assert sources == ["cache", "cache", "cache", "mlflow", "trained"]  # the chain job twice, then the teacher job
+    assert sources == ["cache", "cache", "mlflow", "trained"]  # the chain job, then the teacher job
     newest_soft = max(runs["soft-targets"], key=lambda r: r.info.start_time)
     assert newest_soft.data.tags["cache_hit"] == "True"
     assert newest_soft.data.tags["soft_target_fingerprint"] == soft_run.data.tags["soft_target_fingerprint"]

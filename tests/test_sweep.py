@@ -110,6 +110,30 @@ def test_trials_get_the_datasets_references_not_its_arrays(ray_session, mlflow_u
     assert len(ray.cloudpickle.dumps(ctx)) <= len(ray.cloudpickle.dumps(SweepContext(prep, [], None, "sweep-run"))) - images
 
 
+def test_a_trial_run_again_after_an_interruption_is_its_finished_run_in_the_table(mlflow_uri):
+    """A trial that Ctrl-C cut short runs again on --resume under a new MLflow run: the table (and so trials.csv
+    and the champion's choice) takes its FINISHED run, not the KILLED one. Real runs in a real SQLite store."""
+    from types import SimpleNamespace
+
+    from orchestrator.flows.sweep_report import trial_table
+    from orchestrator.tracking import runs as tracking
+
+    cfg = load_config(CONFIG)
+    experiment_id = tracking.ensure_experiment(mlflow_uri, "table")
+    parent = tracking.create_run(mlflow_uri, experiment_id, "sweep")
+    finished = {}
+    for status in ("KILLED", "FINISHED", "KILLED"):  # cut short, run again to the end, and a stray later attempt
+        run = tracking.create_run(mlflow_uri, experiment_id, "trial:t1", parent_id=parent, tags={"role": "trial", "trial_id": "t1"})
+        tracking.log_params(mlflow_uri, run, {"chain": "direct", "student": "mlp16", "temperature": 2.0, "alpha": 0.5})
+        if status == "FINISHED":
+            tracking.log_metrics(mlflow_uri, run, {"test_accuracy": 0.9})
+            finished = run
+        tracking.end_run(mlflow_uri, run, status)
+    prep = SimpleNamespace(tracking_uri=mlflow_uri, experiment_id=experiment_id)
+    table = trial_table(cfg, prep, [SimpleNamespace(metrics={"trial_id": "t1", "training_iteration": 3, cfg.sweep.metric: 0.8})], parent)
+    assert table["mlflow_run_id"].tolist() == [finished] and table["test_accuracy"].tolist() == [0.9]
+
+
 def _sweep(args: list[str], workdir: Path, address: str, teacher: Path) -> subprocess.Popen:
     """A sweep driver process; its teacher from `teacher` (conftest's digits_teacher): the sweep is under test, not the teacher."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
@@ -141,7 +165,8 @@ def _wait_for_finished_trials(proc: subprocess.Popen, workdir: Path, count: int)
 
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
-def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teacher):
+def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teacher, new_mlflow_store):
+    new_mlflow_store(tmp_path)  # the drivers below find it
     address = ray.get_runtime_context().gcs_address
     rows_before = teacher_forward_rows()
 
@@ -210,12 +235,15 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teac
     assert metrics["stages_trained"] == 1 and metrics["stage_reuses"] >= 1
     assistant_runs = [r for r in runs if r.info.run_name == "stage:assistant1" and r.info.status == "FINISHED"]
     assert sorted(r.data.tags["reused"] for r in assistant_runs) == ["False", "True"]
+    trained, reused = sorted(assistant_runs, key=lambda r: r.data.tags["reused"])
+    assert reused.data.tags["source_run_id"] == trained.info.run_id  # lineage to the run that trained it (in the previous driver)
 
     # Artifacts and the champion.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"trials.csv", "plots/direct_vs_chain.png", "plots/accuracy_vs_params.png"} <= artifacts
     trials_csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path)))
     assert len(trials_csv) == 3 and set(trials_csv["train.weight_decay"]) <= {0.0, 1e-4}
+    assert set(trials_csv["mlflow_run_id"]) == {r.info.run_id for r in finished} and trials_csv["test_accuracy"].notna().all()
     champion = client.get_model_version_by_alias("digits_sweep-student", "champion")
     assert champion.tags["sweep_run_id"] == parent.info.run_id
     assert champion.tags["trial_id"] == parent.data.tags["champion_trial"]

@@ -12,8 +12,9 @@ from orchestrator.tracking import runs as tracking
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, new_mlflow_store):
     monkeypatch.chdir(tmp_path)
+    new_mlflow_store(tmp_path)  # the schema made once per session: what is under test is what comes after
     uri = tracking.resolve_tracking_uri("sqlite:///mlflow.db")
     return uri, tracking.ensure_experiment(uri, "t")
 

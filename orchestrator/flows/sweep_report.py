@@ -20,7 +20,8 @@ def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
     metric = cfg.sweep.metric
     client = tracking.client(prep.tracking_uri)
     runs = client.search_runs([prep.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.role = 'trial'", max_results=10_000)
-    by_trial = {run.data.tags["trial_id"]: run for run in runs}
+    # A trial cut short (Ctrl-C) runs again on --resume under a new run: the FINISHED one, else the newest, speaks for it.
+    by_trial = {run.data.tags["trial_id"]: run for run in sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time))}
     rows = []
     for result in results:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
