@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main as cli_main
 from orchestrator.config import ModelSpec, load_config
 from orchestrator.flows.pipeline import run_job
-from orchestrator.teachers.pool import teacher_forward_rows
+from orchestrator.teachers.forward_rows import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.models import build_model
 
@@ -51,9 +51,18 @@ def workdir(tmp_path, monkeypatch, mlflow_uri):
     return tmp_path
 
 
+def _preemption_watchers() -> int:
+    """Ray Train's per-run preemption watcher actors ever started on this session's cluster (alive or dead)."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000))
+
+
 def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow_uri):
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", FAST)
+    watchers_before = _preemption_watchers()
     rows = run_job(cfg, summary_json=workdir / "summary.json")
+    assert _preemption_watchers() == watchers_before  # one node: its Ray Train runs start none (train/trainer.py)
 
     # Summary: teacher, then each student with its baseline, with the documented fields.
     assert [(r["role"], r["name"]) for r in rows] == [

@@ -32,7 +32,8 @@ import torch
 # pass at 60,000 rows on new actors.
 from ray.data.extensions import ArrowTensorArray
 
-from orchestrator.teachers.pool import COUNTER_NAMESPACE, TeacherPredictor
+from orchestrator.teachers.forward_rows import COUNTER_NAMESPACE
+from orchestrator.teachers.pool import TeacherPredictor
 
 POOL_NAME = "kd-teacher"
 # Predictors an actor keeps built, by pass key: concurrent passes (two sweep trials' assistants) interleave calls.
