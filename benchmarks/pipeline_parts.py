@@ -66,7 +66,7 @@ def production_teacher(arrays) -> tuple[object, object, list]:
     generate_soft_targets takes): teacher MLP 784-1200-1200-10, random init, seeded."""
     from orchestrator.config import JobConfig, TeacherConfig
     from orchestrator.flows.stages import TeacherWeights
-    from orchestrator.teachers.forward_rows import forward_row_counter
+    from orchestrator.teachers.pool import forward_row_counter
     from orchestrator.train.models import state_dict_fingerprint
 
     model, state = teacher_state(arrays.input_shape, arrays.num_classes)

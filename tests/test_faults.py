@@ -27,7 +27,7 @@ from orchestrator.config import load_config
 from orchestrator.data.datasets import DatasetArrays, Split
 from orchestrator.flows.stage_runs import soft_target_stage
 from orchestrator.flows.stages import TeacherWeights, TrackingContext
-from orchestrator.teachers.forward_rows import teacher_forward_rows
+from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.teachers.soft_targets import CacheCorruptWarning, read_cache
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.models import build_model, state_dict_fingerprint

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main as cli_main
 from orchestrator.config import ModelSpec, load_config
 from orchestrator.flows.pipeline import run_job
-from orchestrator.teachers.forward_rows import teacher_forward_rows
+from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.models import build_model
 

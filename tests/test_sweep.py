@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_config
 from orchestrator.flows.sweep import search_space, trial_config
-from orchestrator.teachers.forward_rows import teacher_forward_rows
+from orchestrator.teachers.pool import teacher_forward_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO_ROOT / "configs/digits_sweep.yaml")

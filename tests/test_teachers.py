@@ -11,8 +11,7 @@ import torch
 from orchestrator.config import ModelSpec
 from orchestrator.data.datasets import normalize_images
 from orchestrator.data.views import ViewPolicy, views_of
-from orchestrator.teachers.forward_rows import teacher_forward_rows
-from orchestrator.teachers.pool import TeacherPredictor, ensemble_logits
+from orchestrator.teachers.pool import TeacherPredictor, ensemble_logits, teacher_forward_rows
 from orchestrator.teachers.soft_target_columns import gather_soft_targets
 from orchestrator.teachers.soft_targets import decode_logits
 from orchestrator.train.models import build_model
@@ -111,8 +110,7 @@ import sys, time
 import numpy as np, ray, torch
 from orchestrator.config import ModelSpec
 from orchestrator.train.models import build_model
-from orchestrator.teachers.forward_rows import forward_row_counter, teacher_forward_rows
-from orchestrator.teachers.pool import TeacherPredictor
+from orchestrator.teachers.pool import TeacherPredictor, forward_row_counter, teacher_forward_rows
 
 ray.init(address=sys.argv[1])
 forward_row_counter("job")
@@ -135,7 +133,7 @@ def test_a_jobs_count_is_its_own_beside_another_job(ray_session, tmp_path):
     import sys
     from pathlib import Path
 
-    from orchestrator.teachers.forward_rows import forward_row_counter
+    from orchestrator.teachers.pool import forward_row_counter
 
     forward_row_counter("job")  # the driver makes its job's counter first, as soft_target_stage does
     cluster_before, job_before = teacher_forward_rows(), teacher_forward_rows("job")

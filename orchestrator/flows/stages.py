@@ -23,7 +23,7 @@ from orchestrator.data.datasets import DatasetArrays
 from orchestrator.data.ray_objects import image_blocks, rows_dataset
 from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
-from orchestrator.teachers.forward_rows import forward_row_counter
+from orchestrator.teachers.pool import forward_row_counter
 from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
 from orchestrator.teachers.soft_targets import build_lock, fingerprint, logit_columns, read_cache, write_cache
 from orchestrator.teachers.warm_pool import release, run_pass, start_teacher_pool, teacher_pool

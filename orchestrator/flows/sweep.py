@@ -38,7 +38,7 @@ from orchestrator.flows.stages import (
     student_member,
     student_rows,
 )
-from orchestrator.teachers.forward_rows import teacher_forward_rows
+from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import progress_printer, verbose
 from orchestrator.train.models import build_model, count_params

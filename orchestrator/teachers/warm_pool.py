@@ -32,8 +32,7 @@ import torch
 # pass at 60,000 rows on new actors.
 from ray.data.extensions import ArrowTensorArray
 
-from orchestrator.teachers.forward_rows import COUNTER_NAMESPACE
-from orchestrator.teachers.pool import TeacherPredictor
+from orchestrator.teachers.pool import COUNTER_NAMESPACE, TeacherPredictor
 
 POOL_NAME = "kd-teacher"
 # Predictors an actor keeps built, by pass key: concurrent passes (two sweep trials' assistants) interleave calls.
