@@ -37,12 +37,16 @@ def _runs_by_name(client: MlflowClient, experiment: str) -> dict[str, list]:
     return by_name
 
 
-def _teacher_actor_pids() -> set[int]:
-    """The alive warm teacher actors' processes on this session's cluster (teachers/warm_pool.py)."""
+def _actors(class_name: str, *filters: tuple[str, str, str]) -> list:
+    """This session's cluster's actors of `class_name`, alive or dead unless a filter says."""
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "TeacherActor"), ("state", "=", "ALIVE")])
-    return {a.pid for a in actors}
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", class_name), *filters], limit=10_000)
+
+
+def _teacher_actor_pids() -> set[int]:
+    """The alive warm teacher actors' processes on this session's cluster (teachers/warm_pool.py)."""
+    return {a.pid for a in _actors("TeacherActor", ("state", "=", "ALIVE"))}
 
 
 @pytest.fixture
@@ -51,18 +55,11 @@ def workdir(tmp_path, monkeypatch, mlflow_uri):
     return tmp_path
 
 
-def _preemption_watchers() -> int:
-    """Ray Train's per-run preemption watcher actors ever started on this session's cluster (alive or dead)."""
-    from ray.util.state import list_actors
-
-    return len(list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000))
-
-
 def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, workdir, mlflow_uri):
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", FAST)
-    watchers_before = _preemption_watchers()
+    watchers_before = len(_actors("PreemptionWatcher"))  # Ray Train's, one per run it starts them for
     rows = run_job(cfg, summary_json=workdir / "summary.json")
-    assert _preemption_watchers() == watchers_before  # one node: its Ray Train runs start none (train/trainer.py)
+    assert len(_actors("PreemptionWatcher")) == watchers_before  # one node: its Ray Train runs start none (train/trainer.py)
 
     # Summary: teacher, then each student with its baseline, with the documented fields.
     assert [(r["role"], r["name"]) for r in rows] == [

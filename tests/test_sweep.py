@@ -121,7 +121,7 @@ def test_a_trial_run_again_after_an_interruption_is_its_finished_run_in_the_tabl
     cfg = load_config(CONFIG)
     experiment_id = tracking.ensure_experiment(mlflow_uri, "table")
     parent = tracking.create_run(mlflow_uri, experiment_id, "sweep")
-    finished = {}
+    finished = None
     for status in ("KILLED", "FINISHED", "KILLED"):  # cut short, run again to the end, and a stray later attempt
         run = tracking.create_run(mlflow_uri, experiment_id, "trial:t1", parent_id=parent, tags={"role": "trial", "trial_id": "t1"})
         tracking.log_params(mlflow_uri, run, {"chain": "direct", "student": "mlp16", "temperature": 2.0, "alpha": 0.5})
