@@ -129,9 +129,8 @@ def mlflow_uri(tmp_path, monkeypatch, new_mlflow_store) -> str:
 def digits_teacher(tmp_path_factory) -> Path:
     """A state-dict file of the digits configs' CNN teacher, trained here in plain torch (a second, no Ray).
 
-    For tests whose subject is what comes after the teacher (sweeps, methods, views, faults): a teacher
-    trained by Ray Train costs a fit (10-12 s here) each; tests/test_pipeline.py and test_console.py still
-    train one the way a job does."""
+    For tests whose subject is what comes after the teacher (sweeps, methods, views, parquet, faults): a teacher
+    trained by Ray Train costs a fit (10-12 s here) each; digits_cli_job below still trains one the way a job does."""
     import torch
     import torch.nn.functional as F
 
@@ -163,19 +162,38 @@ def digits_teacher(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_cli_job(tmp_path_factory, new_mlflow_store):
     """One short `distill run` as a user starts it (a `distill` process, not a TTY), shared by the tests that read
-    what it leaves: its console (test_console.py) and its runs, which `distill report` measures (test_compress.py).
+    what it leaves: its console (test_console.py), its run tree and caches, on which next jobs run (test_pipeline.py,
+    in a copy: `copy_to(dest)`), and its runs, which `distill report` measures (test_compress.py). `overrides`: its
+    own, less its students; a later job given them finds its teacher and soft targets in the job's caches.
 
-    A whole job costs 40-70 s here; the two tests read different things of the same finished job."""
+    A whole job costs 40-80 s here; the tests read different things of the same finished job."""
     import subprocess
     import sys
     from types import SimpleNamespace
 
     folder = tmp_path_factory.mktemp("digits_cli_job")
     uri = new_mlflow_store(folder)
-    argv = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers.0.train.epochs=2", "train.epochs=1", "soft_targets.num_actors=1",
-            "views.max_shift=1", "students=[{name: mlp32, family: mlp, hidden: [32]}]", "tracking.experiment=console"]
+    overrides = ["teachers.0.train.epochs=2", "train.epochs=2", "soft_targets.num_actors=1", "tracking.experiment=console"]
+    argv = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), *overrides, "chain=[{family: mlp, hidden: [48]}]",
+            "students=[{name: mlp32, family: mlp, hidden: [32]}]", "--summary-json", "summary.json"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KD_VERBOSE")}
     env |= {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=folder, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return SimpleNamespace(folder=folder, uri=uri, console=proc.stdout + proc.stderr, argv=argv)
+    return SimpleNamespace(folder=folder, uri=uri, console=proc.stdout + proc.stderr, argv=argv, overrides=overrides,
+                           copy_to=lambda dest: _copy_of_job(folder, dest))
+
+
+def _copy_of_job(folder: Path, dest: Path) -> str:
+    """A finished job's working dir (its caches, its SQLite store, the store's artifacts) copied to `dest`, for a next
+    job to run there as it would in the original, which stays untouched. Returns the copy's tracking URI.
+
+    The store names its artifact folders by absolute path: those of the copy are moved to the copy's own."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("ray_results"))
+    with sqlite3.connect(dest / "mlflow.db") as conn:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+            conn.execute(f"update {table} set {column} = replace({column}, ?, ?)", (str(folder), str(dest)))
+    return f"sqlite:///{dest / 'mlflow.db'}"

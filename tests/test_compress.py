@@ -245,8 +245,9 @@ def test_report_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.integration
 def test_distill_run_then_report_logs_measured_figures(digits_cli_job, tmp_path, monkeypatch, capsys):
-    """`distill report` on the parent run of conftest's digits_cli_job: a `distill run` (teacher cnn, student mlp32
-    and its twin) finished in another process, as a user reports on a job run earlier."""
+    """`distill report` on the parent run of conftest's digits_cli_job: a `distill run` (teacher cnn, an assistant,
+    student mlp32 and its twin) finished in another process, as a user reports on a job run earlier. The report
+    measures the job's teachers, students and twins; an assistant is a stage of the chain, not a deliverable."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
@@ -304,7 +305,8 @@ def test_distill_run_then_report_logs_measured_figures(digits_cli_job, tmp_path,
         got = onnxruntime.InferenceSession(str(local / "model.onnx")).run(None, {"images": xt.numpy()})[0]
         assert float((torch.from_numpy(got) - _logits(float_model, xt)).abs().max()) <= 1e-3
     with sqlite3.connect(digits_cli_job.folder / "mlflow.db") as conn:  # report adds no runs
-        assert conn.execute("select count(*) from runs").fetchone()[0] == 1 + 4  # parent, teacher, soft targets, student, baseline
+        # parent, teacher, its soft targets, the assistant's stage and its soft targets, student, baseline
+        assert conn.execute("select count(*) from runs").fetchone()[0] == 1 + 6
 
     # Bad input against a real store: one line, exit code 2.
     for run_id, message in (("0123abcd", "no MLflow run '0123abcd'"), (student_id, "is not the parent run of a `distill run` job")):

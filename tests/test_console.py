@@ -15,7 +15,7 @@ ESCAPE = re.compile(r"\x1b\[")
 
 
 def test_default_console_is_ours(digits_cli_job):
-    """conftest's digits_cli_job: `distill run` on digits, a 2-epoch teacher, one student and its twin, 9 views."""
+    """conftest's digits_cli_job: `distill run` on digits, a 2-epoch teacher, an assistant, one student and its twin (2 epochs)."""
     quiet = digits_cli_job.console
     lines = quiet.splitlines()
     assert len(lines) <= 60, quiet
@@ -24,7 +24,8 @@ def test_default_console_is_ours(digits_cli_job):
     assert not ESCAPE.search(quiet)  # not a terminal: plain lines
     # One line per epoch per model, then the table.
     assert sum("[teacher:cnn] epoch" in line for line in lines) == 2
-    assert sum("[distill:mlp32-baseline] epoch 1/1" in line for line in lines) == 1
+    assert sum("[distill:mlp32-baseline] epoch 2/2" in line for line in lines) == 1
+    assert sum("[distill:assistant1] epoch" in line for line in lines) == 2  # a chain stage shows its epochs like any model
     assert any(line.startswith("teacher cnn: training 2 epochs") for line in lines)
     # A stage's end line comes after its last epoch line, not before it.
     last_epoch = max(i for i, line in enumerate(lines) if "[teacher:cnn] epoch" in line)

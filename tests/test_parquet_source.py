@@ -197,33 +197,14 @@ def test_read_from_an_s3_uri(s3_server, monkeypatch, digits_parquet):  # noqa: F
     np.testing.assert_array_equal(data.train.labels, labels[:1500])
 
 
-def test_distilled_end_to_end_from_parquet(ray_session, digits_parquet, tmp_path, monkeypatch, mlflow_uri, digits_teacher):
-    """The digits job, its data from the parquet files: soft targets, a student and its twin (the teacher from
-    conftest's state-dict file: what a teacher's training does with the arrays is test_pipeline.py's subject)."""
-    from orchestrator.flows.pipeline import run_job
-    from orchestrator.tracking import runs as tracking
-
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [
-        "dataset.name=parquet", f"dataset.train_path={digits_parquet / 'train.parquet'}", f"dataset.test_path={digits_parquet / 'test.parquet'}",
-        "dataset.image_column=png", "dataset.label_column=digit", "dataset.id_column=example_id",
-        f"teachers.0.checkpoint={digits_teacher}", "train.epochs=2", "students=[{name: mlp16, family: mlp, hidden: [16]}]",
-        "soft_targets.num_actors=1", "tracking.experiment=parquet"])
-    rows = run_job(cfg)
-    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "cnn"), ("student", "mlp16"), ("baseline", "mlp16-baseline")]
-    assert rows[0]["test_errors"] + round(rows[0]["test_accuracy"] * 297) == 297  # the 297 test rows of the parquet file
-    assert rows[0]["test_accuracy"] > 0.9  # the digits teacher on the same digits, read from the parquet file
-    client = tracking.client(mlflow_uri)
-    parent = client.search_runs([client.get_experiment_by_name("parquet").experiment_id], "tags.job = 'distill'")[0]
-    sources = {d.dataset.source for d in parent.inputs.dataset_inputs}
-    assert any("train.parquet" in s for s in sources), sources
-
-
 @pytest.mark.integration
 def test_students_learn_from_a_training_source_without_labels(ray_session, digits_parquet, tmp_path, monkeypatch, mlflow_uri, digits_teacher):
-    """dataset.train_labels false: no label column in the training file; the student learns from the teacher alone.
-    Its training rows carry label -1, on which cross-entropy fails: the job finishing shows that nothing read one."""
+    """The digits job, its data from parquet files (a Ray Train run, soft targets and the MLflow datasets), and with
+    dataset.train_labels false: no label column in the training file; the student learns from the teacher alone.
+    Its training rows carry label -1, on which cross-entropy fails: the job finishing shows that nothing read one.
+    The teacher from conftest's state-dict file: what a teacher's training does is test_pipeline.py's subject."""
     from orchestrator.flows.pipeline import run_job
+    from orchestrator.tracking import runs as tracking
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [
@@ -233,5 +214,10 @@ def test_students_learn_from_a_training_source_without_labels(ray_session, digit
     rows = run_job(cfg)
     assert [(r["role"], r["name"]) for r in rows] == [("teacher", "cnn"), ("student", "mlp32")]
     teacher, student = rows
-    assert teacher["test_accuracy"] > 0.9
+    assert teacher["test_errors"] + round(teacher["test_accuracy"] * 297) == 297  # the 297 test rows of the parquet file
+    assert teacher["test_accuracy"] > 0.9  # the digits teacher on the same digits, read from the parquet file
     assert student["test_accuracy"] > 0.7 and student["agreement"] > 0.7  # 0.86 here; chance is 0.1, and all of it came from the teacher
+    client = tracking.client(mlflow_uri)
+    parent = client.search_runs([client.get_experiment_by_name("unlabelled").experiment_id], "tags.job = 'distill'")[0]
+    sources = {d.dataset.source for d in parent.inputs.dataset_inputs}
+    assert any("unlabelled.parquet" in s for s in sources) and any("test.parquet" in s for s in sources), sources
