@@ -94,6 +94,8 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, digits_cli_job,
     for run in (soft_run, assistant_soft):
         assert run.data.metrics["teacher_forward_rows"] == pass_rows and run.data.tags["cache_hit"] == "False"
     assert soft_run.data.tags["teacher_run_ids"] == teacher_run.info.run_id
+    assert parent.data.metrics["teacher_forward_rows"] == 2 * pass_rows  # the job's: both passes, not only the last
+    assert parent.data.metrics["wall_s_assistants"] > assistant["wall_s"] > 0  # its training, then its soft-target pass
     assert stage.data.tags["role"] == "assistant" and stage.data.tags["reused"] == "False"
     assert (tmp_path / "job" / ".kd_cache" / "stages" / f"{stage.data.tags['stage_key']}.pt").is_file()  # memoised for a next job
     assert student.data.tags["soft_target_fingerprint"] == assistant_soft.data.tags["soft_target_fingerprint"] != soft_run.data.tags["soft_target_fingerprint"]

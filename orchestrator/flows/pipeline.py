@@ -23,6 +23,7 @@ from orchestrator.flows.stage_runs import resolve_teacher, soft_target_stage
 from orchestrator.flows.stages import SoftTargets, TeacherWeights, TrackingContext, student_members, student_stage, teacher_actor_gpus
 from orchestrator.losses.kd_settings import is_auto
 from orchestrator.losses.terms import describe_loss, uses_kd_section
+from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.teachers.soft_targets import fingerprint
 from orchestrator.tracking import runs as tracking
 from orchestrator.train.memory import peak_rss_mb
@@ -84,6 +85,7 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
                      warm_teachers=True) as job:
         prep, track, parent_id = job.prep, job.track, job.parent_id
         uri, data = prep.tracking_uri, prep.data
+        rows_before = teacher_forward_rows("job")  # every pass of this job counts: the teachers', each assistant's, each generation's
         tracking.set_tags(uri, parent_id, {"dataset": data.name})
         teachers = [resolve_teacher(cfg, i, data, prep.train_ids, prep.val_ids, prep.given_teachers[i], track) for i in range(len(cfg.teachers))]
         driver_peak = {"teacher": peak_rss_mb()}  # the driver's peak so far, after each stage
@@ -97,16 +99,20 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         teacher_soft = soft  # agreement and KL are the teachers', whatever the students learn from
         rows = _teacher_rows(prep, teachers, teacher_soft, test_ref)
         assistants: list[TeacherWeights] = []
+        stage_walls = {"teacher": sum(t.wall_s for t in teachers), "soft_targets": soft.wall_s}
         if cfg.chain:  # the students learn from the last assistant's soft targets; agreement and KL stay the teachers'
+            started = time.perf_counter()
             registry = StageRegistry.remote()
             soft, assistants = run_chain(cfg, prep, soft, cfg.chain, track, registry)
             ray.kill(registry)
+            stage_walls["assistants"] = time.perf_counter() - started  # their training and their soft-target passes
             rows += _teacher_rows(prep, assistants, teacher_soft, test_ref, role="assistant")
         student_rows, online_rows = distill_students(prep, soft, teachers, teacher_soft, test_ref, track, assistants=assistants)
         rows += student_rows
         driver_peak["students"] = peak_rss_mb()
-        stage_walls = {"teacher": sum(t.wall_s for t in teachers), "soft_targets": soft.wall_s, "students": rows[-1]["wall_s"]}
-        tracking.log_metrics(uri, parent_id, {f"wall_s_{k}": v for k, v in stage_walls.items()} | {"teacher_forward_rows": soft.forward_rows + online_rows}
+        stage_walls["students"] = rows[-1]["wall_s"]
+        forward_rows = teacher_forward_rows("job") - rows_before + online_rows
+        tracking.log_metrics(uri, parent_id, {f"wall_s_{k}": v for k, v in stage_walls.items()} | {"teacher_forward_rows": forward_rows}
                              | {f"driver_peak_rss_mb_{k}": v for k, v in driver_peak.items()})
         tracking.set_tags(uri, parent_id, {"soft_target_fingerprint": soft.fingerprint, "teacher_run_ids": ",".join(t.run_id for t in teachers)})
         tracking.log_dict(uri, parent_id, rows, "summary.json")
@@ -115,7 +121,7 @@ def run_job(cfg: JobConfig, *, summary_json: str | Path | None = None, ray_addre
         Path(summary_json).write_text(json.dumps(rows, indent=2) + "\n")
     from orchestrator.tracking.report import print_summary  # rich is only needed for the terminal
 
-    print_summary(rows, stage_walls, soft, uri)
+    print_summary(rows, stage_walls, soft, uri, forward_rows=forward_rows)
     return rows
 
 

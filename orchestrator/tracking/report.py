@@ -48,7 +48,9 @@ def kd_label(row: Mapping) -> str:
     return f"{row['temperature']:g} / {row['alpha']:g}" if row.get("alpha") is not None else f"{row['temperature']:g} / -"
 
 
-def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], soft, tracking_uri: str) -> None:
+def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], soft, tracking_uri: str, *, forward_rows: int) -> None:
+    """`soft`: the soft targets the students learnt from (the last assistant's with a chain); `forward_rows`: every
+    teacher forward row the job ran (the teachers' pass, each assistant's and generation's, online ones)."""
     console = progress_console()
     console.print(summary_table(rows))
     if any("errors_saved" in row for row in rows):
@@ -60,7 +62,7 @@ def print_summary(rows: Sequence[Mapping], stage_walls: Mapping[str, float], sof
     console.print(f"stage wall time: {walls} (students share one Ray Train run)")
     source = "cache hit" if soft.cache_hit else "generated"
     console.print(f"soft targets {soft.fingerprint} ({source}; {soft.views} view(s) per training image, {soft.cache_bytes / 1e6:.1f} MB; "
-                  f"{soft.forward_rows:,} teacher forward rows this run): {soft.path}", soft_wrap=True)
+                  f"{forward_rows:,} teacher forward rows this run): {soft.path}", soft_wrap=True)
     console.print(f"Open MLflow: {ui_command(tracking_uri)}", soft_wrap=True)
 
 
