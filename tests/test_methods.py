@@ -63,4 +63,8 @@ def test_digits_every_method_family_online_teacher_with_jitter(ray_session, work
     assert len(soft_runs) == 2  # the teacher's, then generation 1's (the last generation teaches nobody)
     gen_soft = next(r for r in soft_runs if r.data.tags["mlflow.parentRunId"] == student_run.info.run_id)
     assert gen_soft.data.metrics["teacher_forward_rows"] == 1797
+    # The job's count is every pass it ran plus the online teacher's rows: each of the 1,221 training rows, each of
+    # the 4 epochs, once for all the students it teaches.
+    job_rows = runs["digits_methods"].data.metrics["teacher_forward_rows"]
+    assert job_rows == sum(r.data.metrics["teacher_forward_rows"] for r in soft_runs) + 1221 * 4
     assert len(client.get_metric_history(generation.info.run_id, "val_accuracy")) == 4
