@@ -180,7 +180,7 @@ def digits_cli_job(tmp_path_factory, new_mlflow_store):
     env |= {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=folder, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return SimpleNamespace(folder=folder, uri=uri, console=proc.stdout + proc.stderr, argv=argv, overrides=overrides,
+    return SimpleNamespace(folder=folder, uri=uri, console=proc.stdout + proc.stderr, overrides=overrides,
                            copy_to=lambda dest: _copy_of_job(folder, dest))
 
 
