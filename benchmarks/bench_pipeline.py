@@ -14,12 +14,14 @@ Measures, in one process on one machine:
        actors start with it), a job's first call (actors started as a job starts them, and ready),
        then later calls on the job's warm actors.
 2. One student epoch (MLP 784-800-800-10, Hinton KD loss, 54k rows with fp16 teacher logits,
-   batch 128): `orchestrator.train.train_loop.train_one_epoch` on in-memory tensors vs the
-   steady-state epoch of a real Ray Train run built by `orchestrator.train.trainer.build_trainer`
-   (1 worker with 2 CPUs; 2 workers with 1 CPU each for reference), MLflow logging on.
-   The Ray epoch is the interval between consecutive `ray.train.report`s as the controller
-   sees them (training + validation + checkpoint + MLflow + report); epoch 0, which pulls
-   the shard from the object store, is excluded. The in-worker `epoch_s` metric is kept too.
+   batch 128, 6k validation rows): the work of one worker epoch in one plain process
+   (`orchestrator.train.train_loop.train_one_epoch` on in-memory tensors, then `validate` on the
+   validation rows) vs the steady-state epoch of a real Ray Train run built by
+   `orchestrator.train.trainer.build_trainer` (1 worker with 2 CPUs; 2 workers with 1 CPU each
+   for reference), MLflow logging on. The Ray epoch is the interval between consecutive
+   `ray.train.report`s as the controller sees them (training + validation + checkpoint + MLflow
+   + report); epoch 0, which pulls the shard from the object store, is excluded. The in-worker
+   `epoch_s` (train + validation) and `train_s` (train alone, against the plain train pass) are kept too.
 
 Writes benchmarks/results/pipeline.json and benchmarks/results/pipeline.md. Every figure
 comes from the run. Each figure is a median over repeats; all repeats are in the JSON.
@@ -209,14 +211,15 @@ def bench_soft_targets(arrays, repeats: int, threads: int, tries: int, budget_s:
 # ------------------------------------------------------------------------------------ student epoch
 
 
-def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> tuple[list[float], list[float]]:
-    """train_one_epoch over the same in-memory tensors and the same batching code as a Ray worker."""
+def plain_student_epochs(loop, tensors: dict, val: dict, epochs: int, threads: int) -> tuple[list[float], list[float], list[float]]:
+    """Each epoch what a Ray worker's epoch does: `train_one_epoch` over the same in-memory tensors with the same
+    batching code, then `validate` on the same validation rows. Returns (train s, validation s, foreign share) per epoch."""
     import torch
 
     from orchestrator.losses.objective import Objective
     from orchestrator.train.models import build_model
     from orchestrator.train.optim import build_optimizer, build_scheduler
-    from orchestrator.train.train_loop import Member, ShardBatches, train_one_epoch
+    from orchestrator.train.train_loop import Member, ShardBatches, train_one_epoch, validate
 
     torch.set_num_threads(threads)
     config = loop.members[0]
@@ -228,14 +231,16 @@ def plain_student_epochs(loop, tensors: dict, epochs: int, threads: int) -> tupl
     batches = ShardBatches(None, batch_size=loop.optim.batch_size, in_memory=True, seed=loop.seed)
     batches.tensors = tensors
     generator = torch.Generator().manual_seed(loop.seed)
-    seconds, foreign = [], []
+    train_s, val_s, foreign = [], [], []
     for epoch in range(epochs):
         with Foreign() as f:
             started = time.perf_counter()
             train_one_epoch([member], batches.epoch(epoch), loop, epoch=epoch, device=torch.device("cpu"), generator=generator)
-            seconds.append(time.perf_counter() - started)
+            train_s.append(time.perf_counter() - started)
+            validate([member], val, loop, device=torch.device("cpu"))
+            val_s.append(time.perf_counter() - started - train_s[-1])
         foreign.append(f.share)
-    return seconds, foreign
+    return train_s, val_s, foreign
 
 
 def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int) -> dict:
@@ -257,15 +262,19 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
         make_loop = student_loop(arrays, work / "ray_results", "fp16")
 
         plain_epochs = 4 if quick else 6
-        tensors = {
-            "id": torch.from_numpy(train_ids),
-            "image": torch.from_numpy(arrays.train.images[train_ids]),
-            "label": torch.from_numpy(arrays.train.labels[train_ids]),
-            DENSE_COLUMN: torch.from_numpy(teacher_logits[train_ids][:, None]),  # (rows, 1 view, classes), as the cache
-        }
-        plain, plain_foreign = plain_student_epochs(make_loop(plain_epochs, 1, threads, None, None, train_rows=len(train_ids)), tensors, plain_epochs, threads)
+        tensors, val = ({
+            "id": torch.from_numpy(ids),
+            "image": torch.from_numpy(arrays.train.images[ids]),
+            "label": torch.from_numpy(arrays.train.labels[ids]),
+            DENSE_COLUMN: torch.from_numpy(teacher_logits[ids][:, None]),  # (rows, 1 view, classes), as the cache
+        } for ids in (train_ids, val_ids))
+        plain_train, plain_val, plain_foreign = plain_student_epochs(make_loop(plain_epochs, 1, threads, None, None, train_rows=len(train_ids)),
+                                                                    tensors, val, plain_epochs, threads)
+        plain = [t + v for t, v in zip(plain_train, plain_val)]
         plain_steady, plain_used = clean_median(plain[1:], plain_foreign[1:])
-        log(f"student plain: epochs {[round(s, 3) for s in plain]} s, foreign CPU share {plain_foreign}, load {loadavg()}")
+        plain_train_steady, _ = clean_median(plain_train[1:], plain_foreign[1:])
+        log(f"student plain: epochs {[round(s, 3) for s in plain]} s (train {[round(s, 3) for s in plain_train]}), "
+            f"foreign CPU share {plain_foreign}, load {loadavg()}")
 
         datasets, objects = student_datasets(arrays, train_ids, val_ids, soft)
         runs = {}
@@ -278,6 +287,7 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
             tracking.end_run(uri, run_id)
             runs[key]["workers"], runs[key]["cpus_per_worker"] = workers, cpus
             runs[key]["ratio"] = round(runs[key]["steady_epoch_s"] / plain_steady, 3)
+            runs[key]["train_ratio"] = round(runs[key]["steady_train_s_in_worker"] / plain_train_steady, 3)
             log(f"student ray {key}: {runs[key]}, load {loadavg()}")
         return {
             "rows": len(train_ids),
@@ -285,6 +295,9 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
             "batch_size": STUDENT_BATCH,
             "plain_threads": threads,
             "plain_epoch_s": [round(s, 3) for s in plain],
+            "plain_train_s": [round(s, 3) for s in plain_train],
+            "plain_val_s": [round(s, 3) for s in plain_val],
+            "plain_steady_train_s": round(plain_train_steady, 3),
             "plain_foreign_cpu_share": plain_foreign,
             "plain_steady_epoch_s": round(plain_steady, 3),
             "plain_steady_epochs_used": plain_used,
@@ -370,10 +383,12 @@ def render_pipeline(report: dict) -> str:
         f"{st['60k'].get('max_abs_diff_vs_plain', float('nan')):.3g}.",
         "- Ratio for soft targets = production rows/s / plain rows/s; for the student epoch = production s / plain s.",
         f"- Student epoch: MLP 784-800-800-10, Hinton KD loss, batch {se['batch_size']}, {se['rows']:,} train + "
-        f"{se['val_rows']:,} val rows. Plain = `train_one_epoch` on in-memory tensors. Production = interval between "
-        f"consecutive reports of a `build_trainer(...)` run with MLflow logging (train + validation + checkpoint + MLflow "
-        f"+ report), epoch 0 (shard pull) excluded; in-worker `epoch_s` (train + validation): "
-        f"{one['steady_epoch_s_in_worker']:.2f} s; whole 1-worker `fit()` of {one['epochs']} epochs {one['fit_s']:.1f} s.",
+        f"{se['val_rows']:,} val rows. Plain = each epoch what a worker's epoch does, in one process: `train_one_epoch` on "
+        f"in-memory tensors, then `validate` on the validation rows (train alone {se['plain_steady_train_s']:.2f} s). "
+        f"Production = interval between consecutive reports of a `build_trainer(...)` run with MLflow logging (train + "
+        f"validation + checkpoint + MLflow + report), epoch 0 (shard pull) excluded; in-worker `epoch_s` (train + validation): "
+        f"{one['steady_epoch_s_in_worker']:.2f} s, in-worker `train_s` (train alone) {one['steady_train_s_in_worker']:.2f} s, "
+        f"{one['train_ratio']:.2f}x the plain train pass; whole 1-worker `fit()` of {one['epochs']} epochs {one['fit_s']:.1f} s.",
         f"- foreign = share of the machine's CPUs used by processes outside this benchmark during a measurement; "
         f"measurements above {MAX_FOREIGN} are retried (all attempts are in pipeline.json).",
     ]

@@ -127,7 +127,7 @@ class _ReportClock:
             def after_report(self, run_context, metrics, checkpoint) -> None:
                 rank0 = metrics[0] if metrics else {}
                 with open(self.target, "a") as f:
-                    f.write(f"{time.time()} {rank0.get('epoch', -1)} {rank0.get('epoch_s', float('nan'))}\n")
+                    f.write(f"{time.time()} {rank0.get('epoch', -1)} {rank0.get('epoch_s', float('nan'))} {rank0.get('train_s', float('nan'))}\n")
 
         return ReportClock(path)
 
@@ -149,6 +149,7 @@ def ray_student_run(loop, datasets: dict, clock_file: Path, *, last_metrics: boo
     lines = [line.split() for line in clock_file.read_text().splitlines()]
     stamps = [float(line[0]) for line in lines]
     epoch_s = [float(line[2]) for line in lines]
+    train_s = [float(line[3]) for line in lines]
     intervals = np.diff(stamps).tolist()  # intervals[i]: report of epoch i -> report of epoch i+1
     steady_interval = median(intervals) if intervals else float("nan")  # all intervals exclude epoch 0
     steady_epoch_s = median(epoch_s[1:]) if len(epoch_s) > 1 else float("nan")
@@ -159,6 +160,8 @@ def ray_student_run(loop, datasets: dict, clock_file: Path, *, last_metrics: boo
         "report_intervals_s": [round(s, 3) for s in intervals],
         "steady_epoch_s": round(steady_interval, 3),
         "steady_epoch_s_in_worker": round(steady_epoch_s, 3),
+        "train_s_in_worker": [round(s, 3) for s in train_s],
+        "steady_train_s_in_worker": round(median(train_s[1:]), 3) if len(train_s) > 1 else float("nan"),
         "foreign_cpu_share": foreign.share,
         **({"last_metrics": dict(result.metrics or {})} if last_metrics else {}),
     }

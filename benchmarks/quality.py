@@ -67,6 +67,8 @@ EXPERIMENTS = [
                target="the methods table at tuned settings: two DML peers, each against the label-only twin of peer a"),
     Experiment("methods_multi_teacher", "configs/fashion_methods/tuned_multi_teacher.yaml",
                target="the methods table at tuned settings: the logit mean of two teachers of the fashion_kd recipe, against its twin"),
+    Experiment("methods_born_again", "configs/fashion_methods/tuned_born_again.yaml",
+               target="the methods table at tuned settings: born-again generation 3 (teacher: the student's architecture on labels), against its twin"),
     Experiment("mnist_demo", "configs/mnist_kd.yaml",
                target="`make demo`'s job over 3 seeds: distilled beats labels-only by >= 25 mean errors, p < 0.05"),
     Experiment("mnist_digit3", "configs/mnist_digit3.yaml",

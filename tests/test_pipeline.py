@@ -82,6 +82,9 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, digits_cli_job,
     # Memory: the Ray Train worker's peak per epoch, the driver's peak after each stage (peaks only grow).
     worker_peaks = [m.value for m in client.get_metric_history(student.info.run_id, "worker_peak_rss_mb")]
     assert len(worker_peaks) == 2 and 100 < worker_peaks[0] <= worker_peaks[-1] < 24 * 1024
+    # Each epoch's time, and within it the training pass alone (validation comes after it).
+    epoch_s, train_s = ([m.value for m in client.get_metric_history(student.info.run_id, key)] for key in ("epoch_s", "train_s"))
+    assert len(epoch_s) == len(train_s) == 2 and all(0 < t < e for t, e in zip(train_s, epoch_s))
     driver = [parent.data.metrics[f"driver_peak_rss_mb_{stage_name}"] for stage_name in ("teacher", "soft_targets", "students")]
     assert 100 < driver[0] <= driver[1] <= driver[2] < 24 * 1024
 

@@ -46,6 +46,7 @@ class TeacherActor:
 
     def __init__(self, threads: int) -> None:
         torch.set_num_threads(max(1, threads))
+        _warm_up_kernels()
         self.predictors: OrderedDict[str, TeacherPredictor] = OrderedDict()
 
     def ready(self) -> int:
@@ -64,6 +65,14 @@ class TeacherActor:
                 self.predictors.popitem(last=False)
         self.predictors.move_to_end(key)
         return _table(self.predictors[key](dict(block)))
+
+
+def _warm_up_kernels() -> None:
+    """A matmul and a convolution on throw-away tensors, so the intra-op thread pool and the CPU kernels' one-time
+    set-up happen while the job starts (the actor is started at job start), not inside its first pass."""
+    with torch.inference_mode():
+        torch.ones(256, 512) @ torch.ones(512, 256)
+        torch.nn.functional.conv2d(torch.ones(64, 8, 16, 16), torch.ones(8, 8, 3, 3), padding=1)
 
 
 def _table(columns: Mapping[str, np.ndarray]) -> pa.Table:

@@ -349,9 +349,11 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, loop.optim.epochs):
         started = time.perf_counter()
         train_loss = train_one_epoch(members, train.epoch(epoch), loop, epoch=epoch, device=device, generator=generator, teacher_model=teacher_model)
+        train_s = time.perf_counter() - started
         val_metrics = validate(members, val.collect(), loop, device=device) if val is not None and len(val.collect()) else {}
         seconds = time.perf_counter() - started
-        metrics: dict[str, float] = {"epoch": epoch, "epoch_s": seconds, "worker_peak_rss_mb": peak_rss_mb()}
+        # epoch_s: training and validation; train_s: the training pass alone (what a plain loop's epoch compares with).
+        metrics: dict[str, float] = {"epoch": epoch, "epoch_s": seconds, "train_s": train_s, "worker_peak_rss_mb": peak_rss_mb()}
         if teacher_model is not None:  # every worker's online-teacher rows so far (this run; a restart counts afresh)
             metrics["online_teacher_rows"] = all_workers_sum(teacher_model.rows, device)
         for name, loss in train_loss.items():
@@ -383,5 +385,5 @@ def _log_epoch(loop: LoopConfig, members: list[Member], metrics: dict[str, float
             continue
         prefix = member.config.name + "/"
         own = {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
-        own["epoch_s"], own["worker_peak_rss_mb"] = metrics["epoch_s"], metrics["worker_peak_rss_mb"]  # rank 0's process
+        own |= {key: metrics[key] for key in ("epoch_s", "train_s", "worker_peak_rss_mb")}  # rank 0's process
         tracking.log_metrics(loop.tracking_uri, member.config.run_id, own, step=epoch)
