@@ -152,16 +152,19 @@ def ray_student_run(loop, datasets: dict, clock_file: Path, *, last_metrics: boo
     train_s = [float(line[3]) for line in lines]
     intervals = np.diff(stamps).tolist()  # intervals[i]: report of epoch i -> report of epoch i+1
     steady_interval = median(intervals) if intervals else float("nan")  # all intervals exclude epoch 0
-    steady_epoch_s = median(epoch_s[1:]) if len(epoch_s) > 1 else float("nan")
+
+    def steady(values: list[float]) -> float:  # epoch 0 pulls the shard: excluded
+        return median(values[1:]) if len(values) > 1 else float("nan")
+
     return {
         "epochs": loop.optim.epochs,
         "fit_s": round(fit_s, 2),
         "epoch_s_in_worker": [round(s, 3) for s in epoch_s],
         "report_intervals_s": [round(s, 3) for s in intervals],
         "steady_epoch_s": round(steady_interval, 3),
-        "steady_epoch_s_in_worker": round(steady_epoch_s, 3),
+        "steady_epoch_s_in_worker": round(steady(epoch_s), 3),
         "train_s_in_worker": [round(s, 3) for s in train_s],
-        "steady_train_s_in_worker": round(median(train_s[1:]), 3) if len(train_s) > 1 else float("nan"),
+        "steady_train_s_in_worker": round(steady(train_s), 3),
         "foreign_cpu_share": foreign.share,
         **({"last_metrics": dict(result.metrics or {})} if last_metrics else {}),
     }
