@@ -184,3 +184,62 @@ def test_checks_against_a_real_ray(ray_session, capsys, monkeypatch):
     cluster.check_cluster(_cfg("soft_targets.num_gpus_per_actor=1"), "sqlite:////tmp/x.db")
     assert "teacher actors run on the CPU" in capsys.readouterr().err
     assert cluster.teacher_gpus(1.0) == 0.0 and cluster.teacher_gpus(0.0) == 0.0
+
+
+# --- placement groups left behind by ended jobs (cluster/orphans.py) -----------------------------
+
+
+def test_only_reserved_groups_of_ended_jobs_with_no_live_actor_are_orphans():
+    from types import SimpleNamespace as Record
+
+    from ray.dashboard.modules.job.common import JobStatus
+
+    from orchestrator.cluster.orphans import orphaned
+
+    def group(name: str, job: str, state: str = "CREATED", detached: bool = False):
+        return Record(placement_group_id=name, creator_job_id=job, state=state, is_detached=detached)
+
+    jobs = [Record(job_id="01", status=JobStatus.RUNNING), Record(job_id="02", status=JobStatus.SUCCEEDED),
+            Record(job_id="03", status="FAILED"), Record(job_id="04", status=JobStatus.STOPPED), Record(job_id=None, status=JobStatus.FAILED)]
+    groups = [group("left", "02"), group("left-too", "03"), group("running-job", "01"), group("kept-by-detached-actor", "04"),
+              group("detached", "02", detached=True), group("pending", "02", state="PENDING"), group("unknown-job", "09")]
+    alive = [Record(job_id="01"), Record(job_id="04")]
+    assert [g.placement_group_id for g in orphaned(groups, jobs, alive)] == ["left", "left-too"]
+
+
+def test_a_job_joining_a_cluster_frees_no_group_in_use(ray_session, capsys):
+    """A real cluster: this job's own reserved group and one an ended job's detached actor still holds stay."""
+    import subprocess
+    import sys
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from orchestrator.cluster.orphans import free_orphaned_placement_groups
+
+    address = ray.get_runtime_context().gcs_address
+    ours = placement_group([{"CPU": 0.1}])
+    ray.get(ours.ready(), timeout=60)
+    holder = (
+        "import ray, sys\n"
+        "ray.init(address=sys.argv[1], namespace='orphans-test')\n"
+        "@ray.remote(num_cpus=0)\n"
+        "class Holder:\n"
+        "    def reserve(self):\n"
+        "        from ray.util.placement_group import placement_group\n"
+        "        self.pg = placement_group([{'CPU': 0.1}])\n"
+        "        ray.get(self.pg.ready())\n"
+        "        return self.pg.id.hex()\n"
+        "print(ray.get(Holder.options(name='holder', lifetime='detached').remote().reserve.remote()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", holder, address], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    held = done.stdout.strip().splitlines()[-1]
+    try:
+        assert free_orphaned_placement_groups() == []
+        table = ray.util.placement_group_table()
+        assert table[ours.id.hex()]["state"] == "CREATED" and table[held]["state"] == "CREATED"
+        assert capsys.readouterr().err == ""  # listed (no warning), nothing freed
+    finally:
+        ray.kill(ray.get_actor("holder", namespace="orphans-test"))
+        remove_placement_group(ours)

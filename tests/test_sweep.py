@@ -26,9 +26,9 @@ CONFIG = str(REPO_ROOT / "configs/digits_sweep.yaml")
 FAST = ["train.epochs=3", "sweep.scheduler=asha", "sweep.grace_period=3",
         "sweep.max_concurrent_trials=1", "tracking.experiment=sweep-it"]
 DIGITS_ROWS = 1797  # train + test: one teacher pass covers both
-# Three trials: direct KD, then the same one-assistant chain twice (the second reuses the first's assistant).
-THREE_TRIALS = ("sweep.space={temperature: {grid: [4.0]}, chain: {grid: [[], [{family: mlp, hidden: [48]}], [{family: mlp, hidden: [48]}]]}, "
-                "paths: {train.weight_decay: {choice: [0.0, 1.0e-4]}}}")
+# Two trials of the same one-assistant chain: the first trains the assistant, the second reuses it.
+TWO_CHAIN_TRIALS = ("sweep.space={temperature: {grid: [4.0]}, chain: {grid: [[{family: mlp, hidden: [48]}], [{family: mlp, hidden: [48]}]]}, "
+                    "paths: {train.weight_decay: {choice: [0.0, 1.0e-4]}}}")
 
 
 def test_search_space_and_trial_config():
@@ -95,7 +95,7 @@ def test_trials_get_the_datasets_references_not_its_arrays(ray_session, mlflow_u
     from orchestrator.flows.stages import soft_target_blocks
     from orchestrator.flows.sweep import SweepContext, trial_context
 
-    prep = prepare(load_config(CONFIG, [THREE_TRIALS]))  # chains: their assistants' teacher passes read image blocks too
+    prep = prepare(load_config(CONFIG, [TWO_CHAIN_TRIALS]))  # chains: their assistants' teacher passes read image blocks too
     ctx = trial_context(prep, [], None, "sweep-run")
     data = ctx.prep.data
     assert isinstance(data.train.images, LeftBehind) and isinstance(data.test.labels, LeftBehind)
@@ -142,25 +142,41 @@ def _sweep(args: list[str], workdir: Path, address: str, teacher: Path) -> subpr
                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _finished_trials(db: Path) -> int:
+def _count(db: Path, where: str, *args) -> int:
+    """Runs in the sweep's SQLite store matching `where` (over runs r and their tags t)."""
     if not db.exists():
         return 0
     with sqlite3.connect(db) as conn:
         try:
-            return conn.execute(
-                "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
-                "where t.key = 'role' and t.value = 'trial' and r.status = 'FINISHED'"
-            ).fetchone()[0]
+            return conn.execute(f"select count(distinct r.run_uuid) from runs r join tags t on t.run_uuid = r.run_uuid where {where}", args).fetchone()[0]
         except sqlite3.OperationalError:  # tables not created yet
             return 0
 
 
-def _wait_for_finished_trials(proc: subprocess.Popen, workdir: Path, count: int) -> None:
+def _finished_trials(db: Path) -> int:
+    return _count(db, "t.key = 'role' and t.value = 'trial' and r.status = 'FINISHED'")
+
+
+def _student_stages_running_since(db: Path, since_ms: float) -> int:
+    return _count(db, "r.name = 'stage:mlp16' and r.status = 'RUNNING' and r.start_time > ?", since_ms)
+
+
+def _reserved_by_ended_jobs(address: str) -> list[str]:
+    from ray.util.state import list_actors, list_jobs, list_placement_groups
+
+    from orchestrator.cluster.orphans import orphaned
+
+    groups = list_placement_groups(address, filters=[("state", "=", "CREATED")], detail=True, raise_on_missing_output=False)
+    alive = list_actors(address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+    return [g.placement_group_id for g in orphaned(groups, list_jobs(address, raise_on_missing_output=False), alive)]
+
+
+def _wait_until(proc: subprocess.Popen, workdir: Path, reached, what: str) -> None:
     deadline = time.monotonic() + 480
-    while _finished_trials(workdir / "mlflow.db") < count:
+    while not reached():
         assert proc.poll() is None, sorted(workdir.glob("sweep-*.log"))[-1].read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{count} trial(s) did not finish in time"
-        time.sleep(1)
+        assert time.monotonic() < deadline, f"{what} did not happen in time"
+        time.sleep(0.5)
 
 
 @pytest.mark.integration
@@ -172,17 +188,18 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teac
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
-    # 1. The driver SIGKILLed (no cleanup runs in it) once a trial has finished.
-    first = _sweep([THREE_TRIALS], tmp_path, address, digits_teacher)
-    _wait_for_finished_trials(first, tmp_path, 1)
+    # 1. The driver SIGKILLed (no cleanup runs in it) once a trial has finished: the one that trained the assistant.
+    db = tmp_path / "mlflow.db"
+    first = _sweep([TWO_CHAIN_TRIALS], tmp_path, address, digits_teacher)
+    _wait_until(first, tmp_path, lambda: _finished_trials(db) >= 1, "a first finished trial")
     first.kill()
     first.wait()
     killed_at = time.time() * 1000
 
-    # 2. Resumed, then Ctrl-C once a second trial has finished: Tune's graceful stop, exit 130,
-    #    the parent and whatever was in flight ended KILLED, nothing left RUNNING.
-    second = _sweep([THREE_TRIALS, "--resume"], tmp_path, address, digits_teacher)
-    _wait_for_finished_trials(second, tmp_path, 2)
+    # 2. Resumed, then Ctrl-C while the second trial trains its student: Tune's graceful stop, exit 130,
+    #    the parent and the trial in flight ended KILLED, nothing left RUNNING.
+    second = _sweep([TWO_CHAIN_TRIALS, "--resume"], tmp_path, address, digits_teacher)
+    _wait_until(second, tmp_path, lambda: _student_stages_running_since(db, killed_at) >= 1, "the second trial's student stage")
     second.send_signal(signal.SIGINT)
     assert second.wait(timeout=300) == 130, (tmp_path / "sweep-1.log").read_text()[-3000:]
     interrupted_at = time.time() * 1000
@@ -193,9 +210,15 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teac
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     assert [r.info.status for r in runs if r.data.tags.get("job") == "sweep"] == ["KILLED"]
 
-    # 3. Resumed again: runs to the end.
-    third = _sweep([THREE_TRIALS, "--resume"], tmp_path, address, digits_teacher)
+    # 3. Resumed again: runs to the end. A placement group the Ctrl-C'd trial's Ray Train run left reserved (it
+    #    happens, not every time: docs/design.md) is freed as the driver joins, else its Ray Train run waits forever.
+    third = _sweep([TWO_CHAIN_TRIALS, "--resume"], tmp_path, address, digits_teacher)
     assert third.wait(timeout=600) == 0, (tmp_path / "sweep-2.log").read_text()[-3000:]
+    # The three drivers' jobs have ended and left no group reserved.
+    deadline = time.monotonic() + 30
+    while (left := _reserved_by_ended_jobs(address)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
 
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     parents = [r for r in runs if r.data.tags.get("job") == "sweep"]
@@ -205,44 +228,46 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teac
     trials = [r for r in runs if r.data.tags.get("role") == "trial"]
     finished = [r for r in trials if r.info.status == "FINISHED"]
     assert sorted({r.data.tags["trial_id"] for r in finished}) == sorted(r.data.tags["trial_id"] for r in finished)
-    assert len(finished) == 3
+    assert len(finished) == 2
     assert all(0.3 < r.data.metrics["test_accuracy"] <= 1 for r in finished)  # 3 epochs of a KD student; chance is 0.1
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
     assert {r.data.params["train.weight_decay"] for r in finished} <= {"0.0", "0.0001"}  # the swept dotted path, as sampled
-    # Trials that finished before the kill and before the Ctrl-C were not run again.
+    # The trial that finished before the kill was not run again, by either resumed driver.
     done_before_kill = [r for r in finished if r.info.end_time < killed_at]
-    done_before_ctrl_c = [r for r in finished if r.info.end_time < interrupted_at]
-    assert len(done_before_kill) == 1 and len(done_before_ctrl_c) == 2
-    for done in done_before_ctrl_c:
-        assert sum(r.data.tags["trial_id"] == done.data.tags["trial_id"] for r in trials) == 1
+    assert len(done_before_kill) == 1 and not [r for r in finished if killed_at < r.info.end_time < interrupted_at]
+    first_trial = done_before_kill[0].data.tags["trial_id"]
+    assert sum(r.data.tags["trial_id"] == first_trial for r in trials) == 1
+    # The trial Ctrl-C cut short ran again under a new run: KILLED, then FINISHED.
+    cut_short = [r for r in trials if r.data.tags["trial_id"] != first_trial and killed_at < r.info.start_time < interrupted_at]
+    assert [r.info.status for r in cut_short] == ["KILLED"]
     # Whatever the kill interrupted is closed, not left RUNNING.
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
-    # Stage runs nest under their trial; chain trials have an assistant stage.
+    # Stage runs nest under their trial: the assistant's and the student's.
     by_parent: dict[str, list] = {}
     for run in runs:
         by_parent.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
     for trial in finished:
-        stages = {r.info.run_name for r in by_parent[trial.info.run_id]}
-        expected = {"stage:mlp16"} | ({"stage:assistant1"} if trial.data.tags["chain"] != "direct" else set())
-        assert stages == expected, (trial.data.tags["chain"], stages)
+        assert {r.info.run_name for r in by_parent[trial.info.run_id]} == {"stage:mlp16", "stage:assistant1"}
 
-    # No repeated work: the teacher ran once and the assistant once (each over train + test),
-    # and the second chain trial reused the assistant instead of training it again.
+    # No repeated work: the teacher ran once and the assistant once (each over train + test), and every
+    # later attempt of the second trial reused the assistant instead of training it again.
     assert teacher_forward_rows() - rows_before == 2 * DIGITS_ROWS
     metrics = client.get_run(parent.info.run_id).data.metrics
-    assert metrics["trials"] == 3
+    assert metrics["trials"] == 2
     assert metrics["stages_trained"] == 1 and metrics["stage_reuses"] >= 1
     assistant_runs = [r for r in runs if r.info.run_name == "stage:assistant1" and r.info.status == "FINISHED"]
-    assert sorted(r.data.tags["reused"] for r in assistant_runs) == ["False", "True"]
-    trained, reused = sorted(assistant_runs, key=lambda r: r.data.tags["reused"])
-    assert reused.data.tags["source_run_id"] == trained.info.run_id  # lineage to the run that trained it (in the previous driver)
+    trained = [r for r in assistant_runs if r.data.tags["reused"] == "False"]
+    reused = [r for r in assistant_runs if r.data.tags["reused"] == "True"]
+    assert len(trained) == 1 and trained[0].info.end_time < killed_at and len(reused) >= 2  # at least the Ctrl-C'd attempt and the last
+    # Lineage to the run that trained it (in the first driver).
+    assert {r.data.tags["source_run_id"] for r in reused} == {trained[0].info.run_id}
 
     # Artifacts and the champion.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)} | {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"trials.csv", "plots/direct_vs_chain.png", "plots/accuracy_vs_params.png"} <= artifacts
     trials_csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path)))
-    assert len(trials_csv) == 3 and set(trials_csv["train.weight_decay"]) <= {0.0, 1e-4}
+    assert len(trials_csv) == 2 and set(trials_csv["train.weight_decay"]) <= {0.0, 1e-4}
     assert set(trials_csv["mlflow_run_id"]) == {r.info.run_id for r in finished} and trials_csv["test_accuracy"].notna().all()
     champion = client.get_model_version_by_alias("digits_sweep-student", "champion")
     assert champion.tags["sweep_run_id"] == parent.info.run_id
@@ -255,7 +280,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teac
     report = run_report(parent.info.run_id, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", export=False)
     trial_rows = [r for r in report["rows"] if r["role"] == "trial"]
     assert [r["role"] for r in report["rows"]].count("teacher") == 1
-    assert sorted(r["precision"] for r in trial_rows) == ["fp32"] * 3 + ["int8"] * 3
+    assert sorted(r["precision"] for r in trial_rows) == ["fp32"] * 2 + ["int8"] * 2
     by_trial = {r.data.tags["final_stage_run_id"]: r for r in finished}
     for row in trial_rows:
         assert row["latency_ms_b1"] > 0 and row["size_mb_disk"] > 0

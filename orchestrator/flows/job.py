@@ -20,6 +20,7 @@ from orchestrator.cluster import preflight
 from orchestrator.cluster.checks import check_cluster
 from orchestrator.cluster.interrupts import reclaim_sigterm
 from orchestrator.cluster.local_ray import start_local_ray
+from orchestrator.cluster.orphans import free_orphaned_placement_groups
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data.datasets import DatasetArrays, load_arrays, split_train_val
 from orchestrator.flows.stages import TrackingContext, start_teachers
@@ -118,6 +119,7 @@ def init_ray(address: str | None = None, cfg: JobConfig | None = None) -> None:
         except (ConnectionError, TimeoutError, RuntimeError, ray.exceptions.RayError) as exc:
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{where}: cannot connect to Ray at {address} ({reason})") from None
+        free_orphaned_placement_groups()  # before the cluster checks count its free CPUs
     else:
         if cfg is not None:
             preflight.check_local_resources(cfg)
