@@ -227,9 +227,9 @@ def build_tuner(cfg: JobConfig, ctx: SweepContext, *, storage: Path, resume: boo
         tune_config=tune.TuneConfig(
             metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
             scheduler=_scheduler(cfg), search_alg=_search_alg(cfg), max_concurrent_trials=max_concurrent_trials(cfg),
-            # A trial's actor imports torch, Ray Train and MLflow before it does anything (about 5 s here): the next
-            # trial runs in the same process instead of a new one.
-            reuse_actors=True,
+            # Not reuse_actors: a trial ASHA stops keeps training in its actor's thread, Tune's reset of that actor
+            # fails ("Could not re-use actor"), and the actor, its Ray Train run and its CPU stay: a digits sweep with
+            # ASHA hung so on 2026-12-02. A new actor per trial costs its imports (about 5 s here) and never hangs.
         ),
         run_config=tune.RunConfig(
             name=sweep_dir_name(cfg), storage_path=str(storage),
