@@ -15,6 +15,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
+from orchestrator.cluster.orphans import orphaned_groups
 from orchestrator.config import load_config
 from orchestrator.flows.sweep import search_space, trial_config
 from orchestrator.teachers.pool import teacher_forward_rows
@@ -161,16 +162,6 @@ def _student_stages_running_since(db: Path, since_ms: float) -> int:
     return _count(db, "r.name = 'stage:mlp16' and r.status = 'RUNNING' and r.start_time > ?", since_ms)
 
 
-def _reserved_by_ended_jobs(address: str) -> list[str]:
-    from ray.util.state import list_actors, list_jobs, list_placement_groups
-
-    from orchestrator.cluster.orphans import orphaned
-
-    groups = list_placement_groups(address, filters=[("state", "=", "CREATED")], detail=True, raise_on_missing_output=False)
-    alive = list_actors(address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
-    return [g.placement_group_id for g in orphaned(groups, list_jobs(address, raise_on_missing_output=False), alive)]
-
-
 def _wait_until(proc: subprocess.Popen, workdir: Path, reached, what: str) -> None:
     deadline = time.monotonic() + 480
     while not reached():
@@ -216,7 +207,7 @@ def test_sweep_killed_interrupted_and_resumed(ray_session, tmp_path, digits_teac
     assert third.wait(timeout=600) == 0, (tmp_path / "sweep-2.log").read_text()[-3000:]
     # The three drivers' jobs have ended and left no group reserved.
     deadline = time.monotonic() + 30
-    while (left := _reserved_by_ended_jobs(address)) and time.monotonic() < deadline:
+    while (left := [g.placement_group_id for g in orphaned_groups(address)]) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, left
 

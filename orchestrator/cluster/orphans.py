@@ -30,25 +30,31 @@ def orphaned(groups: Iterable[Any], jobs: Iterable[Any], alive_actors: Iterable[
     return [g for g in groups if g.state == "CREATED" and not g.is_detached and g.creator_job_id in ended and g.creator_job_id not in still_acting]
 
 
+def orphaned_groups(address: str) -> list[Any]:
+    """This cluster's orphaned placement groups, as Ray's state API lists them; raises when that API does not answer."""
+    from ray.util.state import list_actors, list_jobs, list_placement_groups
+
+    groups = list_placement_groups(address, filters=[("state", "=", "CREATED")], detail=True, limit=10_000, raise_on_missing_output=False)
+    if not groups:
+        return []
+    alive = list_actors(address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+    return orphaned(groups, list_jobs(address, raise_on_missing_output=False), alive)
+
+
 def free_orphaned_placement_groups() -> list[str]:
     """Remove this cluster's orphaned placement groups (see the module's docstring); returns their ids.
 
     Needs Ray's state API (the dashboard): without it, nothing is removed and the job runs as before."""
     from ray.util.placement_group import PlacementGroup
-    from ray.util.state import list_actors, list_jobs, list_placement_groups
 
-    address = ray.get_runtime_context().gcs_address  # not "auto": it fails when another Ray runs on this host
     try:
-        groups = list_placement_groups(address, filters=[("state", "=", "CREATED")], detail=True, limit=10_000, raise_on_missing_output=False)
-        jobs = list_jobs(address, raise_on_missing_output=False) if groups else []
-        actors = list_actors(address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False) if groups else []
+        # The connected cluster's address, not "auto": that fails when another Ray runs on this host.
+        groups = orphaned_groups(ray.get_runtime_context().gcs_address)
     except Exception as exc:  # no dashboard, or it does not answer: the check is best effort
         print(f"warning: could not list the cluster's placement groups ({type(exc).__name__}: {exc}); none freed", file=sys.stderr)
         return []
-    freed = []
-    for group in orphaned(groups, jobs, actors):
+    for group in groups:
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
         cpus = sum(bundle.get("unit_resources", {}).get("CPU", 0) for bundle in group.bundles or [])
         print(f"freed placement group {group.placement_group_id} ({cpus:g} CPU) left reserved by ended job {group.creator_job_id}", file=sys.stderr)
-        freed.append(group.placement_group_id)
-    return freed
+    return [group.placement_group_id for group in groups]
