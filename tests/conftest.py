@@ -43,9 +43,14 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(items):
+    """Integration marked from fixtures and modules; then the order: the tests with no Ray first, while
+    digits_cli_job's process (started by the first test: _digits_cli_job_started) runs beside them on the other
+    core, then the tests that read that job (they wait for it), then the other integration tests, each alone.
+    The sort is stable: within each group, the files' own order."""
     for item in items:
-        if "ray_session" in item.fixturenames or item.module.__name__.rsplit(".", 1)[-1] in PROCESS_MODULES:
+        if {"ray_session", "digits_cli_job"} & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in PROCESS_MODULES:
             item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: 0 if item.get_closest_marker("integration") is None else 1 if "digits_cli_job" in item.fixturenames else 2)
 
 
 def _start_ray():
@@ -53,7 +58,8 @@ def _start_ray():
 
     # Workers must import `orchestrator` from this checkout even when it is not installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    # "local": a new Ray, never one that another process (a `distill` job, a test's cluster) runs on this host.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
 
 
 @pytest.fixture(scope="module")
@@ -159,18 +165,18 @@ def digits_teacher(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def digits_cli_job(tmp_path_factory, new_mlflow_store):
-    """One short `distill run` as a user starts it (a `distill` process, not a TTY), shared by the tests that read
-    what it leaves: its console (test_console.py), its run tree and caches, on which next jobs run (test_pipeline.py,
-    in a copy: `copy_to(dest)`), and its runs, which `distill report` measures (test_compress.py). `overrides`: its
-    own, less its students; a later job given them finds its teacher and soft targets in the job's caches.
-
-    A whole job costs 40-80 s here; the tests read different things of the same finished job."""
+@pytest.fixture(scope="session", autouse=True)
+def _digits_cli_job_started(request, tmp_path_factory, new_mlflow_store):
+    """digits_cli_job's `distill run`, started at the first test when any test of the session reads it: a whole job
+    costs 40-80 s here, most of it on one core or waiting on process start-ups, so the tests with no Ray (run first:
+    pytest_collection_modifyitems) take the other core meanwhile. Stopped on the way out if nobody waited for it."""
+    import signal
     import subprocess
     import sys
-    from types import SimpleNamespace
 
+    if not any("digits_cli_job" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     folder = tmp_path_factory.mktemp("digits_cli_job")
     uri = new_mlflow_store(folder)
     overrides = ["teachers.0.train.epochs=2", "train.epochs=2", "soft_targets.num_actors=1", "tracking.experiment=console"]
@@ -178,9 +184,34 @@ def digits_cli_job(tmp_path_factory, new_mlflow_store):
             "students=[{name: mlp32, family: mlp, hidden: [32]}]", "--summary-json", "summary.json"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KD_VERBOSE")}
     env |= {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=folder, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return SimpleNamespace(folder=folder, uri=uri, console=proc.stdout + proc.stderr, overrides=overrides,
+    # Files, not pipes that nobody drains until a reader waits for the job.
+    console = [tmp_path_factory.mktemp("digits_cli_job_console") / name for name in ("stdout.txt", "stderr.txt")]
+    with open(console[0], "w") as out, open(console[1], "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], cwd=folder, env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+    yield proc, folder, uri, overrides, console
+    if proc.poll() is None:  # a run cut short (-x, a deselected reader): Ctrl-C it, so it stops its Ray itself
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def digits_cli_job(_digits_cli_job_started):
+    """One short `distill run` as a user starts it (a `distill` process, not a TTY), shared by the tests that read
+    what it leaves: its console (test_console.py), its run tree and caches, on which next jobs run (test_pipeline.py,
+    in a copy: `copy_to(dest)`), and its runs, which `distill report` measures (test_compress.py). `overrides`: its
+    own, less its students; a later job given them finds its teacher and soft targets in the job's caches."""
+    from types import SimpleNamespace
+
+    proc, folder, uri, overrides, console = _digits_cli_job_started
+    code = proc.wait(timeout=500)
+    output = console[0].read_text() + console[1].read_text()
+    assert code == 0, output[-6000:]
+    return SimpleNamespace(folder=folder, uri=uri, console=output, overrides=overrides,
                            copy_to=lambda dest: _copy_of_job(folder, dest))
 
 

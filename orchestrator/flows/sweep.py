@@ -287,6 +287,9 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
             registry = stage_registry(parent_id)
             if resume:
                 ray.get(registry.reset_running.remote())
+                # A killed driver's trial and stage runs are still RUNNING: nothing runs them now (its actors died with
+                # its job). Closed KILLED here, else the end of the sweep took them for trials ASHA stopped early.
+                tracking.end_running_descendants(uri, prep.experiment_id, parent_id)
             results = fit_noticing_ctrl_c(build_tuner(cfg, ctx, storage=storage, resume=resume))
             from orchestrator.flows.sweep_report import finish_sweep
 
