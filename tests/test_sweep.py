@@ -134,6 +134,37 @@ def test_a_trial_run_again_after_an_interruption_is_its_finished_run_in_the_tabl
     assert table["mlflow_run_id"].tolist() == [finished] and table["test_accuracy"].tolist() == [0.9]
 
 
+def test_trials_asha_stopped_end_killed_and_tagged_whatever_the_stop_left(mlflow_uri):
+    """ASHA's stop reaches a trial as a SystemExit at a report (its runs end KILLED), inside its Ray Train run (they
+    ended FAILED: seen in a digits ASHA sweep, 1 of 6 stopped trials), or by its actor's end (left RUNNING). Tune's
+    results say which trials it stopped: those end KILLED, tagged stopped_early; a trial that failed stays FAILED."""
+    from types import SimpleNamespace
+
+    from orchestrator.flows.sweep_report import close_stopped_trials, stopped_trial_ids
+    from orchestrator.tracking import runs as tracking
+
+    experiment_id = tracking.ensure_experiment(mlflow_uri, "stops")
+    parent = tracking.create_run(mlflow_uri, experiment_id, "sweep")
+    ends = {"failed-in-train": "FAILED", "actor-killed": None, "finished": "FINISHED", "errored": "FAILED"}
+    trial_runs, stage_runs = {}, {}
+    for trial_id, status in ends.items():
+        trial_runs[trial_id] = tracking.create_run(mlflow_uri, experiment_id, f"trial:{trial_id}", parent_id=parent, tags={"role": "trial", "trial_id": trial_id})
+        stage_runs[trial_id] = tracking.create_run(mlflow_uri, experiment_id, "stage:mlp16", parent_id=trial_runs[trial_id])
+        for run in (stage_runs[trial_id], trial_runs[trial_id]):
+            if status:
+                tracking.end_run(mlflow_uri, run, status)
+    result = lambda trial_id, epochs, error=None: SimpleNamespace(metrics={"trial_id": trial_id, "training_iteration": epochs}, error=error)
+    results = [result("failed-in-train", 1), result("actor-killed", 1), result("finished", 4), result("errored", 2, RuntimeError())]
+    stopped = stopped_trial_ids(results, 4)
+    assert stopped == {"failed-in-train", "actor-killed"}
+    assert close_stopped_trials(SimpleNamespace(tracking_uri=mlflow_uri, experiment_id=experiment_id), parent, stopped) == 2
+    client = MlflowClient(mlflow_uri)
+    for trial_id, want in {"failed-in-train": "KILLED", "actor-killed": "KILLED", "finished": "FINISHED", "errored": "FAILED"}.items():
+        for run_id in (trial_runs[trial_id], stage_runs[trial_id]):
+            run = client.get_run(run_id)
+            assert (run.info.status, run.data.tags.get("stopped_early")) == (want, "True" if want == "KILLED" else None), trial_id
+
+
 def _sweep(args: list[str], workdir: Path, address: str, teacher: Path) -> subprocess.Popen:
     """A sweep driver process; its teacher from `teacher` (conftest's digits_teacher): the sweep is under test, not the teacher."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")

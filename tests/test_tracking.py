@@ -34,7 +34,8 @@ def test_default_uri_from_environment(monkeypatch, tmp_path):
     assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-@pytest.mark.parametrize(("raised", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+@pytest.mark.parametrize(("raised", "status"), [(None, "FINISHED"), (RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED"),
+                                                  (SystemExit, "KILLED")])  # SystemExit: how Tune stops a trial (ASHA)
 def test_run_scope_never_leaves_a_run_running(store, raised, status):
     uri, experiment_id = store
     seen = {}
@@ -101,6 +102,10 @@ def test_running_descendants_of_a_killed_parent_are_ended(store):
     done = tracking.create_run(uri, experiment_id, "done", parent_id=trial)
     tracking.end_run(uri, done, "FINISHED")
     other = tracking.create_run(uri, experiment_id, "another job")
-    assert tracking.end_running_descendants(uri, experiment_id, parent) == 2
+    assert len(tracking.end_running_descendants(uri, experiment_id, parent)) == 2
     status = {run_id: MlflowClient(uri).get_run(run_id).info.status for run_id in (parent, trial, stage, done, other)}
     assert status == {parent: "RUNNING", trial: "KILLED", stage: "KILLED", done: "FINISHED", other: "RUNNING"}
+    # With tags (the trials ASHA stopped): set on each run ended, whose tags come back.
+    stopped = tracking.create_run(uri, experiment_id, "trial", parent_id=parent, tags={"role": "trial"})
+    ended = tracking.end_running_descendants(uri, experiment_id, parent, tags={"stopped_early": True})
+    assert [t.get("role") for t in ended] == ["trial"] and MlflowClient(uri).get_run(stopped).data.tags["stopped_early"] == "True"

@@ -49,32 +49,25 @@ def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def close_stopped_trials(prep, parent_id: str) -> int:
-    """Trials that ASHA stopped are killed mid-run: mark their runs (and stage runs) KILLED rather than
-    leave them RUNNING; returns how many trials."""
-    client = tracking.client(prep.tracking_uri)
-    closed = 0
-    for _ in range(3):  # trial runs nest two levels (trial -> stage -> soft targets)
-        running = client.search_runs([prep.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10_000)
-        stale = [r for r in running if r.info.run_id != parent_id and _descends_from(client, r, parent_id)]
-        for run in stale:
-            tracking.set_tags(prep.tracking_uri, run.info.run_id, {"stopped_early": True})
-            tracking.end_run(prep.tracking_uri, run.info.run_id, "KILLED")
-            closed += run.data.tags.get("role") == "trial"  # their stage runs are closed too, not counted
-        if not stale:
-            break
-    return closed
+def stopped_trial_ids(results, epochs: int) -> set[str]:
+    """The trials ASHA stopped, as Tune saw them: no error, fewer epochs reported than the sweep trains."""
+    return {r.metrics["trial_id"] for r in results if r.error is None and r.metrics and "trial_id" in r.metrics
+            and r.metrics.get("training_iteration", epochs) < epochs}
 
 
-def _descends_from(client, run, ancestor: str) -> bool:
-    seen = 0
-    while run is not None and seen < 5:
-        parent = run.data.tags.get("mlflow.parentRunId")
-        if parent == ancestor:
-            return True
-        run = client.get_run(parent) if parent else None
-        seen += 1
-    return False
+def close_stopped_trials(prep, parent_id: str, stopped: set[str]) -> int:
+    """The runs of the trials ASHA stopped end KILLED, tagged stopped_early: whatever the stop left them. A trial
+    stopped at a report ends them itself (KILLED: sweep_trial; or FAILED, when the stop reached it inside its Ray
+    Train run and came back as that run's error); one whose actor Tune killed first left them RUNNING. Returns
+    how many trials ASHA stopped."""
+    uri = prep.tracking_uri
+    tracking.end_running_descendants(uri, prep.experiment_id, parent_id, tags={"stopped_early": True})
+    for trial in tracking.child_runs(uri, parent_id):
+        if trial["tags"].get("trial_id") in stopped and trial["status"] == "FAILED":
+            for run in [trial, *(r for r in tracking.child_runs(uri, trial["run_id"]) if r["status"] == "FAILED")]:
+                tracking.set_tags(uri, run["run_id"], {"stopped_early": True})
+                tracking.end_run(uri, run["run_id"], "KILLED")
+    return len(stopped)
 
 
 def register_champion(cfg: JobConfig, prep, best: pd.Series, parent_id: str, teachers, soft) -> dict[str, str]:
@@ -93,7 +86,7 @@ def register_champion(cfg: JobConfig, prep, best: pd.Series, parent_id: str, tea
 def finish_sweep(cfg: JobConfig, prep, results, parent_id: str, teachers, soft, *, forward_rows: int, stage_stats: dict[str, int]) -> dict[str, Any]:
 
     uri, metric = prep.tracking_uri, cfg.sweep.metric
-    closed = close_stopped_trials(prep, parent_id)
+    closed = close_stopped_trials(prep, parent_id, stopped_trial_ids(results, cfg.train.epochs))
     trials = trial_table(cfg, prep, results, parent_id)
     stats = stage_stats
     counts = {

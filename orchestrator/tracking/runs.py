@@ -160,11 +160,12 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 @contextlib.contextmanager
 def run_scope(uri: str, experiment_id: str, name: str, *, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-    """Create a run, yield its id, end it FINISHED, FAILED on error, KILLED on Ctrl-C: never left RUNNING."""
+    """Create a run, yield its id, end it FINISHED, FAILED on error, KILLED on Ctrl-C or a SystemExit (how Tune
+    stops a trial's thread: ASHA's stop is no failure): never left RUNNING."""
     run_id = create_run(uri, experiment_id, name, parent_id=parent_id, tags=tags)
     try:
         yield run_id
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         end_run(uri, run_id, "KILLED")
         raise
     except BaseException:
@@ -173,10 +174,13 @@ def run_scope(uri: str, experiment_id: str, name: str, *, parent_id: str | None 
     end_run(uri, run_id, "FINISHED")
 
 
-def end_running_descendants(uri: str, experiment_id: str, ancestor_id: str, status: str = "KILLED") -> int:
-    """End every RUNNING run nested (at any depth) under `ancestor_id`; returns how many.
+def end_running_descendants(uri: str, experiment_id: str, ancestor_id: str, status: str = "KILLED", *,
+                            tags: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
+    """End every RUNNING run nested (at any depth) under `ancestor_id`, `tags` set on each first; returns the tags
+    of the runs ended.
 
-    For runs whose own process was stopped from outside (a Tune trial on Ctrl-C) and so cannot end them.
+    For runs whose own process was stopped from outside (a Tune trial on Ctrl-C, one ASHA stopped, a killed
+    driver's) and so cannot end them.
     """
     mlflow_client = client(uri)
     runs = mlflow_client.search_runs([experiment_id], max_results=10_000)
@@ -191,10 +195,12 @@ def end_running_descendants(uri: str, experiment_id: str, ancestor_id: str, stat
                 return True
         return False
 
-    stale = [r.info.run_id for r in runs if r.info.status == "RUNNING" and descends(r.info.run_id)]
-    for run_id in stale:
-        end_run(uri, run_id, status)
-    return len(stale)
+    stale = [r for r in runs if r.info.status == "RUNNING" and descends(r.info.run_id)]
+    for run in stale:
+        if tags:
+            set_tags(uri, run.info.run_id, tags)
+        end_run(uri, run.info.run_id, status)
+    return [dict(r.data.tags) for r in stale]
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
