@@ -136,7 +136,7 @@ def test_a_trial_run_again_after_an_interruption_is_its_finished_run_in_the_tabl
 
 def test_trials_asha_stopped_end_killed_and_tagged_whatever_the_stop_left(mlflow_uri):
     """ASHA's stop reaches a trial as a SystemExit at a report (its runs end KILLED), inside its Ray Train run (they
-    ended FAILED: seen in a digits ASHA sweep, 1 of 6 stopped trials), or by its actor's end (left RUNNING). Tune's
+    ended FAILED: 1 of 6 stopped trials in a digits ASHA sweep), or by its actor's end (left RUNNING). Tune's
     results say which trials it stopped: those end KILLED, tagged stopped_early; a trial that failed stays FAILED."""
     from types import SimpleNamespace
 
