@@ -329,7 +329,13 @@ def child_runs(uri: str, parent_id: str) -> list[dict[str, Any]]:
     """The runs whose mlflow.parentRunId is `parent_id`, oldest first, as `get_run` dicts."""
     mlflow_client = client(uri)
     experiment_id = mlflow_client.get_run(parent_id).info.experiment_id
-    runs = mlflow_client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
+    runs, token = [], None
+    while True:  # page by page: a sweep can have more trials than one page holds
+        page = mlflow_client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            break
     return sorted((_run_dict(r) for r in runs), key=lambda r: r["start_time"] or 0)
 
 
