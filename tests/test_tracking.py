@@ -109,3 +109,13 @@ def test_running_descendants_of_a_killed_parent_are_ended(store):
     stopped = tracking.create_run(uri, experiment_id, "trial", parent_id=parent, tags={"role": "trial"})
     ended = tracking.end_running_descendants(uri, experiment_id, parent, tags={"stopped_early": True})
     assert [t.get("role") for t in ended] == ["trial"] and MlflowClient(uri).get_run(stopped).data.tags["stopped_early"] == "True"
+
+
+def test_child_runs_reads_every_page(store, monkeypatch):
+    """A sweep can have more trials than one page of search results holds (1,000): every child comes back."""
+    uri, experiment_id = store
+    monkeypatch.setattr(tracking, "_PAGE", 2)
+    parent = tracking.create_run(uri, experiment_id, "sweep")
+    children = {tracking.create_run(uri, experiment_id, f"trial:{i}", parent_id=parent) for i in range(5)}
+    tracking.create_run(uri, experiment_id, "another job")
+    assert {r["run_id"] for r in tracking.child_runs(uri, parent)} == children

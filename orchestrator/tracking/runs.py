@@ -25,6 +25,7 @@ from orchestrator.tracking.redact import redact  # noqa: F401  (also tracking.re
 DEFAULT_DB = "mlflow.db"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _BATCH = 100  # MLflow accepts at most 100 params per log_batch call
+_PAGE = 1000  # runs per search_runs page
 
 # Secrets must never become params, tags or logged config.
 _SECRET_MARKERS = ("token", "secret", "password", "passwd", "api_key", "apikey", "access_key", "credential")
@@ -331,7 +332,7 @@ def child_runs(uri: str, parent_id: str) -> list[dict[str, Any]]:
     experiment_id = mlflow_client.get_run(parent_id).info.experiment_id
     runs, token = [], None
     while True:  # page by page: a sweep can have more trials than one page holds
-        page = mlflow_client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000, page_token=token)
+        page = mlflow_client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=_PAGE, page_token=token)
         runs += page
         token = page.token
         if not token:
