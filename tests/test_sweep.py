@@ -135,9 +135,10 @@ def test_a_trial_run_again_after_an_interruption_is_its_finished_run_in_the_tabl
 
 
 def test_trials_asha_stopped_end_killed_and_tagged_whatever_the_stop_left(mlflow_uri):
-    """ASHA's stop reaches a trial as a SystemExit at a report (its runs end KILLED), inside its Ray Train run (they
-    ended FAILED: 1 of 6 stopped trials in a digits ASHA sweep), or by its actor's end (left RUNNING). Tune's
-    results say which trials it stopped: those end KILLED, tagged stopped_early; a trial that failed stays FAILED."""
+    """ASHA's stop reaches a trial as a SystemExit at a report (run_scope ends its runs KILLED), inside its Ray Train
+    run (they ended FAILED: 2 of 6 stopped trials in a digits ASHA sweep), or by its actor's end (left RUNNING).
+    Tune's results say which trials it stopped: their latest runs end KILLED, tagged stopped_early; a trial that
+    failed stays FAILED, and an earlier attempt a killed driver left (closed KILLED by --resume) stays untagged."""
     from types import SimpleNamespace
 
     from orchestrator.flows.sweep_report import close_stopped_trials, stopped_trial_ids
@@ -145,24 +146,33 @@ def test_trials_asha_stopped_end_killed_and_tagged_whatever_the_stop_left(mlflow
 
     experiment_id = tracking.ensure_experiment(mlflow_uri, "stops")
     parent = tracking.create_run(mlflow_uri, experiment_id, "sweep")
-    ends = {"failed-in-train": "FAILED", "actor-killed": None, "finished": "FINISHED", "errored": "FAILED"}
-    trial_runs, stage_runs = {}, {}
-    for trial_id, status in ends.items():
-        trial_runs[trial_id] = tracking.create_run(mlflow_uri, experiment_id, f"trial:{trial_id}", parent_id=parent, tags={"role": "trial", "trial_id": trial_id})
-        stage_runs[trial_id] = tracking.create_run(mlflow_uri, experiment_id, "stage:mlp16", parent_id=trial_runs[trial_id])
-        for run in (stage_runs[trial_id], trial_runs[trial_id]):
-            if status:
-                tracking.end_run(mlflow_uri, run, status)
+    # trial id -> how its run and its stage run ended; "failed-in-train" has an earlier attempt, killed with its driver.
+    ends = {"failed-in-train": ["KILLED", "FAILED"], "actor-killed": [None], "stopped-at-report": ["KILLED"], "finished": ["FINISHED"],
+            "errored": ["FAILED"]}
+    attempts: dict[str, list[tuple[str, str]]] = {}
+    for trial_id, statuses in ends.items():
+        for status in statuses:
+            trial_run = tracking.create_run(mlflow_uri, experiment_id, f"trial:{trial_id}", parent_id=parent, tags={"role": "trial", "trial_id": trial_id})
+            stage_run = tracking.create_run(mlflow_uri, experiment_id, "stage:mlp16", parent_id=trial_run)
+            for run in (stage_run, trial_run):
+                if status:
+                    tracking.end_run(mlflow_uri, run, status)
+            attempts.setdefault(trial_id, []).append((trial_run, stage_run))
+            time.sleep(0.01)  # distinct start times: the latest attempt is the last created
     result = lambda trial_id, epochs, error=None: SimpleNamespace(metrics={"trial_id": trial_id, "training_iteration": epochs}, error=error)
-    results = [result("failed-in-train", 1), result("actor-killed", 1), result("finished", 4), result("errored", 2, RuntimeError())]
+    results = [result("failed-in-train", 1), result("actor-killed", 1), result("stopped-at-report", 2), result("finished", 4),
+               result("errored", 2, RuntimeError())]
     stopped = stopped_trial_ids(results, 4)
-    assert stopped == {"failed-in-train", "actor-killed"}
-    assert close_stopped_trials(SimpleNamespace(tracking_uri=mlflow_uri, experiment_id=experiment_id), parent, stopped) == 2
+    assert stopped == {"failed-in-train", "actor-killed", "stopped-at-report"}
+    assert close_stopped_trials(SimpleNamespace(tracking_uri=mlflow_uri, experiment_id=experiment_id), parent, stopped) == 3
     client = MlflowClient(mlflow_uri)
-    for trial_id, want in {"failed-in-train": "KILLED", "actor-killed": "KILLED", "finished": "FINISHED", "errored": "FAILED"}.items():
-        for run_id in (trial_runs[trial_id], stage_runs[trial_id]):
-            run = client.get_run(run_id)
-            assert (run.info.status, run.data.tags.get("stopped_early")) == (want, "True" if want == "KILLED" else None), trial_id
+    want = {"failed-in-train": [("KILLED", None), ("KILLED", "True")], "actor-killed": [("KILLED", "True")],
+            "stopped-at-report": [("KILLED", "True")], "finished": [("FINISHED", None)], "errored": [("FAILED", None)]}
+    for trial_id, expected in want.items():
+        for (trial_run, stage_run), (status, tag) in zip(attempts[trial_id], expected, strict=True):
+            for run_id in (trial_run, stage_run):
+                run = client.get_run(run_id)
+                assert (run.info.status, run.data.tags.get("stopped_early")) == (status, tag), trial_id
 
 
 def _sweep(args: list[str], workdir: Path, address: str, teacher: Path) -> subprocess.Popen:

@@ -102,13 +102,16 @@ def test_running_descendants_of_a_killed_parent_are_ended(store):
     done = tracking.create_run(uri, experiment_id, "done", parent_id=trial)
     tracking.end_run(uri, done, "FINISHED")
     other = tracking.create_run(uri, experiment_id, "another job")
-    assert len(tracking.end_running_descendants(uri, experiment_id, parent)) == 2
+    assert tracking.end_descendants(uri, experiment_id, parent) == 2
     status = {run_id: MlflowClient(uri).get_run(run_id).info.status for run_id in (parent, trial, stage, done, other)}
     assert status == {parent: "RUNNING", trial: "KILLED", stage: "KILLED", done: "FINISHED", other: "RUNNING"}
-    # With tags (the trials ASHA stopped): set on each run ended, whose tags come back.
+    # With tags (the trials ASHA stopped): set on each run ended.
     stopped = tracking.create_run(uri, experiment_id, "trial", parent_id=parent, tags={"role": "trial"})
-    ended = tracking.end_running_descendants(uri, experiment_id, parent, tags={"stopped_early": True})
-    assert [t.get("role") for t in ended] == ["trial"] and MlflowClient(uri).get_run(stopped).data.tags["stopped_early"] == "True"
+    assert tracking.end_descendants(uri, experiment_id, parent, tags={"stopped_early": True}) == 1
+    assert MlflowClient(uri).get_run(stopped).data.tags["stopped_early"] == "True"
+    # Other statuses than RUNNING, when named: FINISHED stays.
+    assert tracking.end_descendants(uri, experiment_id, parent, "KILLED", ending=("FAILED", "KILLED")) == 3
+    assert MlflowClient(uri).get_run(done).info.status == "FINISHED"
 
 
 def test_child_runs_reads_every_page(store, monkeypatch):

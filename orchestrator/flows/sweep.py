@@ -153,38 +153,32 @@ def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     if _replay_finished_trial(ctx, trial_id):
         return
     label = chain_label(chain)
-    trial_run = None
-    try:
-        with tracking.run_scope(uri, experiment_id, f"trial:{trial_id}", parent_id=ctx.sweep_run_id,
-                                tags={"role": "trial", "trial_id": trial_id, "chain": label, "student": student.name}) as trial_run:
-            tracking.log_params(uri, trial_run, {**{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
-            track = TrackingContext(uri, experiment_id, trial_run)
-            soft, lineage = ctx.soft, [t.run_id for t in ctx.teachers]
-            soft, assistants = run_chain(base, ctx.prep, soft, chain, track, stage_registry(ctx.sweep_run_id))
-            lineage += [a.run_id for a in assistants]
-            with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
-                                    tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
-                member = student_member(cfg, student, ctx.prep.data, soft, run_id=stage_run)
-                # The T and alpha it trains with: sampled, else the job's, else auto_kd's for this stage's teacher.
-                tracking.log_params(uri, trial_run, {k: v for k, v in member.kd.model_dump().items() if k not in params})
-                states, last_epoch = distill_members(cfg, ctx.prep.data, ctx.prep.student_train_ids, ctx.prep.val_ids, soft, track, [member],
-                                                     run_name=f"{base.name}-trial-{trial_id}", callbacks=[ReportAllButLastEpoch(cfg.train.epochs)],
-                                                     teachers=ctx.teachers)  # run in the workers only with teacher_mode online
-                model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
-                model.load_state_dict(states[student.name])
-                # Scored in this trial's own actor (never the driver) on the test split's object-store copy, against the teachers' test logits.
-                test_split = ray.get(put_test_split(ctx.prep.data))
-                test = model_scores(model, test_split, ray.get(ctx.soft.test_columns), use_gpu=base.train.use_gpu, precision=base.train.precision)["metrics"]
-                counted = {"params": count_params(model), "online_teacher_rows": last_epoch.get("online_teacher_rows", 0)}
-                tracking.log_metrics(uri, stage_run, test | counted)
-                tracking.log_metrics(uri, trial_run, test | counted)
-                tracking.set_tags(uri, trial_run, {"final_stage_run_id": stage_run, "soft_target_fingerprints": soft.fingerprint, "lineage": ">".join(lineage)})
-                if base.tracking.log_models:
-                    log_model(uri, stage_run, model, student, ctx.prep.data)
-    except SystemExit:  # Tune stopped the trial (ASHA) at a report, in this thread: run_scope ended its runs KILLED
-        if trial_run:
-            tracking.set_tags(uri, trial_run, {"stopped_early": True})
-        raise
+    with tracking.run_scope(uri, experiment_id, f"trial:{trial_id}", parent_id=ctx.sweep_run_id,
+                            tags={"role": "trial", "trial_id": trial_id, "chain": label, "student": student.name}) as trial_run:
+        tracking.log_params(uri, trial_run, {**{k: v for k, v in params.items() if k != "chain"}, "chain": label, "student": student.name})
+        track = TrackingContext(uri, experiment_id, trial_run)
+        soft, lineage = ctx.soft, [t.run_id for t in ctx.teachers]
+        soft, assistants = run_chain(base, ctx.prep, soft, chain, track, stage_registry(ctx.sweep_run_id))
+        lineage += [a.run_id for a in assistants]
+        with tracking.run_scope(uri, experiment_id, f"stage:{student.name}", parent_id=trial_run,
+                                tags={"role": "student", "soft_target_fingerprint": soft.fingerprint, "lineage": ">".join(lineage)}) as stage_run:
+            member = student_member(cfg, student, ctx.prep.data, soft, run_id=stage_run)
+            # The T and alpha it trains with: sampled, else the job's, else auto_kd's for this stage's teacher.
+            tracking.log_params(uri, trial_run, {k: v for k, v in member.kd.model_dump().items() if k not in params})
+            states, last_epoch = distill_members(cfg, ctx.prep.data, ctx.prep.student_train_ids, ctx.prep.val_ids, soft, track, [member],
+                                                 run_name=f"{base.name}-trial-{trial_id}", callbacks=[ReportAllButLastEpoch(cfg.train.epochs)],
+                                                 teachers=ctx.teachers)  # run in the workers only with teacher_mode online
+            model = build_model(spec_of(student), ctx.prep.data.input_shape, ctx.prep.data.num_classes)
+            model.load_state_dict(states[student.name])
+            # Scored in this trial's own actor (never the driver) on the test split's object-store copy, against the teachers' test logits.
+            test_split = ray.get(put_test_split(ctx.prep.data))
+            test = model_scores(model, test_split, ray.get(ctx.soft.test_columns), use_gpu=base.train.use_gpu, precision=base.train.precision)["metrics"]
+            counted = {"params": count_params(model), "online_teacher_rows": last_epoch.get("online_teacher_rows", 0)}
+            tracking.log_metrics(uri, stage_run, test | counted)
+            tracking.log_metrics(uri, trial_run, test | counted)
+            tracking.set_tags(uri, trial_run, {"final_stage_run_id": stage_run, "soft_target_fingerprints": soft.fingerprint, "lineage": ">".join(lineage)})
+            if base.tracking.log_models:
+                log_model(uri, stage_run, model, student, ctx.prep.data)
     tune.report(last_epoch | test)  # last: a STOP on it kills nothing left to do
 
 
@@ -295,7 +289,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
                 ray.get(registry.reset_running.remote())
                 # A killed driver's trial and stage runs are still RUNNING: nothing runs them now (its actors died with
                 # its job). Closed KILLED here, else the end of the sweep took them for trials ASHA stopped early.
-                tracking.end_running_descendants(uri, prep.experiment_id, parent_id)
+                tracking.end_descendants(uri, prep.experiment_id, parent_id)
             results = fit_noticing_ctrl_c(build_tuner(cfg, ctx, storage=storage, resume=resume))
             from orchestrator.flows.sweep_report import finish_sweep
 
@@ -303,7 +297,7 @@ def run_sweep(cfg: JobConfig, *, resume: bool = False, ray_address: str | None =
             summary = finish_sweep(cfg, prep, results, parent_id, teachers, soft, forward_rows=teacher_forward_rows("job") - rows_before, stage_stats=stage_stats)
             ray.kill(registry)
     except KeyboardInterrupt:
-        tracking.end_running_descendants(uri, prep.experiment_id, parent_id)  # trials and stages Tune stopped mid-run
+        tracking.end_descendants(uri, prep.experiment_id, parent_id)  # trials and stages Tune stopped mid-run
         tracking.end_run(uri, parent_id, "KILLED")
         raise
     except BaseException:

@@ -12,6 +12,7 @@ from orchestrator.config import JobConfig
 from orchestrator.tracking import plots
 from orchestrator.tracking import runs as tracking
 
+STOPPED_EARLY = {"stopped_early": True}
 TRIAL_COLUMNS = ["trial_id", "chain", "student", "temperature", "alpha", "lr", "epochs_run", "params", "test_accuracy"]
 
 
@@ -56,17 +57,19 @@ def stopped_trial_ids(results, epochs: int) -> set[str]:
 
 
 def close_stopped_trials(prep, parent_id: str, stopped: set[str]) -> int:
-    """The runs of the trials ASHA stopped end KILLED, tagged stopped_early: whatever the stop left them. A trial
-    stopped at a report ends them itself (KILLED: sweep_trial; or FAILED, when the stop reached it inside its Ray
-    Train run and came back as that run's error); one whose actor Tune killed first left them RUNNING. Returns
-    how many trials ASHA stopped."""
-    uri = prep.tracking_uri
-    tracking.end_running_descendants(uri, prep.experiment_id, parent_id, tags={"stopped_early": True})
-    for trial in tracking.child_runs(uri, parent_id):
-        if trial["tags"].get("trial_id") in stopped and trial["status"] == "FAILED":
-            for run in [trial, *(r for r in tracking.child_runs(uri, trial["run_id"]) if r["status"] == "FAILED")]:
-                tracking.set_tags(uri, run["run_id"], {"stopped_early": True})
-                tracking.end_run(uri, run["run_id"], "KILLED")
+    """The runs of the trials ASHA stopped end KILLED, tagged stopped_early, whatever the stop left them: RUNNING
+    (Tune killed the trial's actor), KILLED (a SystemExit at a report: run_scope) or FAILED (the stop came back as
+    the trial's Ray Train run's error). Only a trial's latest run, the attempt Tune's result speaks for: an earlier
+    one a killed driver left stays as --resume closed it. Returns how many trials ASHA stopped."""
+    uri, experiment_id = prep.tracking_uri, prep.experiment_id
+    tracking.end_descendants(uri, experiment_id, parent_id, tags=STOPPED_EARLY)
+    latest = {run["tags"].get("trial_id"): run for run in tracking.child_runs(uri, parent_id)}  # oldest first: the last wins
+    for trial_id in stopped:
+        trial = latest.get(trial_id)
+        if trial is not None and trial["status"] != "FINISHED":
+            tracking.set_tags(uri, trial["run_id"], STOPPED_EARLY)
+            tracking.end_run(uri, trial["run_id"], "KILLED")
+            tracking.end_descendants(uri, experiment_id, trial["run_id"], ending=("FAILED", "KILLED"), tags=STOPPED_EARLY)
     return len(stopped)
 
 

@@ -175,16 +175,15 @@ def run_scope(uri: str, experiment_id: str, name: str, *, parent_id: str | None 
     end_run(uri, run_id, "FINISHED")
 
 
-def end_running_descendants(uri: str, experiment_id: str, ancestor_id: str, status: str = "KILLED", *,
-                            tags: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
-    """End every RUNNING run nested (at any depth) under `ancestor_id`, `tags` set on each first; returns the tags
-    of the runs ended.
+def end_descendants(uri: str, experiment_id: str, ancestor_id: str, status: str = "KILLED", *, ending: tuple[str, ...] = ("RUNNING",),
+                    tags: Mapping[str, Any] | None = None) -> int:
+    """End `status` every run nested (at any depth) under `ancestor_id` whose status is one of `ending`, `tags` set on
+    each first; returns how many.
 
     For runs whose own process was stopped from outside (a Tune trial on Ctrl-C, one ASHA stopped, a killed
-    driver's) and so cannot end them.
+    driver's) and so cannot end them, or ended them as something they were not.
     """
-    mlflow_client = client(uri)
-    runs = mlflow_client.search_runs([experiment_id], max_results=10_000)
+    runs = _all_runs(client(uri), experiment_id)
     parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
 
     def descends(run_id: str) -> bool:
@@ -196,12 +195,23 @@ def end_running_descendants(uri: str, experiment_id: str, ancestor_id: str, stat
                 return True
         return False
 
-    stale = [r for r in runs if r.info.status == "RUNNING" and descends(r.info.run_id)]
-    for run in stale:
+    stale = [r.info.run_id for r in runs if r.info.status in ending and descends(r.info.run_id)]
+    for run_id in stale:
         if tags:
-            set_tags(uri, run.info.run_id, tags)
-        end_run(uri, run.info.run_id, status)
-    return [dict(r.data.tags) for r in stale]
+            set_tags(uri, run_id, tags)
+        end_run(uri, run_id, status)
+    return len(stale)
+
+
+def _all_runs(mlflow_client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of the experiment matching `filter_string`, page by page: a sweep can have more than one page holds."""
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], filter_string=filter_string, max_results=_PAGE, page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
@@ -330,13 +340,7 @@ def child_runs(uri: str, parent_id: str) -> list[dict[str, Any]]:
     """The runs whose mlflow.parentRunId is `parent_id`, oldest first, as `get_run` dicts."""
     mlflow_client = client(uri)
     experiment_id = mlflow_client.get_run(parent_id).info.experiment_id
-    runs, token = [], None
-    while True:  # page by page: a sweep can have more trials than one page holds
-        page = mlflow_client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=_PAGE, page_token=token)
-        runs += page
-        token = page.token
-        if not token:
-            break
+    runs = _all_runs(mlflow_client, experiment_id, f"tags.mlflow.parentRunId = '{parent_id}'")
     return sorted((_run_dict(r) for r in runs), key=lambda r: r["start_time"] or 0)
 
 
