@@ -7,6 +7,8 @@ their fixtures, so no test can forget the mark: `pytest -m "not integration"` ru
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,12 @@ HOST_SPEED: list[str] = []
 
 
 def pytest_sessionstart(session):
-    """How fast this host is right now, measured before the tests and printed after them: the same suite took
-    569 s and 1071 s of pytest on this project's 2-core machines hours apart, and most of its time is processes
-    starting and importing torch. Two probes (about 3 s): a pure-Python loop and a new interpreter importing torch."""
-    import subprocess
+    """How fast this host is right now, printed after the tests: the same suite took 569 s and 1071 s of pytest on
+    this project's 2-core machines hours apart, and most of its time is processes starting and importing torch. Two
+    probes: a pure-Python loop, and this process's own first `import torch` (the tests import it anyway).
+
+    On a run of the whole suite, digits_cli_job's process starts here, before collection (7-11 s here), which then
+    runs beside it on the other core; a narrower run starts it at its first test, and only if a test reads it."""
     import sys
     import time
 
@@ -32,9 +36,23 @@ def pytest_sessionstart(session):
     for i in range(5_000_000):
         total += i
     loop_s = time.perf_counter() - started
+    if _whole_suite(session.config):
+        _DIGITS_CLI_JOB.update(_start_digits_cli_job(Path(tempfile.mkdtemp(prefix="kd-digits-cli-job-"))))
+    if "torch" in sys.modules:
+        HOST_SPEED.append(f"host speed before the tests: a 5M-step Python loop {loop_s:.2f} s")
+        return
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], check=True)
-    HOST_SPEED.append(f"host speed before the tests: a 5M-step Python loop {loop_s:.2f} s, `import torch` in a new process {time.perf_counter() - started:.2f} s")
+    import torch  # noqa: F401
+
+    HOST_SPEED.append(f"host speed before the tests: a 5M-step Python loop {loop_s:.2f} s, `import torch` {time.perf_counter() - started:.2f} s"
+                      f"{' beside the digits job starting' if _DIGITS_CLI_JOB else ''}")
+
+
+def _whole_suite(config) -> bool:
+    """`pytest` on the whole tests folder (CI's `make test`), with no selection that could leave digits_cli_job unread."""
+    paths = config.args or [str(REPO_ROOT)]
+    return (not config.option.keyword and not config.option.markexpr and not config.getoption("lf", False)
+            and all(Path(arg).resolve() in (REPO_ROOT, REPO_ROOT / "tests") for arg in paths))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -43,14 +61,21 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(items):
-    """Integration marked from fixtures and modules; then the order: the tests with no Ray first, while
-    digits_cli_job's process (started by the first test: _digits_cli_job_started) runs beside them on the other
-    core, then the tests that read that job (they wait for it), then the other integration tests, each alone.
-    The sort is stable: within each group, the files' own order."""
+    """Integration marked from fixtures and modules; then the order: the tests with no working Ray first (marked
+    no_working_ray where their module's others have one), while digits_cli_job's process (started before collection
+    or by the first test: pytest_sessionstart) runs beside them on the other core, then the tests that read that job
+    (they wait for it), then the other integration tests, each alone. The sort is stable: within each group, the
+    files' own order."""
     for item in items:
         if {"ray_session", "digits_cli_job"} & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in PROCESS_MODULES:
             item.add_marker(pytest.mark.integration)
-    items.sort(key=lambda item: 0 if item.get_closest_marker("integration") is None else 1 if "digits_cli_job" in item.fixturenames else 2)
+
+    def group(item) -> int:
+        if item.get_closest_marker("integration") is None or item.get_closest_marker("no_working_ray"):
+            return 0
+        return 1 if "digits_cli_job" in item.fixturenames else 2
+
+    items.sort(key=group)
 
 
 def _start_ray():
@@ -92,6 +117,10 @@ def pytest_sessionfinish(session, exitstatus):
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    if _DIGITS_CLI_JOB:  # also when no test ran (--collect-only) after pytest_sessionstart started it
+        _stop_if_running(_DIGITS_CLI_JOB["proc"])
+        if _DIGITS_CLI_JOB["root"].name.startswith("kd-digits-cli-job-"):  # pytest_sessionstart's folder, not pytest's
+            shutil.rmtree(_DIGITS_CLI_JOB["root"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -165,38 +194,59 @@ def digits_teacher(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _digits_cli_job_started(request, tmp_path_factory, new_mlflow_store):
-    """digits_cli_job's `distill run`, started at the first test when any test of the session reads it: a whole job
-    costs 40-80 s here, most of it on one core or waiting on process start-ups, so the tests with no Ray (run first:
-    pytest_collection_modifyitems) take the other core meanwhile. Stopped on the way out if nobody waited for it."""
-    import signal
+# digits_cli_job's process once started (by pytest_sessionstart or _digits_cli_job_started): proc, folder, uri, overrides, console.
+_DIGITS_CLI_JOB: dict = {}
+
+
+def _start_digits_cli_job(root: Path) -> dict:
+    """Its `distill run` in root/job, on a store the job makes there as a user's first job does (its schema is made
+    in the job's process, beside this one's work); its console into files, not pipes nobody drains until a reader waits."""
     import subprocess
     import sys
 
-    if not any("digits_cli_job" in item.fixturenames for item in request.session.items):
-        yield None
-        return
-    folder = tmp_path_factory.mktemp("digits_cli_job")
-    uri = new_mlflow_store(folder)
+    folder = root / "job"
+    folder.mkdir()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     overrides = ["teachers.0.train.epochs=2", "train.epochs=2", "soft_targets.num_actors=1", "tracking.experiment=console"]
     argv = ["run", str(REPO_ROOT / "configs/digits_kd.yaml"), *overrides, "chain=[{family: mlp, hidden: [48]}]",
             "students=[{name: mlp32, family: mlp, hidden: [32]}]", "--summary-json", "summary.json"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "KD_VERBOSE")}
     env |= {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO_ROOT)}
-    # Files, not pipes that nobody drains until a reader waits for the job.
-    console = [tmp_path_factory.mktemp("digits_cli_job_console") / name for name in ("stdout.txt", "stderr.txt")]
+    console = [root / "stdout.txt", root / "stderr.txt"]
     with open(console[0], "w") as out, open(console[1], "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *argv], cwd=folder, env=env, stdout=out, stderr=err,
                                 start_new_session=True)
-    yield proc, folder, uri, overrides, console
-    if proc.poll() is None:  # a run cut short (-x, a deselected reader): Ctrl-C it, so it stops its Ray itself
+    return {"proc": proc, "root": root, "folder": folder, "uri": uri, "overrides": overrides, "console": console}
+
+
+def _stop_if_running(proc) -> None:
+    """Ctrl-C it, so that it stops its Ray itself (SIGKILL after a minute)."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _digits_cli_job_started(request, tmp_path_factory):
+    """digits_cli_job's `distill run`, started at the first test when any test of the session reads it and
+    pytest_sessionstart did not start it already: a whole job costs 40-80 s here, most of it on one core or waiting
+    on process start-ups, so collection and the tests with no Ray (run first: pytest_collection_modifyitems) take
+    the other core meanwhile. Stopped on the way out if nobody waited for it (-x, a deselected reader)."""
+    readers = any("digits_cli_job" in item.fixturenames for item in request.session.items)
+    if readers and not _DIGITS_CLI_JOB:
+        _DIGITS_CLI_JOB.update(_start_digits_cli_job(tmp_path_factory.mktemp("digits_cli_job")))
+    if _DIGITS_CLI_JOB and not readers:  # started before collection, which then selected none of its readers
+        _stop_if_running(_DIGITS_CLI_JOB["proc"])
+    yield _DIGITS_CLI_JOB if readers else None
+    if _DIGITS_CLI_JOB:
+        _stop_if_running(_DIGITS_CLI_JOB["proc"])
 
 
 @pytest.fixture(scope="session")
@@ -207,12 +257,12 @@ def digits_cli_job(_digits_cli_job_started):
     own, less its students; a later job given them finds its teacher and soft targets in the job's caches."""
     from types import SimpleNamespace
 
-    proc, folder, uri, overrides, console = _digits_cli_job_started
-    code = proc.wait(timeout=500)
-    output = console[0].read_text() + console[1].read_text()
+    job = _digits_cli_job_started
+    code = job["proc"].wait(timeout=500)
+    output = job["console"][0].read_text() + job["console"][1].read_text()
     assert code == 0, output[-6000:]
-    return SimpleNamespace(folder=folder, uri=uri, console=output, overrides=overrides,
-                           copy_to=lambda dest: _copy_of_job(folder, dest))
+    return SimpleNamespace(folder=job["folder"], uri=job["uri"], console=output, overrides=job["overrides"],
+                           copy_to=lambda dest: _copy_of_job(job["folder"], dest))
 
 
 def _copy_of_job(folder: Path, dest: Path) -> str:

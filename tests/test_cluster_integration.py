@@ -10,17 +10,17 @@ Ray on this host. Everything started here is stopped by PID (tests/local_cluster
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 
 import pytest
-from local_cluster import REPO_ROOT, LocalCluster
+from local_cluster import LocalCluster
 
 from orchestrator.tracking import runs as tracking
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
-# No model logging: MLflow infers each model's pip requirements in a subprocess, tens of seconds per model here.
 SMALL_JOB = ["teachers.0.train.epochs=2", "train.epochs=2", "train.num_workers=2", "soft_targets.num_actors=1", "tracking.log_models=false"]
 
 
@@ -64,27 +64,32 @@ def test_node_local_storage_is_refused_on_two_nodes(cluster):
     assert _runs(cluster, "cluster-refused") == []  # refused before any MLflow run
 
 
-def _teacher_checkpoint(path) -> str:
-    """An untrained teacher's weights: the job then skips one Ray Train run (tens of seconds here)."""
+def _mlp_teachers(folder) -> str:
+    """Two untrained MLP teachers for MNIST as state-dict files, an ensemble weighted 3:1, as a `teachers=` override:
+    given weights spare the job a Ray Train run each (tens of seconds here)."""
     import torch
 
-    from orchestrator.config import load_config
-    from orchestrator.data.datasets import load_arrays
+    from orchestrator.config import ModelSpec
     from orchestrator.train.models import build_model
 
-    cfg = load_config(REPO_ROOT / "configs" / "digits_kd.yaml")
-    data = load_arrays(cfg.dataset)
-    torch.manual_seed(0)
-    torch.save(build_model(cfg.teachers[0], data.input_shape, data.num_classes).state_dict(), path)
-    return str(path)
+    teachers = []
+    for name, width, weight in (("wide", 64, 3), ("narrow", 32, 1)):
+        torch.manual_seed(width)
+        torch.save(build_model(ModelSpec(family="mlp", hidden=[width]), (1, 28, 28), 10).state_dict(), folder / f"{name}.pt")
+        teachers.append(f"{{name: {name}, family: mlp, hidden: [{width}], checkpoint: {folder / f'{name}.pt'}, weight: {weight}}}")
+    return f"teachers=[{', '.join(teachers)}]"
 
 
-def test_submit_distillation_and_read_runs_from_the_server(cluster):
+def test_submit_mnist_ensemble_distillation_and_read_runs_from_the_server(cluster):
+    """A user's job on real data: an MNIST slice (mnist_kd.yaml: 9 views of each image), a weighted teacher ensemble
+    from state-dict files, students on two data-parallel workers, one per node."""
     job_id = f"kd-it-ok-{uuid.uuid4().hex[:6]}"
     shared = cluster.shared
-    teacher = _teacher_checkpoint(shared / "teacher.pt")
     done = cluster.distill(
-        "submit", "configs/digits_kd.yaml", *SMALL_JOB, "tracking.experiment=cluster-it", f"teachers.0.checkpoint={teacher}",
+        "submit", "configs/mnist_kd.yaml", "dataset.limit=3000", "dataset.test_limit=500", _mlp_teachers(shared),
+        "students=[{name: mlp32, family: mlp, hidden: [32]}]", "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1", "soft_targets.num_actors=1",
+        # No model logging: MLflow infers each model's pip requirements in a subprocess, tens of seconds per model here.
+        "tracking.log_models=false", "tracking.experiment=cluster-it",
         f"soft_targets.cache_dir={shared / 'kd_cache'}", f"train.storage_path={shared / 'ray_results'}",
         "--submission-id", job_id, "--env", f"DISTILL_SHARED_STORAGE={shared}",
     )
@@ -96,19 +101,28 @@ def test_submit_distillation_and_read_runs_from_the_server(cluster):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert {"teacher:cnn", "soft-targets", "student:mlp32", "student:mlp16", "baseline:mlp32-baseline", "baseline:mlp16-baseline"} <= set(children)
+    assert set(children) == {"teacher:wide", "teacher:narrow", "soft-targets", "student:mlp32", "baseline:mlp32-baseline"}
     assert all(r.info.status == "FINISHED" for r in children.values())
-    assert children["baseline:mlp32-baseline"].data.metrics["test_accuracy"] > 0.5  # labels only: it learns whatever the teacher
+    assert children["teacher:wide"].data.tags["source"] == children["teacher:narrow"].data.tags["source"] == "checkpoint"
+    assert children["soft-targets"].data.metrics["teacher_forward_rows"] == 3000 * 9 + 500  # one pass for the ensemble
+    assert len(tracking.client(cluster.mlflow_url).get_metric_history(children["student:mlp32"].info.run_id, "val_accuracy")) == 2
     client = tracking.client(cluster.mlflow_url)
     assert {"config.json", "summary.json"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     # Served artifacts: the files went over HTTP to the server's --artifacts-destination.
-    assert list((cluster.root / "mlartifacts").rglob("summary.json"))
+    [summary] = list((cluster.root / "mlartifacts").rglob("summary.json"))
+    rows = json.loads(summary.read_text())
+    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "wide"), ("teacher", "narrow"), ("student", "mlp32"), ("baseline", "mlp32-baseline")]
+    assert (rows[0]["params"], rows[1]["params"]) == (784 * 64 + 64 + 64 * 10 + 10, 784 * 32 + 32 + 32 * 10 + 10)
+    # Agreement is with the ensemble's soft targets: neither member agrees perfectly, the heavier one more.
+    assert 0.0 < rows[1]["agreement"] < rows[0]["agreement"] < 1.0
+    assert all(r["test_errors"] == round((1 - r["test_accuracy"]) * 500) for r in rows)
+    assert rows[3]["test_accuracy"] > 0.5  # labels only: it learns whatever the (untrained) teachers say
     assert list((shared / "kd_cache").iterdir()) and list((shared / "ray_results").iterdir())
 
     listed = cluster.distill("jobs")
     assert listed.returncode == 0 and any(job_id in line and "SUCCEEDED" in line for line in listed.stdout.splitlines())
     logs = cluster.distill("logs", job_id)
-    assert logs.returncode == 0 and "mlp16" in logs.stdout
+    assert logs.returncode == 0 and "mlp32" in logs.stdout
 
 
 def test_stop_a_running_job(cluster):

@@ -371,21 +371,36 @@ def _ray_job_stop_to_a_background_job(proc):
     _ray_job_stop(proc)  # the child was started with SIGINT ignored, as `distill run ... &` from a script is
 
 
+def _teacher_actor_pids() -> set[int]:
+    """The alive teacher actors' processes on this session's cluster, whichever job started them."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "TeacherActor"), ("state", "=", "ALIVE")]
+    return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, limit=10_000)}
+
+
 # A SIGTERM to a driver whose SIGINT is at its default takes the same path as the background job's, less the
 # one line that puts SIGINT's handler back (interrupts._forward_sigterm): the background case covers both, a
-# whole job (20-25 s here) cheaper.
-@pytest.mark.parametrize(("stop", "code", "word"), [(_ctrl_c, 130, "interrupted"), (_ray_job_stop_to_a_background_job, 143, "terminated")],
-                         ids=["ctrl-c", "sigterm-with-sigint-ignored"])
-def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tmp_path, ray_tmp, stop, code, word, new_mlflow_store):
+# whole job (20-25 s here) cheaper. That case joins this session's cluster (`--address`, as a job on a running
+# cluster does; Ray's SIGTERM handler comes with either ray.init), so only Ctrl-C's case pays for a Ray of its
+# own, whose shutdown it checks.
+@pytest.mark.parametrize(("stop", "code", "word", "joins"),
+                         [(_ctrl_c, 130, "interrupted", False), (_ray_job_stop_to_a_background_job, 143, "terminated", True)],
+                         ids=["ctrl-c", "sigterm-with-sigint-ignored-on-a-running-cluster"])
+def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(request, tmp_path, ray_tmp, stop, code, word, joins,
+                                                                             new_mlflow_store):
     import re
 
+    address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address if joins else None
+    actors_before = _teacher_actor_pids() if joins else set()
     torch.manual_seed(0)
     torch.save(build_model(load_config(None).teachers[0].model_copy(update={"hidden": [64]}), (1, 8, 8), 10).state_dict(), tmp_path / "t.pt")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": new_mlflow_store(tmp_path), "RAY_TMPDIR": str(ray_tmp),
            "AWS_SECRET_ACCESS_KEY": SENTINEL, "KD_API_TOKEN": SENTINEL}
     env.pop("RAY_ADDRESS", None)
     argv = [sys.executable, "-m", "orchestrator.cli", "run", str(REPO_ROOT / "configs/digits_kd.yaml"), "teachers=[{name: cnn, family: mlp, hidden: [64]}]",
-            f"teachers.0.checkpoint={tmp_path / 't.pt'}", "tracking.experiment=ctrl-c", "-v"]  # -v: Ray prints its dashboard address
+            f"teachers.0.checkpoint={tmp_path / 't.pt'}", "tracking.experiment=ctrl-c", "-v",  # -v: Ray prints its dashboard address
+            *(["--address", address] if joins else [])]
     with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
         # Its own process group, as a shell gives a foreground job: Ctrl-C signals the whole group.
         # A terminal's foreground job has SIGINT at its default, even if pytest itself inherited it ignored.
@@ -400,12 +415,13 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
                 time.sleep(0.2)
             time.sleep(1.0)  # into the actor pool's work
             ours = descendants(proc.pid)
-            assert any("raylet" in command_line(pid) for pid in ours), [command_line(pid)[:80] for pid in ours]
-            # -v: Ray's own start-up lines are there (the default console leaves them out: test_console.py). The
-            # dashboard (it can submit jobs) listens on loopback only.
-            assert "Started a local Ray instance" in (tmp_path / "err.log").read_text()
-            port = int(re.search(r"dashboard at \S*?127\.0\.0\.1:(\d+)", (tmp_path / "err.log").read_text()).group(1))
-            assert listening_hosts(port) == {"127.0.0.1"}, listening_hosts(port)
+            if not joins:
+                assert any("raylet" in command_line(pid) for pid in ours), [command_line(pid)[:80] for pid in ours]
+                # -v: Ray's own start-up lines are there (the default console leaves them out: test_console.py). The
+                # dashboard (it can submit jobs) listens on loopback only.
+                assert "Started a local Ray instance" in (tmp_path / "err.log").read_text()
+                port = int(re.search(r"dashboard at \S*?127\.0\.0\.1:(\d+)", (tmp_path / "err.log").read_text()).group(1))
+                assert listening_hosts(port) == {"127.0.0.1"}, listening_hosts(port)
             stop(proc)
             exit_code = proc.wait(timeout=180)
         finally:
@@ -419,9 +435,11 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(tm
     assert runs["digits_kd"] == "KILLED" and runs["soft-targets"] == "KILLED" and runs["teacher:cnn"] == "FINISHED", runs
     assert "RUNNING" not in runs.values()
 
-    # Ray shut down: every process it started is gone (found by PID: children, or naming its temp dir).
+    # Its own Ray shut down: every process it started is gone (found by PID: children, or naming its temp dir). On a
+    # running cluster, the job's teacher actors are gone and the cluster stays up for the next job.
     deadline = time.monotonic() + 60
-    while (left := [pid for pid in ours if running(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in ours if running(pid)] + sorted(_teacher_actor_pids() - actors_before if joins else [])) \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [command_line(pid)[:80] for pid in left]
     strays = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and str(ray_tmp) in command_line(int(p.name))]

@@ -61,6 +61,7 @@ sys.exit(cli.main(["run", sys.argv[1], "tracking.experiment=no-ray"]))
 """
 
 
+@pytest.mark.no_working_ray  # its GCS never starts: it can run beside another job's Ray
 def test_a_local_ray_that_does_not_start_is_one_line_and_exit_1(tmp_path, new_mlflow_store):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MLFLOW_TRACKING_URI=new_mlflow_store(tmp_path))
     # Ray's own waits for a GCS that never answers (5 s per connection, 30 s for its cluster id) cut short:

@@ -11,10 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main as cli_main
-from orchestrator.config import ModelSpec
 from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
-from orchestrator.train.models import build_model
 
 pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +33,6 @@ def _teacher_actor_pids() -> set[int]:
 
     filters = [("class_name", "=", "TeacherActor"), ("state", "=", "ALIVE")]
     return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, limit=10_000)}
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, mlflow_uri):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, digits_cli_job, tmp_path, monkeypatch):
@@ -150,33 +142,3 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, digits_cli_job,
     assert cli_main(["soft-targets", str(REPO_ROOT / "configs/digits_kd.yaml"), *job, "teachers.0.prune_amount=0.25"]) == 0
     assert teacher_forward_rows() == rows_before + 2 * pass_rows
     assert _teacher_actor_pids() == warm
-
-
-def test_mnist_slice_two_workers_with_checkpoint_teacher(ray_session, workdir, mlflow_uri):
-    """Two teachers given as state-dict files (a weighted ensemble), students on 2 data-parallel workers, via the CLI."""
-    for width in (64, 32):
-        torch.manual_seed(width)
-        teacher = build_model(ModelSpec(family="mlp", hidden=[width]), (1, 28, 28), 10)
-        torch.save(teacher.state_dict(), workdir / f"teacher{width}.pt")
-    code = cli_main([
-        "run", str(REPO_ROOT / "configs/mnist_kd.yaml"),
-        "dataset.limit=3000", "dataset.test_limit=500",
-        f"teachers=[{{name: wide, family: mlp, hidden: [64], checkpoint: {workdir / 'teacher64.pt'}, weight: 3}},"
-        f" {{name: narrow, family: mlp, hidden: [32], checkpoint: {workdir / 'teacher32.pt'}, weight: 1}}]",
-        "students.0.hidden=[32]", "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1",
-        "tracking.experiment=mnist-slice", "--summary-json", str(workdir / "s.json"),
-    ])
-    assert code == 0
-    rows = json.loads((workdir / "s.json").read_text())
-    assert [(r["role"], r["name"]) for r in rows] == [("teacher", "wide"), ("teacher", "narrow"), ("student", "mlp800"), ("baseline", "mlp800-baseline")]
-    assert rows[0]["params"] == 784 * 64 + 64 + 64 * 10 + 10
-    assert rows[1]["params"] == 784 * 32 + 32 + 32 * 10 + 10
-    # agreement is measured against the ensemble's soft targets, so neither member agrees perfectly
-    assert 0.0 < rows[0]["agreement"] < 1.0 and rows[0]["agreement"] > rows[1]["agreement"]
-    assert all(r["test_errors"] == round((1 - r["test_accuracy"]) * 500) for r in rows)
-    runs = _runs_by_name(MlflowClient(mlflow_uri), "mnist-slice")
-    assert runs["teacher:wide"][0].data.tags["source"] == "checkpoint"
-    assert runs["teacher:narrow"][0].data.tags["source"] == "checkpoint"
-    assert runs["soft-targets"][0].data.metrics["teacher_forward_rows"] == 3000 * 9 + 500  # mnist_kd.yaml: 9 views of each training image
-    history = MlflowClient(mlflow_uri).get_metric_history(runs["student:mlp800"][0].info.run_id, "val_accuracy")
-    assert len(history) == 2
