@@ -79,6 +79,21 @@ def test_readme_layout_names_every_module_under_its_package():
     assert packages == sorted(k for k in listed if k), f"README's layout lists packages {sorted(listed)}, the tree has {packages}"
 
 
+def test_mlflow_is_called_from_the_tracking_package_only():
+    """DESIGN.md: MLflow only in the tracking module. Elsewhere no `mlflow` import, and no MLflow client taken from
+    tracking to call it directly (a search_runs there read one page, at most 10,000 runs)."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "tracking":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            calls_client = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "client"
+            if calls_client or any(name == "mlflow" or name.startswith("mlflow.") for name in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders
+
+
 def test_no_module_over_400_lines():
     long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"split these modules: {long}"

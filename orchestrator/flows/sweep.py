@@ -252,7 +252,7 @@ def _parent_run(prep: Prepared, state_path: Path, resume: bool) -> str:
     """The sweep's MLflow parent run; a resumed sweep continues the same one."""
     if resume and state_path.is_file():
         run_id = json.loads(state_path.read_text())["mlflow_run_id"]
-        tracking.client(prep.tracking_uri).update_run(run_id, status="RUNNING")
+        tracking.reopen_run(prep.tracking_uri, run_id)
         return run_id
     run_id = tracking.create_run(prep.tracking_uri, prep.experiment_id, sweep_dir_name(prep.cfg), tags={"job": "sweep"})
     state_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,17 +19,16 @@ TRIAL_COLUMNS = ["trial_id", "chain", "student", "temperature", "alpha", "lr", "
 def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
     """One row per trial: sampled parameters (from MLflow), last validation metric (from Tune), test accuracy."""
     metric = cfg.sweep.metric
-    client = tracking.client(prep.tracking_uri)
-    runs = client.search_runs([prep.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.role = 'trial'", max_results=10_000)
+    runs = [run for run in tracking.child_runs(prep.tracking_uri, parent_id) if run["tags"].get("role") == "trial"]  # every page
     # A trial cut short (Ctrl-C) runs again on --resume under a new run: the FINISHED one, else the newest, speaks for it.
-    by_trial = {run.data.tags["trial_id"]: run for run in sorted(runs, key=lambda r: (r.info.status == "FINISHED", r.info.start_time))}
+    by_trial = {run["tags"]["trial_id"]: run for run in sorted(runs, key=lambda r: (r["status"] == "FINISHED", r["start_time"] or 0))}
     rows = []
     for result in results:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         run = by_trial.get(trial_id)
         if run is None:
             continue
-        params = run.data.params
+        params, metrics = run["params"], run["metrics"]
         rows.append({
             "trial_id": trial_id,
             "chain": params.get("chain", "direct"),
@@ -40,12 +39,12 @@ def trial_table(cfg: JobConfig, prep, results, parent_id: str) -> pd.DataFrame:
             **{path: params.get(path) for path in cfg.sweep.space.paths},  # swept dotted paths, as MLflow logged them
             "epochs_run": int(result.metrics.get("training_iteration", 0)),
             metric: result.metrics.get(metric),
-            "params": run.data.metrics.get("params"),
-            "online_teacher_rows": run.data.metrics.get("online_teacher_rows", 0.0),
-            "test_accuracy": run.data.metrics.get("test_accuracy"),
-            "mlflow_run_id": run.info.run_id,
-            "final_stage_run_id": run.data.tags.get("final_stage_run_id"),
-            "status": run.info.status,
+            "params": metrics.get("params"),
+            "online_teacher_rows": metrics.get("online_teacher_rows", 0.0),
+            "test_accuracy": metrics.get("test_accuracy"),
+            "mlflow_run_id": run["run_id"],
+            "final_stage_run_id": run["tags"].get("final_stage_run_id"),
+            "status": run["status"],
         })
     return pd.DataFrame(rows)
 

@@ -159,6 +159,11 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status)
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """A run that ended (a sweep's parent, KILLED with its driver) RUNNING again, for a resumed driver to continue."""
+    client(uri).update_run(run_id, status="RUNNING")
+
+
 @contextlib.contextmanager
 def run_scope(uri: str, experiment_id: str, name: str, *, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
     """Create a run, yield its id, end it FINISHED, FAILED on error, KILLED on Ctrl-C or a SystemExit (how Tune
