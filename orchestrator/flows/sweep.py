@@ -3,7 +3,7 @@
 The driver resolves the teacher and its soft targets once; every trial is a Tune
 function trainable that runs its chain stage by stage (memoized assistants, see
 chains.py) and distils its student on Ray Train, reporting each epoch to Tune
-through `TuneReportCallback` so ASHA can stop it early; the last epoch it reports
+through `TuneReportCallback` (tune_report.py) so ASHA can stop it early; the last epoch it reports
 itself, once its test metrics and MLflow runs are written.
 """
 
@@ -19,7 +19,6 @@ from typing import Any
 import ray
 import ray.data
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.cluster.interrupts import fit_noticing_ctrl_c
 from orchestrator.config import ConfigError, JobConfig, SearchDim, spec_of, with_values
@@ -38,6 +37,7 @@ from orchestrator.flows.stages import (
     student_member,
     student_rows,
 )
+from orchestrator.flows.tune_report import ReportAllButLastEpoch
 from orchestrator.teachers.pool import teacher_forward_rows
 from orchestrator.tracking import runs as tracking
 from orchestrator.tracking.progress import progress_printer, verbose
@@ -120,24 +120,6 @@ def trial_context(prep: Prepared, teachers: list[TeacherWeights], soft: SoftTarg
     if any(prep.cfg.sweep.chains()):
         image_blocks(data, soft_target_blocks(prep.cfg, data))
     return SweepContext(replace(prep, data=data.without_arrays()), teachers, soft, sweep_run_id)
-
-
-class ReportAllButLastEpoch(TuneReportCallback):
-    """Forward each epoch's metrics to Tune, except the last one.
-
-    A scheduler's STOP on a trial's report kills the trial's actor at once, and ASHA says STOP
-    to every trial whose report reaches max_t (its final epoch): the test metrics and MLflow
-    writes after training would die with it, leaving the trial KILLED and untested.
-    """
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.last_epoch = epochs - 1
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if metrics and metrics[0].get("epoch") == self.last_epoch:
-            return
-        super().after_report(run_context, metrics, checkpoint)
 
 
 def sweep_trial(params: dict[str, Any], ctx: SweepContext) -> None:
