@@ -112,6 +112,12 @@ def test_running_descendants_of_a_killed_parent_are_ended(store):
     # Other statuses than RUNNING, when named: FINISHED stays.
     assert tracking.end_descendants(uri, experiment_id, parent, "KILLED", ending=("FAILED", "KILLED")) == 3
     assert MlflowClient(uri).get_run(done).info.status == "FINISHED"
+    # Under several ancestors at once (the trials ASHA stopped): each one's runs, none of another run's.
+    first, second, third = (tracking.create_run(uri, experiment_id, "trial", parent_id=parent) for _ in range(3))
+    stages = {t: tracking.create_run(uri, experiment_id, "stage", parent_id=t) for t in (first, second, third)}
+    assert tracking.end_descendants(uri, experiment_id, [first, second]) == 2
+    assert [MlflowClient(uri).get_run(stages[t]).info.status for t in (first, second, third)] == ["KILLED", "KILLED", "RUNNING"]
+    assert MlflowClient(uri).get_run(first).info.status == "RUNNING"  # the ancestors themselves are not theirs to end
 
 
 def test_child_runs_reads_every_page(store, monkeypatch):

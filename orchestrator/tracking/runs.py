@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,14 +180,15 @@ def run_scope(uri: str, experiment_id: str, name: str, *, parent_id: str | None 
     end_run(uri, run_id, "FINISHED")
 
 
-def end_descendants(uri: str, experiment_id: str, ancestor_id: str, status: str = "KILLED", *, ending: tuple[str, ...] = ("RUNNING",),
-                    tags: Mapping[str, Any] | None = None) -> int:
-    """End `status` every run nested (at any depth) under `ancestor_id` whose status is one of `ending`, `tags` set on
-    each first; returns how many.
+def end_descendants(uri: str, experiment_id: str, ancestor_id: str | Collection[str], status: str = "KILLED", *,
+                    ending: tuple[str, ...] = ("RUNNING",), tags: Mapping[str, Any] | None = None) -> int:
+    """End `status` every run nested (at any depth) under `ancestor_id` (or under any of several ancestor ids: one
+    read of the experiment for all) whose status is one of `ending`, `tags` set on each first; returns how many.
 
     For runs whose own process was stopped from outside (a Tune trial on Ctrl-C, one ASHA stopped, a killed
     driver's) and so cannot end them, or ended them as something they were not.
     """
+    ancestors = {ancestor_id} if isinstance(ancestor_id, str) else set(ancestor_id)
     runs = _all_runs(client(uri), experiment_id)
     parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
 
@@ -196,7 +197,7 @@ def end_descendants(uri: str, experiment_id: str, ancestor_id: str, status: str 
             run_id = parent_of.get(run_id)
             if run_id is None:
                 return False
-            if run_id == ancestor_id:
+            if run_id in ancestors:
                 return True
         return False
 
