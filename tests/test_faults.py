@@ -22,6 +22,7 @@ import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
+from test_pipeline import teacher_actor_pids  # this session's alive teacher actors
 
 from orchestrator.config import load_config
 from orchestrator.data.datasets import DatasetArrays, Split
@@ -371,14 +372,6 @@ def _ray_job_stop_to_a_background_job(proc):
     _ray_job_stop(proc)  # the child was started with SIGINT ignored, as `distill run ... &` from a script is
 
 
-def _teacher_actor_pids() -> set[int]:
-    """The alive teacher actors' processes on this session's cluster, whichever job started them."""
-    from ray.util.state import list_actors
-
-    filters = [("class_name", "=", "TeacherActor"), ("state", "=", "ALIVE")]
-    return {a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, limit=10_000)}
-
-
 # A SIGTERM to a driver whose SIGINT is at its default takes the same path as the background job's, less the
 # one line that puts SIGINT's handler back (interrupts._forward_sigterm): the background case covers both, a
 # whole job (20-25 s here) cheaper. That case joins this session's cluster (`--address`, as a job on a running
@@ -392,7 +385,7 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(re
     import re
 
     address = request.getfixturevalue("ray_session").get_runtime_context().gcs_address if joins else None
-    actors_before = _teacher_actor_pids() if joins else set()
+    actors_before = teacher_actor_pids() if joins else set()
     torch.manual_seed(0)
     torch.save(build_model(load_config(None).teachers[0].model_copy(update={"hidden": [64]}), (1, 8, 8), 10).state_dict(), tmp_path / "t.pt")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_URI": new_mlflow_store(tmp_path), "RAY_TMPDIR": str(ray_tmp),
@@ -438,7 +431,7 @@ def test_ctrl_c_marks_runs_killed_stops_ray_and_leaves_no_valid_looking_cache(re
     # Its own Ray shut down: every process it started is gone (found by PID: children, or naming its temp dir). On a
     # running cluster, the job's teacher actors are gone and the cluster stays up for the next job.
     deadline = time.monotonic() + 60
-    while (left := [pid for pid in ours if running(pid)] + sorted(_teacher_actor_pids() - actors_before if joins else [])) \
+    while (left := [pid for pid in ours if running(pid)] + sorted(teacher_actor_pids() - actors_before if joins else [])) \
             and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, [command_line(pid)[:80] for pid in left]

@@ -27,8 +27,8 @@ def _runs_by_name(client: MlflowClient, experiment: str) -> dict[str, list]:
     return by_name
 
 
-def _teacher_actor_pids() -> set[int]:
-    """The alive warm teacher actors' processes on this session's cluster (teachers/warm_pool.py)."""
+def teacher_actor_pids() -> set[int]:
+    """The alive teacher actors' processes on this session's cluster (teachers/warm_pool.py), whichever job started them."""
     from ray.util.state import list_actors
 
     filters = [("class_name", "=", "TeacherActor"), ("state", "=", "ALIVE")]
@@ -137,8 +137,8 @@ def test_digits_end_to_end_run_tree_and_cache_reuse(ray_session, digits_cli_job,
     assert zeros > 0  # the logged model is the pruned one
 
     # The teacher actors stay warm in this process: the next job's pass runs on the same ones.
-    warm = _teacher_actor_pids()
+    warm = teacher_actor_pids()
     assert warm
     assert cli_main(["soft-targets", str(REPO_ROOT / "configs/digits_kd.yaml"), *job, "teachers.0.prune_amount=0.25"]) == 0
     assert teacher_forward_rows() == rows_before + 2 * pass_rows
-    assert _teacher_actor_pids() == warm
+    assert teacher_actor_pids() == warm
