@@ -105,8 +105,8 @@ def test_submit_mnist_ensemble_distillation_and_read_runs_from_the_server(cluste
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert children["teacher:wide"].data.tags["source"] == children["teacher:narrow"].data.tags["source"] == "checkpoint"
     assert children["soft-targets"].data.metrics["teacher_forward_rows"] == 3000 * 9 + 500  # one pass for the ensemble
-    assert len(tracking.client(cluster.mlflow_url).get_metric_history(children["student:mlp32"].info.run_id, "val_accuracy")) == 2
     client = tracking.client(cluster.mlflow_url)
+    assert len(client.get_metric_history(children["student:mlp32"].info.run_id, "val_accuracy")) == 2
     assert {"config.json", "summary.json"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     # Served artifacts: the files went over HTTP to the server's --artifacts-destination.
     [summary] = list((cluster.root / "mlartifacts").rglob("summary.json"))
