@@ -202,13 +202,16 @@ def test_students_learn_from_a_training_source_without_labels(ray_session, digit
     """The digits job, its data from parquet files (a Ray Train run, soft targets and the MLflow datasets), and with
     dataset.train_labels false: no label column in the training file; the student learns from the teacher alone.
     Its training rows carry label -1, on which cross-entropy fails: the job finishing shows that nothing read one.
+    The training images are read by Ray tasks (dataset.reader ray): the job's soft targets, students and datasets
+    work from the object-store blocks, none in the driver (test_ray_reader.py shows the rows are the same).
     The teacher from conftest's state-dict file: what a teacher's training does is test_pipeline.py's subject."""
     from orchestrator.flows.pipeline import run_job
     from orchestrator.tracking import runs as tracking
 
     monkeypatch.chdir(tmp_path)
+    unlabelled = [o for o in _without_labels(digits_parquet, tmp_path) if not o.startswith("dataset.id_column")]  # file order
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [
-        *_without_labels(digits_parquet, tmp_path), "transfer.labels=false", "baseline=false", "dataset.val_fraction=0",
+        *unlabelled, "dataset.reader=ray", "transfer.labels=false", "baseline=false", "dataset.val_fraction=0",
         f"teachers.0.checkpoint={digits_teacher}", "train.epochs=6", "students=[{name: mlp32, family: mlp, hidden: [32]}]",
         "soft_targets.num_actors=1", "tracking.experiment=unlabelled"])
     rows = run_job(cfg)

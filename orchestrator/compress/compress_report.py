@@ -171,7 +171,9 @@ def run_report(parent_run_id: str, *, tracking_uri: str | None = None, threads: 
         r for r in tracking.child_runs(uri, parent_run_id) if r["tags"].get("role") in ("teacher", "student", "baseline")]
     if not any(r["tags"]["role"] == "teacher" for r in children) or not any(r["tags"]["role"] != "teacher" for r in children):
         raise ConfigError(f"run {parent_run_id} has no teacher and student child runs (did the job finish?)")
-    data = load_arrays(cfg.dataset)
+    # Read here, in this process, whatever the job's dataset.reader: a calibration sample and the test rows are all it
+    # uses, and the same pixels give the same statistics either way (data/pixel_stats.py).
+    data = load_arrays(cfg.dataset.model_copy(update={"reader": "driver"}))
     models = {r["run_id"]: _load_model(uri, r, cfg, data) for r in children}
     test_inputs = normalize_images(torch.from_numpy(data.test.images), data.mean, data.std)
     labels = torch.from_numpy(data.test.labels)

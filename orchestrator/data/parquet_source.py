@@ -15,8 +15,8 @@ Anything else is refused with one line naming the source and the column (a Confi
 exits 2 before Ray starts): a missing column, no rows, a null or non-integer label, a label outside
 the class range, NaN pixels, images of mixed shapes.
 
-The rows are read into the driver here, like every other source today; a reader in the Ray workers
-would keep these checks.
+Here the rows are read into this process (`dataset.reader: driver`, and the test source always);
+with `dataset.reader: ray` the training images are read by Ray tasks with these same checks (data/ray_reader.py).
 """
 
 from __future__ import annotations
@@ -42,29 +42,42 @@ def load_parquet(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """(train images, train labels, test images, test labels, number of classes) from the two sources.
 
     Images are uint8 (N, C, H, W), labels int64 (N,); checked as described in the module docstring."""
-    image_column = cfg.image_column or DEFAULT_IMAGE_COLUMN
-    label_column = cfg.label_column or DEFAULT_LABEL_COLUMN
-    splits = []
-    for field, where in (("train_path", cfg.train_path), ("test_path", cfg.test_path)):
-        labelled = field == "test_path" or cfg.train_labels
-        table = _read(where, [image_column, *([label_column] if labelled else []), *([cfg.id_column] if cfg.id_column else [])], field)
-        if cfg.id_column:
-            table = _ordered_by_id(table, cfg.id_column, where)
-        labels = _labels(table.column(label_column), where, label_column) if labelled else np.full(table.num_rows, UNLABELLED, dtype=np.int64)
-        images = _images(table.column(image_column), where, image_column, cfg.image_shape)
-        splits.append((images, labels))
-    (train_images, train_labels), (test_images, test_labels) = splits
+    train_images, train_labels = read_split(cfg, "train_path")
+    test_images, test_labels = read_split(cfg, "test_path")
     if train_images.shape[1:] != test_images.shape[1:]:
         raise ConfigError(f"dataset: images in {cfg.train_path} are {train_images.shape[1:]} but in {cfg.test_path} {test_images.shape[1:]}")
+    return train_images, train_labels, test_images, test_labels, class_count(cfg, train_labels, test_labels)
+
+
+def read_split(cfg: DatasetConfig, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """One source's (images, labels), read into this process; a transfer set's labels are UNLABELLED."""
+    image_column, label_column = columns(cfg)
+    where = getattr(cfg, field)
+    labelled = field == "test_path" or cfg.train_labels
+    table = _read(where, [image_column, *([label_column] if labelled else []), *([cfg.id_column] if cfg.id_column else [])], field)
+    if cfg.id_column:
+        table = _ordered_by_id(table, cfg.id_column, where)
+    labels = labels_of(table.column(label_column), where, label_column) if labelled else np.full(table.num_rows, UNLABELLED, dtype=np.int64)
+    return images_of(table.column(image_column), where, image_column, cfg.image_shape), labels
+
+
+def columns(cfg: DatasetConfig) -> tuple[str, str]:
+    """(image column, label column) as configured or by default."""
+    return cfg.image_column or DEFAULT_IMAGE_COLUMN, cfg.label_column or DEFAULT_LABEL_COLUMN
+
+
+def class_count(cfg: DatasetConfig, train_labels: np.ndarray, test_labels: np.ndarray) -> int:
+    """dataset.num_classes, else the largest label + 1; every label checked against it."""
     num_classes = cfg.num_classes or int((train_labels if cfg.train_labels else test_labels).max()) + 1
     for where, labels in ((cfg.train_path, train_labels), (cfg.test_path, test_labels)):
         if labels.max() >= num_classes:
-            raise ConfigError(f"dataset: {where} column {label_column!r} has label {int(labels.max())}, outside [0, {num_classes}) "
+            raise ConfigError(f"dataset: {where} column {columns(cfg)[1]!r} has label {int(labels.max())}, outside [0, {num_classes}) "
                               f"({'dataset.num_classes' if cfg.num_classes else 'the largest training label + 1'})")
-    return train_images, train_labels, test_images, test_labels, num_classes
+    return num_classes
 
 
-def _read(where: str, columns: list[str], field: str) -> pa.Table:
+def open_source(where: str, columns: list[str], field: str) -> pq.ParquetDataset:
+    """The source's files and schema (footers only), its columns checked."""
     try:
         dataset = pq.ParquetDataset(where)  # a file or a folder, local or a URI: footers only until read()
         schema = dataset.schema
@@ -73,7 +86,11 @@ def _read(where: str, columns: list[str], field: str) -> pa.Table:
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise ConfigError(f"dataset: {where} has no column {missing[0]!r} (columns: {', '.join(schema.names)})")
-    table = dataset.read(columns=columns)
+    return dataset
+
+
+def _read(where: str, columns: list[str], field: str) -> pa.Table:
+    table = open_source(where, columns, field).read(columns=columns)
     if table.num_rows == 0:
         raise ConfigError(f"dataset.{field}: {where} has no rows")
     return table
@@ -88,7 +105,7 @@ def _ordered_by_id(table: pa.Table, id_column: str, where: str) -> pa.Table:
     return table.sort_by(id_column)
 
 
-def _labels(column: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
+def labels_of(column: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
     if column.null_count:
         raise ConfigError(f"dataset: {where} column {name!r} has {column.null_count} missing label(s)")
     if not pa.types.is_integer(column.type):
@@ -99,7 +116,7 @@ def _labels(column: pa.ChunkedArray, where: str, name: str) -> np.ndarray:
     return labels
 
 
-def _images(column: pa.ChunkedArray, where: str, name: str, image_shape: list[int] | None) -> np.ndarray:
+def images_of(column: pa.ChunkedArray, where: str, name: str, image_shape: list[int] | None) -> np.ndarray:
     if column.null_count:
         raise ConfigError(f"dataset: {where} column {name!r} has {column.null_count} missing image(s)")
     column = column.combine_chunks()

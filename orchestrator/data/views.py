@@ -150,7 +150,12 @@ def random_views(images: torch.Tensor, policy: ViewPolicy, generator: torch.Gene
 
 def background_value(images: np.ndarray) -> int:
     """The most common uint8 value on the images' one-pixel border: what a shift should pad with."""
+    return int(border_histogram(images).argmax())
+
+
+def border_histogram(images: np.ndarray) -> np.ndarray:
+    """Counts of each uint8 value on the images' one-pixel border (blocks' counts add up: data/ray_reader.py)."""
     border = np.concatenate([
         images[:, :, 0, :].ravel(), images[:, :, -1, :].ravel(), images[:, :, :, 0].ravel(), images[:, :, :, -1].ravel(),
     ])
-    return int(np.bincount(border, minlength=256).argmax())
+    return np.bincount(border, minlength=256)

@@ -1,0 +1,107 @@
+"""Training images that live in Ray's object store, not in the driver (`dataset.reader: ray`).
+
+`PlannedImages` is what the driver knows before Ray starts: the read plan (files, row groups, rows), the
+images' shape, no pixel. `ObjectImages` is what it holds after data/ray_reader.py has read them: one object
+reference per block of consecutive rows. Both stand where a Split's uint8 array stands (datasets.Split), so
+lengths and shapes answer as before; the code that reads pixels either works on the blocks where they are
+(ray_objects.py: the students' datasets, the teacher actors' blocks) or asks for a few rows by number
+(`take`: a bias-correction validation split, a calibration sample), which pulls those rows only. Asking for
+the whole array raises, so no code path can quietly pull every training image into the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+WHOLE_ARRAY = ("the training images are in Ray's object store (dataset.reader: ray), not in the driver: "
+               "read them where they are (data/ray_objects.py) or take a few rows by number")
+
+
+@dataclass(frozen=True)
+class ReadSpan:
+    """One read task: consecutive row groups of one parquet file, of which the first `rows` rows are kept."""
+
+    path: str
+    row_groups: tuple[int, ...]
+    rows: int
+
+
+@dataclass(frozen=True)
+class PlannedImages:
+    """The training images before they are read: the plan, the shape (from the first image), no values."""
+
+    shape: tuple[int, ...]
+    spans: tuple[ReadSpan, ...]
+    filesystem: object  # a pyarrow FileSystem: picklable, so each read task opens its own files
+    column: str
+    image_shape: tuple[int, ...] | None  # dataset.image_shape, for flat pixel lists
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        raise LookupError("the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)")
+
+    def __array__(self, *args, **kwargs):
+        raise LookupError("the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)")
+
+
+@dataclass(frozen=True)
+class ObjectImages:
+    """uint8 images (N, C, H, W) as object-store blocks of consecutive rows: block b holds rows starts[b]:starts[b+1]."""
+
+    blocks: tuple  # ray.ObjectRef -> np.ndarray uint8 (rows, C, H, W)
+    starts: tuple[int, ...]  # len(blocks) + 1 offsets, from 0 to N
+    image_shape: tuple[int, int, int]
+    digest: str  # sha256 of the blocks' own digests, in order: what the split's fingerprint is made of
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __post_init__(self) -> None:
+        if len(self.starts) != len(self.blocks) + 1 or self.starts[0] != 0 or any(b <= a for a, b in zip(self.starts, self.starts[1:])):
+            raise ValueError(f"starts must run from 0 up, one more than the {len(self.blocks)} blocks: {self.starts}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.starts[-1], *self.image_shape)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def block_of(self, rows: np.ndarray) -> np.ndarray:
+        """The index of the block holding each row."""
+        return np.searchsorted(np.asarray(self.starts), rows, side="right") - 1
+
+    def take(self, rows) -> np.ndarray:
+        """Rows by number, as one array in the driver: only the blocks they are in are fetched."""
+        import ray
+
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= len(self))):
+            raise IndexError(f"rows must be 1-D numbers in [0, {len(self)})")
+        out = np.empty((rows.size, *self.image_shape), dtype=np.uint8)
+        which = self.block_of(rows)
+        for block in np.unique(which):
+            hit = which == block
+            out[hit] = ray.get(self.blocks[block])[rows[hit] - self.starts[block]]
+        return out
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return self.take([index])[0]
+        return self.take(np.arange(len(self))[index])
+
+    def __array__(self, *args, **kwargs):
+        raise LookupError(WHOLE_ARRAY)
+
+
+def combined_digest(block_digests: list[str], image_shape: tuple[int, ...]) -> str:
+    digest = hashlib.sha256(f"object-images|{tuple(image_shape)}|".encode())
+    for part in block_digests:
+        digest.update(part.encode())
+    return digest.hexdigest()

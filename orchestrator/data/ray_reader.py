@@ -1,0 +1,133 @@
+"""A parquet training source read by Ray tasks (`dataset.reader: ray`): no training image passes through the driver.
+
+Before Ray starts (`plan_parquet`, from datasets.load_arrays in job.prepare) the driver reads the files' footers,
+the label column (8 bytes a row; with `train_labels: false` not even that) and one image for the shape: every
+check that needs no pixel fails there, exit 2 before Ray starts. Once Ray runs (`read_training_images`, from
+job.start_job, while the warm teacher actors start), one task per span of row groups reads its image column
+where it runs, decodes and checks it with the driver reader's own checks (parquet_source), and leaves the uint8
+block in the object store beside its statistics: per-channel value counts (the exact mean and std), the border's
+counts (the views' padding) and a digest (the split's fingerprint). A bad image is still one line naming the file
+and the column, exit 2, before any training. The driver keeps references (object_images.ObjectImages).
+
+Why tasks of our own rather than `ray.data.read_parquet`: row i's image must stay beside label i, which the
+driver reads in the same file and row-group order, and the statistics come from the same pass over the pixels;
+Ray Data would reorder blocks unless told not to and would need a second pass for the statistics. The students'
+datasets are Ray Datasets made from these blocks in the cluster (ray_objects.to_ray_dataset).
+
+The test split is read into the driver as before: it does not grow with the training set, and the driver scores
+every model on it. `id_column` is not supported here (rows keep their file order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from orchestrator.config import ConfigError, DatasetConfig
+from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, combined_digest
+from orchestrator.data.parquet_source import UNLABELLED, class_count, columns, images_of, labels_of, open_source, read_split
+from orchestrator.data.pixel_stats import block_stats
+
+# Row groups are grouped into read tasks of up to about this many rows (a bigger row group is one task): blocks of
+# a few MB to tens of MB, enough of them for two workers or actors on MNIST, few enough that task overheads vanish.
+ROWS_PER_READ = 16_384
+
+
+def plan_parquet(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(the training images' plan, train labels, test images and labels read into the driver, number of classes)."""
+    image_column, label_column = columns(cfg)
+    where = cfg.train_path
+    source = open_source(where, [image_column, *([label_column] if cfg.train_labels else [])], "train_path")
+    spans = plan_spans(source, cfg.limit)
+    rows = sum(span.rows for span in spans)
+    if rows == 0:
+        raise ConfigError(f"dataset.train_path: {where} has no rows")
+    if cfg.train_labels:
+        labels = labels_of(source.read(columns=[label_column]).column(label_column).slice(0, rows), where, label_column)
+    else:
+        labels = np.full(rows, UNLABELLED, dtype=np.int64)
+    first = _read_rows(source.filesystem, spans[0], image_column, 1)
+    image_shape = images_of(first.column(image_column), where, image_column, cfg.image_shape).shape[1:]
+    planned = PlannedImages((rows, *image_shape), tuple(spans), source.filesystem, image_column,
+                            tuple(cfg.image_shape) if cfg.image_shape else None)
+    test_images, test_labels = read_split(cfg, "test_path")
+    if tuple(test_images.shape[1:]) != tuple(image_shape):
+        raise ConfigError(f"dataset: images in {where} are {tuple(image_shape)} but in {cfg.test_path} {tuple(test_images.shape[1:])}")
+    return planned, labels, test_images, test_labels, class_count(cfg, labels, test_labels)
+
+
+def plan_spans(source: pq.ParquetDataset, limit: int | None = None) -> list[ReadSpan]:
+    """Read tasks over the source's files and row groups, in the order `source.read()` returns rows, up to `limit` rows."""
+    spans, total = [], 0
+    for path in source.files:
+        with source.filesystem.open_input_file(path) as handle:
+            meta = pq.ParquetFile(handle).metadata  # the footer only
+        group, rows = [], 0
+        for index in range(meta.num_row_groups):
+            take = meta.row_group(index).num_rows
+            if limit is not None:
+                take = min(take, limit - total - rows)
+            if take <= 0:
+                break
+            group.append(index)
+            rows += take
+            if rows >= ROWS_PER_READ:
+                spans.append(ReadSpan(path, tuple(group), rows))
+                total, group, rows = total + rows, [], 0
+        if group:
+            spans.append(ReadSpan(path, tuple(group), rows))
+            total += rows
+        if limit is not None and total >= limit:
+            break
+    return spans
+
+
+def read_images(planned: PlannedImages) -> tuple[ObjectImages, np.ndarray, np.ndarray]:
+    """The planned images read into the object store by one task per span: (ObjectImages, the (C, 256) value counts
+    per channel, the border's value counts), the counts summed over the blocks."""
+    reads = [_read_span.remote(planned.filesystem, span, planned.column, planned.image_shape) for span in planned.spans]
+    stats = _statistics(reads)
+    for span, stat in zip(planned.spans, stats):
+        if stat["shape"] != tuple(planned.shape[1:]):
+            raise ConfigError(f"dataset: {span.path} column {planned.column!r} has images of mixed shapes "
+                              f"({tuple(planned.shape[1:])} and {stat['shape']})")
+    starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum([s["rows"] for s in stats])]))
+    images = ObjectImages(tuple(r[0] for r in reads), starts, tuple(planned.shape[1:]),
+                          combined_digest([s["digest"] for s in stats], planned.shape[1:]))
+    return images, sum(s["channels"] for s in stats), sum(s["border"] for s in stats)
+
+
+def _statistics(reads: list) -> list[dict]:
+    """Each read's statistics, once all are done. A read that failed on bad data raises its ConfigError as one line
+    (exit 2, cli.py), as the driver's reader would; its unread block is read too (an error), so Ray does not print
+    an "Unhandled error" for it on the user's console as the reference goes."""
+    stats, failed = [], []
+    for block, stat in reads:
+        try:
+            stats.append(ray.get(stat))
+        except ray.exceptions.RayTaskError as exc:
+            failed.append(exc)
+            with contextlib.suppress(ray.exceptions.RayTaskError):
+                ray.get(block)
+    if failed:
+        if isinstance(failed[0].cause, ConfigError):
+            raise ConfigError(str(failed[0].cause)) from None
+        raise failed[0]
+    return stats
+
+
+def _read_rows(filesystem, span: ReadSpan, column: str, rows: int | None = None):
+    with filesystem.open_input_file(span.path) as handle:
+        table = pq.ParquetFile(handle).read_row_groups(list(span.row_groups), columns=[column])
+    return table.slice(0, span.rows if rows is None else rows)
+
+
+@ray.remote(num_returns=2)
+def _read_span(filesystem, span: ReadSpan, column: str, image_shape: tuple[int, ...] | None) -> tuple[np.ndarray, dict]:
+    """One span's images, decoded and checked where this task runs, and their statistics (pixel_stats.block_stats)."""
+    where = f"{span.path} (row groups {span.row_groups[0]}-{span.row_groups[-1]})"
+    images = images_of(_read_rows(filesystem, span, column).column(column), where, column, list(image_shape) if image_shape else None)
+    return images, block_stats(images)

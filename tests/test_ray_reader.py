@@ -1,0 +1,110 @@
+"""dataset.reader ray: a parquet training source read by Ray tasks into the object store. The driver plans the read
+(footers, labels, one image) and holds references; the rows, statistics and fingerprint it ends with are the driver
+reader's, and the students' datasets and the teacher actors' blocks are cut where the blocks are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_parquet_source import _digits, _png
+
+from orchestrator.config import load_config
+from orchestrator.data import ray_reader
+from orchestrator.data.datasets import load_arrays
+from orchestrator.data.object_images import ObjectImages, PlannedImages
+from orchestrator.data.ray_objects import put_image_blocks, read_training_images, to_ray_dataset
+from orchestrator.errors import ConfigError
+
+@pytest.fixture(scope="module")
+def digits_files(tmp_path_factory) -> Path:
+    """The digits as PNG bytes: 1,500 training rows in two files of row groups of 100 rows, the other 297 the test file."""
+    root = tmp_path_factory.mktemp("ray-reader")
+    images, labels = _digits()
+    table = pa.table({"png": [_png(image) for image in images], "digit": labels})
+    (root / "train").mkdir()
+    pq.write_table(table.slice(0, 900), root / "train" / "part-0.parquet", row_group_size=100)
+    pq.write_table(table.slice(900, 600), root / "train" / "part-1.parquet", row_group_size=100)
+    pq.write_table(table.slice(1500), root / "test.parquet")
+    return root
+
+
+def _dataset(root: Path, *overrides: str):
+    return load_config(None, ["dataset.name=parquet", f"dataset.train_path={root / 'train'}", f"dataset.test_path={root / 'test.parquet'}",
+                              "dataset.image_column=png", "dataset.label_column=digit", *overrides]).dataset
+
+
+@pytest.mark.integration
+def test_images_read_in_ray_are_the_driver_readers_rows(ray_session, digits_files, monkeypatch):
+    monkeypatch.setattr(ray_reader, "ROWS_PER_READ", 250)  # spans of 3 row groups: 3 in the first file, 2 in the second
+    driver = load_arrays(_dataset(digits_files))
+    cfg = _dataset(digits_files, "dataset.reader=ray")
+    planned = load_arrays(cfg)
+    assert isinstance(planned.train.images, PlannedImages) and planned.input_shape == (1, 8, 8) and len(planned.train) == 1500
+    assert [span.rows for span in planned.train.images.spans] == [300] * 5
+    with pytest.raises(LookupError, match="not read yet"):
+        np.asarray(planned.train.images)
+
+    data = read_training_images(planned, cfg)
+    assert isinstance(data.train.images, ObjectImages) and data.train.images.starts == (0, 300, 600, 900, 1200, 1500)
+    with pytest.raises(LookupError, match="object store"):  # nothing can pull the whole split into the driver by accident
+        np.asarray(data.train.images)
+    np.testing.assert_array_equal(data.train.images.take(np.arange(1500)), driver.train.images)
+    np.testing.assert_array_equal(data.train.labels, driver.train.labels)
+    np.testing.assert_array_equal(data.test.images, driver.test.images)
+    assert (data.mean, data.std, data.fill, data.num_classes) == (driver.mean, driver.std, driver.fill, driver.num_classes)
+    again = read_training_images(load_arrays(cfg), cfg)
+    assert again.fingerprint("train") == data.fingerprint("train")  # the digest is the data's, whichever process read it
+    other = read_training_images(load_arrays(_dataset(digits_files, "dataset.reader=ray", "dataset.limit=1234")), cfg)
+    assert len(other.train) == 1234 and other.fingerprint("train") != data.fingerprint("train")
+    np.testing.assert_array_equal(other.train.images[1000:1234], driver.train.images[1000:1234])
+
+    ids = np.arange(3, 1500, 7)  # the students' rows: a selection across every block
+    batches = list(to_ray_dataset(data.train, ids).iter_batches(batch_size=None, batch_format="numpy"))
+    np.testing.assert_array_equal(np.concatenate([b["id"] for b in batches]), ids)
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), driver.train.images[ids])
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), driver.train.labels[ids])
+    assert len(batches) >= 5
+
+    import ray
+
+    blocks = ray.get(put_image_blocks([data.train, data.test], 8))  # the teacher actors' blocks: ids run on into the test rows
+    np.testing.assert_array_equal(np.concatenate([b["id"] for b in blocks]), np.arange(1797))
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in blocks]), np.concatenate([driver.train.images, driver.test.images]))
+
+
+@pytest.mark.integration
+def test_a_bad_image_read_in_ray_is_one_line_naming_the_file_and_column(ray_session, tmp_path):
+    good = pa.table({"image": [[[1, 2], [3, 4]]] * 4, "label": [0, 1, 0, 1]})
+    pq.write_table(good, tmp_path / "test.parquet")
+    cases = {
+        "NaN pixels": (pa.table({"image": [[[0.1, 0.2], [0.3, 0.4]]] * 3 + [[[0.1, float("nan")], [0.2, 0.3]]], "label": [0, 1, 0, 1]}),
+                       "has NaN or infinite pixels"),
+        "mixed shapes": (pa.table({"image": [[[1, 2], [3, 4]]] * 2 + [[[1, 2, 3], [4, 5, 6], [7, 8, 9]]] * 2, "label": [0, 1, 0, 1]}),
+                         "has images of mixed shapes ((1, 2, 2) and (1, 3, 3))"),
+    }
+    for case, (table, message) in cases.items():
+        pq.write_table(table, tmp_path / "bad.parquet", row_group_size=2)  # the bad rows in the second row group, read by a task of their own
+        cfg = load_config(None, ["dataset.name=parquet", f"dataset.train_path={tmp_path / 'bad.parquet'}", f"dataset.test_path={tmp_path / 'test.parquet'}",
+                                 "dataset.reader=ray"]).dataset
+        original = ray_reader.ROWS_PER_READ
+        try:
+            ray_reader.ROWS_PER_READ = 2
+            planned = load_arrays(cfg)  # the first image is fine: the plan passes
+        finally:
+            ray_reader.ROWS_PER_READ = original
+        with pytest.raises(ConfigError) as err:
+            read_training_images(planned, cfg)
+        assert message in str(err.value) and "bad.parquet" in str(err.value) and "'image'" in str(err.value), case
+        assert "\n" not in str(err.value), case
+
+
+def test_reader_ray_is_for_parquet_without_an_id_column(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.reader only apply to dataset.name parquet"):
+        load_config(None, ["dataset.reader=ray"])
+    with pytest.raises(ConfigError, match=r"dataset.id_column: not with dataset.reader ray"):
+        load_config(None, ["dataset.name=parquet", f"dataset.train_path={tmp_path}", f"dataset.test_path={tmp_path}", "dataset.reader=ray",
+                           "dataset.id_column=id"])
