@@ -5,7 +5,7 @@ images' shape, no pixel. `ObjectImages` is what it holds after data/ray_reader.p
 reference per block of consecutive rows. Both stand where a Split's uint8 array stands (datasets.Split), so
 lengths and shapes answer as before; the code that reads pixels either works on the blocks where they are
 (ray_objects.py: the students' datasets, the teacher actors' blocks) or asks for a few rows by number
-(`take`: a bias-correction validation split, a calibration sample), which pulls those rows only. Asking for
+(`take`: the validation rows of transfer.bias_correction), which pulls those rows' blocks only. Asking for
 the whole array raises, so no code path can quietly pull every training image into the driver.
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 
 WHOLE_ARRAY = ("the training images are in Ray's object store (dataset.reader: ray), not in the driver: "
                "read them where they are (data/ray_objects.py) or take a few rows by number")
+NOT_READ = "the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)"
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,10 @@ class PlannedImages:
         return self.shape[0]
 
     def __getitem__(self, index):
-        raise LookupError("the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)")
+        raise LookupError(NOT_READ)
 
     def __array__(self, *args, **kwargs):
-        raise LookupError("the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)")
+        raise LookupError(NOT_READ)
 
 
 @dataclass(frozen=True)
