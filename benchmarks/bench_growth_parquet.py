@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_growth_parquet.py            # 1x, 4x, 16x with dataset.reader ray; 1x and 4x with reader driver
     .venv/bin/python benchmarks/bench_growth_parquet.py --quick    # 1x and 2x of 6,000 rows: checks that it runs
+    .venv/bin/python benchmarks/bench_growth_parquet.py --s3       # the same, the training files on a moto S3 server (growth_parquet_s3.*)
 
 The 60,000 MNIST training images are written once as a parquet file (pixels as a fixed-size list of uint8, row
 groups of 10,000 rows; the 10,000 test images beside it); a k-times dataset is a folder of k hard links to that
@@ -12,14 +13,18 @@ then one student (MLP 784-100-10, no twin, 2 epochs, 1 worker), all data read th
 file:// URI. Figures: the driver's peak RSS (`ru_maxrss` of the `distill` process, read by a wrapper that waits
 for it, as bench_driver_memory.py does; and the job's own `driver_peak_rss_mb_*` metrics after each stage), the
 soft-target stage's wall time, and the student's second-epoch training time (`train_s`, the worker's own).
-Writes benchmarks/results/growth_parquet.{json,md}.
+With --s3 the training folders are uploaded to a moto S3 server on 127.0.0.1 (as the tests' s3_server fixture
+starts it; k copies of the file, as objects cannot be hard links) and read through an s3:// URI, the credentials in
+the jobs' environment, which their local Ray's workers inherit. Writes benchmarks/results/growth_parquet[_s3].{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,12 +65,45 @@ def write_sources(folder: Path, factors: list[int], base_rows: int) -> None:
     torch.save(build_model(ModelSpec(family="mlp", hidden=[800]), (1, 28, 28), 10).state_dict(), folder / "teacher.pt")
 
 
-def job(folder: Path, k: int, reader: str) -> dict:
+@contextlib.contextmanager
+def s3_copies(folder: Path, factors: list[int]):
+    """A moto S3 server holding train-{k}x/ for each k; yields (URI of a key prefix -> its query string, environment)."""
+    import pyarrow.fs as pafs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("moto_server did not start")
+                time.sleep(0.3)
+        bucket = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
+                                   endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True)
+        bucket.create_dir("kd-bucket")
+        for k in factors:
+            for i in range(k):
+                pafs.copy_files(str(folder / "train.parquet"), f"kd-bucket/train-{k}x/part-{i:02d}.parquet", destination_filesystem=bucket)
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
+        yield f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def job(folder: Path, k: int, reader: str, s3: tuple[str, dict] | None = None) -> dict:
     """One `distill run` in a fresh process; its peak RSS, wall time, and what its MLflow runs recorded."""
     work = folder / f"job-{k}x-{reader}"
     work.mkdir()
     overrides = [
-        "dataset.name=parquet", f"dataset.train_path=file://{folder / f'train-{k}x'}", f"dataset.test_path=file://{folder / 'test.parquet'}",
+        "dataset.name=parquet", f"dataset.train_path=s3://kd-bucket/train-{k}x/{s3[0]}" if s3 else f"dataset.train_path=file://{folder / f'train-{k}x'}", f"dataset.test_path=file://{folder / 'test.parquet'}",
         "dataset.image_shape=[1, 28, 28]", "dataset.num_classes=10", f"dataset.reader={reader}", "dataset.val_fraction=0",
         f"teachers=[{{name: mlp800, family: mlp, hidden: [800], checkpoint: {folder / 'teacher.pt'}}}]",
         "students=[{name: mlp100, family: mlp, hidden: [100]}]", "baseline=false", "views.max_shift=0", "views.flip=false",
@@ -75,7 +113,7 @@ def job(folder: Path, k: int, reader: str) -> dict:
     argv = [sys.executable, "-c", MEASURE, sys.executable, "-m", "orchestrator.cli", "run", str(REPO / "configs/mnist_kd.yaml"), *overrides,
             "--summary-json", str(work / "summary.json")]
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), **(s3[1] if s3 else {})}
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray, never another job's cluster
     load_start, started = loadavg(), time.perf_counter()
     done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
@@ -106,6 +144,7 @@ def recorded(uri: str, summary: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1x and 2x of 6,000 rows: checks that it runs, not the figures")
+    parser.add_argument("--s3", action="store_true", help="the training files on a moto S3 server, read through an s3:// URI")
     args = parser.parse_args(argv)
     base_rows, factors, driver_factors = (6_000, [1, 2], [1]) if args.quick else (60_000, [1, 4, 16], [1, 4])
     load_start, started = loadavg(), time.perf_counter()
@@ -113,16 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kd-growth-parquet-") as name:
         folder = Path(name)
         write_sources(folder, factors, base_rows)
-        for reader, sizes in (("ray", factors), ("driver", driver_factors)):
-            for k in sizes:
-                log(f"{k}x ({k * base_rows:,} rows), dataset.reader {reader}")
-                runs.append(job(folder, k, reader))
-                log(f"driver peak {runs[-1]['driver_peak_rss_mb']:.0f} MB, soft targets {runs[-1]['soft_targets_s']:.1f} s, "
-                    f"epochs {runs[-1]['train_s_per_epoch']} s, {runs[-1]['wall_s']:.0f} s in all, load {loadavg()}")
+        with s3_copies(folder, factors) if args.s3 else contextlib.nullcontext() as s3:
+            for reader, sizes in (("ray", factors), ("driver", driver_factors)):
+                for k in sizes:
+                    log(f"{k}x ({k * base_rows:,} rows), dataset.reader {reader}" + (", from S3 (moto)" if s3 else ""))
+                    runs.append(job(folder, k, reader, s3))
+                    log(f"driver peak {runs[-1]['driver_peak_rss_mb']:.0f} MB, soft targets {runs[-1]['soft_targets_s']:.1f} s, "
+                        f"epochs {runs[-1]['train_s_per_epoch']} s, {runs[-1]['wall_s']:.0f} s in all, load {loadavg()}")
     report = report_header(load_start) | {"wall_s": round(time.perf_counter() - started, 1), "quick": args.quick, "base_rows": base_rows,
-                                          "row_group": ROW_GROUP, "runs": runs, "verdict": verdict(runs)}
-    path = write_result("growth_parquet", report)
-    (path.parent / "growth_parquet.md").write_text(render(report))
+                                          "row_group": ROW_GROUP, "source": "s3 (moto)" if args.s3 else "file://", "runs": runs, "verdict": verdict(runs)}
+    name = "growth_parquet_s3" if args.s3 else "growth_parquet"
+    path = write_result(name, report)
+    (path.parent / f"{name}.md").write_text(render(report))
     print(render(report))
     log(f"wrote {path}")
     return 0
