@@ -13,8 +13,8 @@ then one student (MLP 784-100-10, no twin, 2 epochs, 1 worker), all data read th
 file:// URI. Figures: the driver's peak RSS (`ru_maxrss` of the `distill` process, read by a wrapper that waits
 for it, as bench_driver_memory.py does; and the job's own `driver_peak_rss_mb_*` metrics after each stage), the
 soft-target stage's wall time, and the student's second-epoch training time (`train_s`, the worker's own).
-With --s3 the training folders are uploaded to a moto S3 server on 127.0.0.1 (as the tests' s3_server fixture
-starts it; k copies of the file, as objects cannot be hard links) and read through an s3:// URI, the credentials in
+With --s3 the folder is uploaded to a moto S3 server on 127.0.0.1 (foreign_parquet.s3_copy; k copies of the
+file per k-times folder, as objects cannot be hard links) and read through an s3:// URI, the credentials in
 the jobs' environment, which their local Ray's workers inherit. Writes benchmarks/results/growth_parquet[_s3].{json,md}.
 """
 
@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_driver_memory import MEASURE  # noqa: E402
+from foreign_parquet import s3_copy  # noqa: E402
 from harness import REPO, header_lines, loadavg, log, report_header, table, write_result  # noqa: E402
 
 SEED = 0
@@ -65,45 +65,12 @@ def write_sources(folder: Path, factors: list[int], base_rows: int) -> None:
     torch.save(build_model(ModelSpec(family="mlp", hidden=[800]), (1, 28, 28), 10).state_dict(), folder / "teacher.pt")
 
 
-@contextlib.contextmanager
-def s3_copies(folder: Path, factors: list[int]):
-    """A moto S3 server holding train-{k}x/ for each k; yields (URI of a key prefix -> its query string, environment)."""
-    import pyarrow.fs as pafs
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("moto_server did not start")
-                time.sleep(0.3)
-        bucket = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1", scheme="http",
-                                   endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True)
-        bucket.create_dir("kd-bucket")
-        for k in factors:
-            for i in range(k):
-                pafs.copy_files(str(folder / "train.parquet"), f"kd-bucket/train-{k}x/part-{i:02d}.parquet", destination_filesystem=bucket)
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
-        yield f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def job(folder: Path, k: int, reader: str, s3: tuple[str, dict] | None = None) -> dict:
+def job(folder: Path, k: int, reader: str, s3=None) -> dict:
     """One `distill run` in a fresh process; its peak RSS, wall time, and what its MLflow runs recorded."""
     work = folder / f"job-{k}x-{reader}"
     work.mkdir()
     overrides = [
-        "dataset.name=parquet", f"dataset.train_path=s3://kd-bucket/train-{k}x/{s3[0]}" if s3 else f"dataset.train_path=file://{folder / f'train-{k}x'}", f"dataset.test_path=file://{folder / 'test.parquet'}",
+        "dataset.name=parquet", f"dataset.train_path={s3(f'train-{k}x')}" if s3 else f"dataset.train_path=file://{folder / f'train-{k}x'}", f"dataset.test_path=file://{folder / 'test.parquet'}",
         "dataset.image_shape=[1, 28, 28]", "dataset.num_classes=10", f"dataset.reader={reader}", "dataset.val_fraction=0",
         f"teachers=[{{name: mlp800, family: mlp, hidden: [800], checkpoint: {folder / 'teacher.pt'}}}]",
         "students=[{name: mlp100, family: mlp, hidden: [100]}]", "baseline=false", "views.max_shift=0", "views.flip=false",
@@ -113,7 +80,7 @@ def job(folder: Path, k: int, reader: str, s3: tuple[str, dict] | None = None) -
     argv = [sys.executable, "-c", MEASURE, sys.executable, "-m", "orchestrator.cli", "run", str(REPO / "configs/mnist_kd.yaml"), *overrides,
             "--summary-json", str(work / "summary.json")]
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), **(s3[1] if s3 else {})}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}  # with s3_copy's AWS variables
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray, never another job's cluster
     load_start, started = loadavg(), time.perf_counter()
     done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True)
@@ -152,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kd-growth-parquet-") as name:
         folder = Path(name)
         write_sources(folder, factors, base_rows)
-        with s3_copies(folder, factors) if args.s3 else contextlib.nullcontext() as s3:
+        with s3_copy(folder) if args.s3 else contextlib.nullcontext() as s3:  # the folder as written: sources, k-times folders, teacher
             for reader, sizes in (("ray", factors), ("driver", driver_factors)):
                 for k in sizes:
                     log(f"{k}x ({k * base_rows:,} rows), dataset.reader {reader}" + (", from S3 (moto)" if s3 else ""))
