@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import ConfigError, DatasetConfig
-from orchestrator.data.object_images import ObjectImages, PlannedImages
+from orchestrator.data.object_images import LeftBehind, ObjectImages, PlannedImages
 from orchestrator.data.pixel_stats import channel_histograms, stats_from_histograms
 from orchestrator.data.views import background_value
 
@@ -36,30 +36,6 @@ class DataNotFoundError(ConfigError):
     """The dataset's files are not on this machine; the message names the install step."""
 
 
-LEFT_BEHIND = "this dataset travelled without its arrays (DatasetArrays.without_arrays): read its object-store copies (data/ray_objects.py)"
-
-
-@dataclass(frozen=True)
-class LeftBehind:
-    """An array's shape and dtype without its values: what `DatasetArrays.without_arrays` leaves in a split.
-
-    Lengths and shapes still answer; reading a value raises, so code that should have used the dataset's
-    object-store copies fails loudly instead of working on something else."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    ndim = property(lambda self: len(self.shape))
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index):
-        raise LookupError(LEFT_BEHIND)
-
-    def __array__(self, *args, **kwargs):
-        raise LookupError(LEFT_BEHIND)
-
-
 @dataclass(frozen=True)
 class Split:
     images: np.ndarray  # uint8, (N, C, H, W), C-contiguous; a LeftBehind where shipped without its arrays; ObjectImages in Ray (reader: ray)
@@ -68,7 +44,7 @@ class Split:
     _fingerprint: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.images, (LeftBehind, PlannedImages, ObjectImages)) or isinstance(self.labels, LeftBehind):
+        if isinstance(self.images, (LeftBehind, ObjectImages)) or isinstance(self.labels, LeftBehind):  # PlannedImages is a LeftBehind
             if len(self.images) != len(self.labels):
                 raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
             return

@@ -18,9 +18,6 @@ import numpy as np
 
 WHOLE_ARRAY = ("the training images are in Ray's object store (dataset.reader: ray), not in the driver: "
                "read them where they are (data/ray_objects.py) or take a few rows by number")
-NOT_READ = "the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)"
-
-
 @dataclass(frozen=True)
 class ReadSpan:
     """One read task: consecutive row groups of one parquet file, of which the first `rows` rows are kept."""
@@ -31,25 +28,36 @@ class ReadSpan:
 
 
 @dataclass(frozen=True)
-class PlannedImages:
-    """The training images before they are read: the plan, the shape (from the first image), no values."""
+class LeftBehind:
+    """An array's shape and dtype without its values: what `DatasetArrays.without_arrays` leaves in a split.
+
+    Lengths and shapes still answer; reading a value raises, so code that should have used the dataset's
+    object-store copies fails loudly instead of working on something else."""
 
     shape: tuple[int, ...]
-    spans: tuple[ReadSpan, ...]
-    filesystem: object  # a pyarrow FileSystem: picklable, so each read task opens its own files
-    column: str
-    image_shape: tuple[int, ...] | None  # dataset.image_shape, for flat pixel lists
-    dtype = np.dtype(np.uint8)
-    ndim = 4
+    dtype: np.dtype
+    ndim = property(lambda self: len(self.shape))
+    why = "this dataset travelled without its arrays (DatasetArrays.without_arrays): read its object-store copies (data/ray_objects.py)"
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index):
-        raise LookupError(NOT_READ)
+        raise LookupError(self.why)
 
     def __array__(self, *args, **kwargs):
-        raise LookupError(NOT_READ)
+        raise LookupError(self.why)
+
+
+@dataclass(frozen=True)
+class PlannedImages(LeftBehind):
+    """The training images before they are read: the plan, the shape (from the first image), no values."""
+
+    spans: tuple[ReadSpan, ...]
+    filesystem: object  # a pyarrow FileSystem: picklable, so each read task opens its own files
+    column: str
+    image_shape: tuple[int, ...] | None  # dataset.image_shape, for flat pixel lists
+    why = "the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)"
 
 
 @dataclass(frozen=True)

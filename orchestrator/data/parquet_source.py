@@ -44,9 +44,14 @@ def load_parquet(cfg: DatasetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     Images are uint8 (N, C, H, W), labels int64 (N,); checked as described in the module docstring."""
     train_images, train_labels = read_split(cfg, "train_path")
     test_images, test_labels = read_split(cfg, "test_path")
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise ConfigError(f"dataset: images in {cfg.train_path} are {train_images.shape[1:]} but in {cfg.test_path} {test_images.shape[1:]}")
+    check_same_shape(cfg, train_images.shape, test_images.shape)
     return train_images, train_labels, test_images, test_labels, class_count(cfg, train_labels, test_labels)
+
+
+def check_same_shape(cfg: DatasetConfig, train_shape: tuple[int, ...], test_shape: tuple[int, ...]) -> None:
+    """One image shape in both sources, else one line naming both."""
+    if tuple(train_shape[1:]) != tuple(test_shape[1:]):
+        raise ConfigError(f"dataset: images in {cfg.train_path} are {tuple(train_shape[1:])} but in {cfg.test_path} {tuple(test_shape[1:])}")
 
 
 def read_split(cfg: DatasetConfig, field: str) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,8 @@
 
 Before Ray starts (`plan_parquet`, from datasets.load_arrays in job.prepare) the driver reads the files' footers,
 the label column (8 bytes a row; with `train_labels: false` not even that) and one image for the shape: every
-check that needs no pixel fails there, exit 2 before Ray starts. Once Ray runs (`read_training_images`, from
-job.start_job, while the warm teacher actors start), one task per span of row groups reads its image column
+check that needs no pixel fails there, exit 2 before Ray starts. Once Ray runs (`read_images`, called by
+ray_objects.read_training_images from job.start_job while the warm teacher actors start), one task per span of row groups reads its image column
 where it runs, decodes and checks it with the driver reader's own checks (parquet_source), and leaves the uint8
 block in the object store beside its statistics: per-channel value counts (the exact mean and std), the border's
 counts (the views' padding) and a digest (the split's fingerprint). A bad image is still one line naming the file
@@ -28,7 +28,7 @@ import ray
 
 from orchestrator.config import ConfigError, DatasetConfig
 from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, combined_digest
-from orchestrator.data.parquet_source import UNLABELLED, class_count, columns, images_of, labels_of, open_source, read_split
+from orchestrator.data.parquet_source import UNLABELLED, check_same_shape, class_count, columns, images_of, labels_of, open_source, read_split
 from orchestrator.data.pixel_stats import block_stats
 
 # Row groups are grouped into read tasks of up to about this many rows (a bigger row group is one task): blocks of
@@ -51,11 +51,10 @@ def plan_parquet(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, np.ndar
         labels = np.full(rows, UNLABELLED, dtype=np.int64)
     first = _read_rows(source.filesystem, spans[0], image_column, 1)
     image_shape = images_of(first.column(image_column), where, image_column, cfg.image_shape).shape[1:]
-    planned = PlannedImages((rows, *image_shape), tuple(spans), source.filesystem, image_column,
-                            tuple(cfg.image_shape) if cfg.image_shape else None)
+    planned = PlannedImages(shape=(rows, *image_shape), dtype=np.dtype(np.uint8), spans=tuple(spans), filesystem=source.filesystem,
+                            column=image_column, image_shape=tuple(cfg.image_shape) if cfg.image_shape else None)
     test_images, test_labels = read_split(cfg, "test_path")
-    if tuple(test_images.shape[1:]) != tuple(image_shape):
-        raise ConfigError(f"dataset: images in {where} are {tuple(image_shape)} but in {cfg.test_path} {tuple(test_images.shape[1:])}")
+    check_same_shape(cfg, planned.shape, test_images.shape)
     return planned, labels, test_images, test_labels, class_count(cfg, labels, test_labels)
 
 
