@@ -104,6 +104,43 @@ def test_warm_actors_serve_two_queued_passes_each_with_its_own_teacher(ray_sessi
     assert teacher_pool(2, threads=1) == actors and ray.get([actor.ready.remote() for actor in actors]) == pids
 
 
+
+@pytest.mark.parametrize("uri", [False, True], ids=["local path", "file:// URI"])
+def test_each_actor_writes_its_output_blocks_as_the_caches_parquet_files(ray_session, tmp_path, uri):
+    """With a shard directory, every block's soft-target rows are written by the actor that computed them, one
+    parquet file per block with the cache's columns; the published entry holds exactly the rows the pass returned."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from orchestrator.data.datasets import Split
+    from orchestrator.data.ray_objects import put_image_blocks
+    from orchestrator.teachers.soft_targets import DENSE_COLUMN, load_table, publish_cache, read_cache
+    from orchestrator.teachers.warm_pool import Shards, run_pass, teacher_pool
+
+    spec = ModelSpec(family="mlp", hidden=[8])
+    images = np.random.default_rng(2).integers(0, 256, size=(40, 1, 4, 4), dtype=np.uint8)
+    blocks = put_image_blocks([Split(images, np.zeros(40, dtype=np.int64))], 8)
+    kwargs = {"teachers": [{"name": "t", "spec": spec.model_dump(), "state_dict": build_model(spec, (1, 4, 4), 3).state_dict(), "weight": 1.0}],
+              "input_shape": (1, 4, 4), "num_classes": 3, "mean": (0.5,), "std": (0.25,), "n_train": 40, "encoding": "fp16",
+              "top_k": 5, "ensemble": "logits", "threads": 1, "use_gpu": False}
+    columns = ["id", "view", DENSE_COLUMN]
+    root = tmp_path.as_uri() + "/kd-cache" if uri else str(tmp_path / "kd-cache")
+    outputs: list = []
+
+    def write(directory, filesystem):
+        assert (filesystem is not None) == uri
+        outputs.extend(run_pass(teacher_pool(2, threads=1), kwargs, blocks, Shards(directory, columns, filesystem)))
+        ray.wait(outputs, num_returns=len(outputs))  # every file written before the manifest describes them
+
+    entry = publish_cache(write, root, "abc", columns=columns)
+    tables = ray.get(outputs)
+    names = [item["name"] for item in entry.manifest["files"]]
+    assert [name.rsplit("/", 1)[-1] for name in names] == [f"part-{i:06d}.parquet" for i in range(len(blocks))]
+    written = [pq.read_table(next(tmp_path.glob(f"kd-cache/abc/**/{name.rsplit('/', 1)[-1]}"))) for name in names]
+    assert [t.num_rows for t in written] == [t.num_rows for t in tables] and all(t.column_names == columns for t in written)
+    assert load_table(read_cache(root, "abc")).equals(pa.concat_tables(tables).select(columns).sort_by("id"))
+
 # Another driver on the same cluster, running the teacher on 7 rows: its own job, its own count.
 OTHER_JOB = """
 import sys, time

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.data
 import torch
@@ -25,8 +26,8 @@ from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
 from orchestrator.teachers.pool import forward_row_counter
 from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
-from orchestrator.teachers.soft_targets import build_lock, fingerprint, logit_columns, read_cache, write_cache
-from orchestrator.teachers.warm_pool import release, run_pass, start_teacher_pool, teacher_pool
+from orchestrator.teachers.soft_targets import build_lock, fingerprint, logit_columns, publish_cache, read_cache
+from orchestrator.teachers.warm_pool import Shards, release, run_pass, start_teacher_pool, teacher_pool
 from orchestrator.tracking.progress import say
 from orchestrator.train.models import build_model, count_params
 from orchestrator.train.train_loop import SOFT_COLUMNS, LoopConfig, MemberConfig
@@ -158,10 +159,11 @@ def soft_target_blocks(cfg: JobConfig, data: DatasetArrays) -> int:
     return -(-rows // (per_block * st.num_actors)) * st.num_actors
 
 
-def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays) -> list[ray.ObjectRef]:
+def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: DatasetArrays,
+                          shards: Shards | None = None) -> list[ray.ObjectRef]:
     """Every (train id, view) and test id through the job's warm teacher actors (warm_pool.py): the references
-    of their output blocks (Arrow tables: id, view, encoded logits), all done when returned. Test ids follow
-    the train ids."""
+    of their output blocks (Arrow tables: id, view, encoded logits), all done when returned, each also written
+    to `shards` by its actor when given. Test ids follow the train ids."""
     st = cfg.soft_targets
     gpus = teacher_actor_gpus(cfg)
     views = soft_target_views(cfg, data)
@@ -187,7 +189,7 @@ def generate_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: 
     actors = teacher_pool(st.num_actors, threads, gpus)
     interrupted = False
     try:
-        outputs = run_pass(actors, predictor_kwargs, image_blocks(data, soft_target_blocks(cfg, data)))  # put once per job
+        outputs = run_pass(actors, predictor_kwargs, image_blocks(data, soft_target_blocks(cfg, data)), shards)  # put once per job
         ray.wait(outputs, num_returns=len(outputs), fetch_local=False)  # done, where the actors left them
         return outputs
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (interrupts.py raises it): Ray goes down next
@@ -226,13 +228,17 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
         if cache_hit:
             train_ref, test_ref, summary = assemble_soft_targets.remote(entry, columns, names, shape)
         else:
-            blocks = generate_soft_targets(cfg, teachers, data)
-            # Training gets the logits from the object store, not from the parquet written next (the task runs
-            # while the cache is written); the driver passes the blocks' references and never holds a row.
+            blocks: list[ray.ObjectRef] = []
+
+            def write(directory: str, filesystem: pafs.FileSystem | None) -> None:  # the entry's files, by the actors
+                blocks.extend(generate_soft_targets(cfg, teachers, data, Shards(directory, columns, filesystem)))
+
+            # cache_dir as configured: a URI must reach publish_cache whole (it resolves paths itself).
+            entry = publish_cache(write, st.cache_dir, key, columns=columns,
+                                  extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
+            # Training gets the logits from the object store (the actors' output blocks), not from the files; the
+            # driver passes the blocks' references and never holds a row.
             train_ref, test_ref, summary = assemble_soft_targets.remote(None, columns, names, shape, *blocks)
-            # cache_dir as configured: a URI must reach write_cache whole (it resolves paths itself).
-            entry = write_cache(ray.data.from_arrow_refs(blocks), st.cache_dir, key, columns=columns,
-                                extra_manifest={"dataset": data.name, "n_train": len(data.train.labels), "views": asdict(views)})
         ray.get(summary)  # a cache that does not cover every (example, view) fails here, inside the stage
     forward_rows = ray.get(counter.total.remote()) - rows_before
     wall = time.perf_counter() - started

@@ -43,6 +43,10 @@ def check_fingerprint(fp: object) -> str:
     return fp
 
 
+# Writes an entry's parquet files into (directory, filesystem); filesystem None means a local path.
+ParquetWriter = Callable[[str, pafs.FileSystem | None], None]
+
+
 def check_request(columns: Sequence[str], extra_manifest: Mapping | None) -> tuple[list[str], dict]:
     """(columns, extra) of a write, refused before any work when they would make a useless entry."""
     columns = list(columns)

@@ -6,8 +6,9 @@ teacher. Publishing is atomic: data lands in `<root>/.tmp-<fp>-<uuid>/` and the
 directory is renamed into place only after `manifest.json` (complete: true) is
 written. Readers validate the manifest against the files before trusting them.
 
-`<root>` must be visible at the same path to every Ray node that writes (a local
-cluster, or a shared filesystem), because Ray Data writes from the workers.
+The parquet files are written where the rows are: by the teacher actors, each its own output blocks
+(warm_pool.Shards), or by Ray Data's write tasks (`write_cache`). So `<root>` must be visible at the same
+path to every Ray node that writes (a local cluster, or a shared filesystem).
 A `<root>` that is a URI (s3://, gs://, file://...) has no atomic rename and no
 flock: read_cache / write_cache hand it to uri_cache.py, which publishes by
 writing the manifest last. Both check entries with cache_manifest.py.
@@ -43,6 +44,7 @@ from orchestrator.teachers.cache_manifest import (  # noqa: F401  (ID_COLUMN, Ca
     CacheCorruptWarning,
     CacheEntry,
     EntryFiles,
+    ParquetWriter,
     check_fingerprint,
     check_request,
     describe,
@@ -259,14 +261,26 @@ def write_cache(
     ds: "ray.data.Dataset", root: str | Path, fp: str, *, columns: Sequence[str], extra_manifest: Mapping | None = None
 ) -> CacheEntry:
     """Write `ds` (its `columns`) as the cache entry for `fp`; publish atomically, first writer wins."""
+    def write(directory: str, filesystem: pafs.FileSystem | None) -> None:
+        ds.select_columns(list(columns)).write_parquet(directory, filesystem=filesystem)
+
+    return publish_cache(write, root, fp, columns=columns, extra_manifest=extra_manifest)
+
+
+def publish_cache(
+    write: ParquetWriter, root: str | Path, fp: str, *, columns: Sequence[str], extra_manifest: Mapping | None = None
+) -> CacheEntry:
+    """`write(directory, filesystem)` writes the entry's parquet files (its `columns`) into a directory no reader
+    knows yet (filesystem None: a local path, which every node writing must see); then the manifest is written
+    and the entry published (here atomically, first writer wins; under a URI root, see uri_cache.py)."""
     if uri_cache.is_uri(root):
-        return uri_cache.write_uri_cache(ds, root, fp, columns=columns, extra_manifest=extra_manifest)
+        return uri_cache.publish_uri_cache(write, root, fp, columns=columns, extra_manifest=extra_manifest)
     final = cache_path(root, fp)  # absolute: Ray workers do not share the driver's cwd
     columns, extra = check_request(columns, extra_manifest)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{fp}-{uuid.uuid4().hex}"
     try:
-        ds.select_columns(columns).write_parquet(str(tmp))
+        write(str(tmp), None)
         manifest = _describe(tmp, fp, columns, extra)
         _write_manifest(tmp, manifest)
         return _publish(tmp, final, fp, manifest)

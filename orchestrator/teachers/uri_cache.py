@@ -3,8 +3,8 @@
 Object stores have no atomic directory rename and no flock, so publication works differently
 from the local cache (soft_targets.py), with the same manifest and the same checks:
 
-- Ray Data writes the parquet files straight into `<root>/<fp>/<writer-uuid>/`, a directory no
-  manifest names yet, so a crashed or concurrent writer never shows half an entry to anyone.
+- The teacher actors (or Ray Data's write tasks) write the parquet files straight into
+  `<root>/<fp>/<writer-uuid>/`, a directory no manifest names yet, so a crashed or concurrent writer never shows half an entry to anyone.
 - The writer then writes `<root>/<fp>/manifest.json` LAST; its presence publishes the entry.
   It is staged under a private name and moved into place, so even on a file system whose
   writes are not atomic (file://, NFS) no reader sees half a manifest; an object store PUT
@@ -30,7 +30,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
@@ -39,15 +38,13 @@ from orchestrator.teachers.cache_manifest import (
     CacheCorruptWarning,
     CacheEntry,
     EntryFiles,
+    ParquetWriter,
     check_fingerprint,
     check_request,
     describe,
     validate,
 )
 from orchestrator.tracking.redact import redact
-
-if TYPE_CHECKING:
-    import ray.data
 
 # The schemes pyarrow's FileSystem.from_uri opens (az://, wasb:// and memory:// it does not).
 CACHE_URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
@@ -84,17 +81,18 @@ def read_uri_cache(root: str, fp: str) -> CacheEntry | None:
     return None
 
 
-def write_uri_cache(
-    ds: "ray.data.Dataset", root: str, fp: str, *, columns: Sequence[str], extra_manifest: Mapping | None = None
+def publish_uri_cache(
+    write: ParquetWriter, root: str, fp: str, *, columns: Sequence[str], extra_manifest: Mapping | None = None
 ) -> CacheEntry:
-    """Write `ds` (its `columns`) as the entry for `fp`; the manifest, written last, publishes it."""
+    """`write(directory, filesystem)` writes the entry's parquet files (its `columns`) into a writer directory of
+    entry `fp`; the manifest, written last, publishes them."""
     filesystem, directory, shown = _open(root, fp)
     columns, extra = check_request(columns, extra_manifest)
     writer = uuid.uuid4().hex
     published = False
     try:
-        # Workers on any node write through the same file system (pickled with its options).
-        ds.select_columns(columns).write_parquet(f"{directory}/{writer}", filesystem=filesystem)
+        # Actors and workers on any node write through the same file system (pickled with its options).
+        write(f"{directory}/{writer}", filesystem)
         files = EntryFiles(filesystem, directory)
         manifest = describe(_parquet_names(filesystem, directory, writer), files, fp, columns, extra)
         existing = read_uri_cache(root, fp)

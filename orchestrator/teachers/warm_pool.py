@@ -7,7 +7,9 @@ torch import before its first row (at 60,000 rows that was most of the pass: 0.2
 driver starts the actors when the job starts (`start_teacher_pool`, beside the teacher stage and the MLflow
 set-up), puts the image blocks in the object store, and hands each actor block references; each call returns
 the reference of its output block (id, view, logits). Rows go from the object store to the actors and back,
-never through the driver; an actor killed mid-pass is restarted by Ray and its calls retried.
+never through the driver; an actor killed mid-pass is restarted by Ray and its calls retried. Given a shard
+directory, each call also writes its block there as one parquet file of the soft-target cache (`Shards`), from
+the actor that computed it: the cache is written by the pool, not by a pass over its output afterwards.
 
 Resources: the actors ask Ray for no CPU. They compute only during a pass, while the driver waits for it, and
 holding CPUs for the job's life would keep the job's own train workers from starting on a small cluster; their
@@ -20,11 +22,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -57,14 +62,40 @@ class TeacherActor:
         """`fn(*args, **kwargs)` in this warm process: the job's test-set scoring (flows/finished.py)."""
         return fn(*args, **kwargs)
 
-    def predict(self, key: str, predictor_kwargs: Mapping[str, Any], block: Mapping[str, np.ndarray]) -> pa.Table:
-        """One block of images (columns id, image) -> its soft-target rows (id, view, encoded logits)."""
+    def predict(self, key: str, predictor_kwargs: Mapping[str, Any], block: Mapping[str, np.ndarray],
+                shard: tuple[Shards, int] | None = None) -> pa.Table:
+        """One block of images (columns id, image) -> its soft-target rows (id, view, encoded logits); with `shard`
+        (the pass's shard directory, this block's index), also written there as that block's parquet file."""
         if key not in self.predictors:
             self.predictors[key] = TeacherPredictor(**predictor_kwargs)
             while len(self.predictors) > KEPT_PREDICTORS:
                 self.predictors.popitem(last=False)
         self.predictors.move_to_end(key)
-        return _table(self.predictors[key](dict(block)))
+        table = _table(self.predictors[key](dict(block)))
+        if shard is not None:
+            shards, index = shard
+            shards.write(index, table)
+        return table
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Where a pass's actors write the cache's parquet files: `directory` in `filesystem` (a local path when None;
+    then every node must see it at that path, as for the local cache), each block as `part-<index>.parquet`,
+    holding `columns`. A retried call rewrites its own file, so a pass that an actor restart interrupted still
+    leaves one file per block."""
+
+    directory: str
+    columns: Sequence[str]
+    filesystem: pafs.FileSystem | None = None
+
+    def path(self, index: int) -> str:
+        return f"{self.directory}/part-{index:06d}.parquet"
+
+    def write(self, index: int, table: pa.Table) -> None:
+        filesystem = self.filesystem or pafs.LocalFileSystem()
+        filesystem.create_dir(self.directory, recursive=True)
+        pq.write_table(table.select(list(self.columns)), self.path(index), filesystem=filesystem)
 
 
 def _warm_up_kernels() -> None:
@@ -129,9 +160,11 @@ def release(actors: list, gpus: float, *, interrupted: bool = False) -> None:
             pool[:] = [actor for actor in pool if actor not in actors]
 
 
-def run_pass(actors: list, predictor_kwargs: Mapping[str, Any], blocks: list) -> list:
+def run_pass(actors: list, predictor_kwargs: Mapping[str, Any], blocks: list, shards: Shards | None = None) -> list:
     """Each image block's reference to an actor, round robin (blocks are of equal size); returns the output blocks'
-    references, in block order. Each actor builds the pass's teachers on its first block of the pass."""
+    references, in block order. Each actor builds the pass's teachers on its first block of the pass, and with
+    `shards` writes each output block there too."""
     key = uuid.uuid4().hex
     kwargs = ray.put(dict(predictor_kwargs))  # once, not once per block
-    return [actors[i % len(actors)].predict.remote(key, kwargs, block) for i, block in enumerate(blocks)]
+    return [actors[i % len(actors)].predict.remote(key, kwargs, block, None if shards is None else (shards, i))
+            for i, block in enumerate(blocks)]
