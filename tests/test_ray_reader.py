@@ -53,6 +53,8 @@ def test_images_read_in_ray_are_the_driver_readers_rows(ray_session, digits_file
     with pytest.raises(LookupError, match="object store"):  # nothing can pull the whole split into the driver by accident
         np.asarray(data.train.images)
     np.testing.assert_array_equal(data.train.images.take(np.arange(1500)), driver.train.images)
+    for cut in (slice(0, 0), slice(-5, None), slice(1490, 10, -97), slice(3, 1400, 250)):
+        np.testing.assert_array_equal(data.train.images[cut], driver.train.images[cut])
     np.testing.assert_array_equal(data.train.labels, driver.train.labels)
     np.testing.assert_array_equal(data.test.images, driver.test.images)
     assert (data.mean, data.std, data.fill, data.num_classes) == (driver.mean, driver.std, driver.fill, driver.num_classes)

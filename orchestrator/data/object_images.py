@@ -103,6 +103,8 @@ class ObjectImages:
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
             return self.take([index])[0]
+        if isinstance(index, slice):  # the slice's own rows, not an index of every row first (`[:0]` costs nothing)
+            return self.take(np.arange(*index.indices(len(self))))
         return self.take(np.arange(len(self))[index])
 
     def __array__(self, *args, **kwargs):
