@@ -104,9 +104,44 @@ def test_a_bad_image_read_in_ray_is_one_line_naming_the_file_and_column(ray_sess
         assert "\n" not in str(err.value), case
 
 
-def test_reader_ray_is_for_parquet_without_an_id_column(tmp_path):
+@pytest.mark.integration
+def test_with_an_id_column_the_rows_are_in_id_order_whatever_the_files_order(ray_session, digits_files, tmp_path, monkeypatch):
+    """The same rows in two file layouts (other row orders, other files) with a shuffled id column: the reader ray
+    gives the driver reader's rows, labels and statistics, in id order, and one fingerprint for both layouts;
+    `limit` keeps the smallest ids, as the driver's reader does."""
+    monkeypatch.setattr(ray_reader, "ROWS_PER_READ", 250)
+    table = pq.read_table(digits_files / "train")
+    table = table.append_column("key", pa.array(np.random.default_rng(3).permutation(len(table)) * 3 + 11))
+    test = pq.read_table(digits_files / "test.parquet")
+    pq.write_table(test.append_column("key", pa.array(np.arange(len(test)))), tmp_path / "test.parquet")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pq.write_table(table, tmp_path / "a" / "part-0.parquet", row_group_size=100)
+    reversed_rows = table.take(np.arange(len(table))[::-1])
+    for part, begin in enumerate((0, 700, 1100)):
+        pq.write_table(reversed_rows.slice(begin, {0: 700, 700: 400, 1100: 400}[begin]), tmp_path / "b" / f"part-{part}.parquet", row_group_size=150)
+
+    def dataset(layout: str, *overrides: str):
+        return load_config(None, ["dataset.name=parquet", f"dataset.train_path={tmp_path / layout}", f"dataset.test_path={tmp_path / 'test.parquet'}",
+                                  "dataset.image_column=png", "dataset.label_column=digit", "dataset.id_column=key", *overrides]).dataset
+
+    for limit, layouts in (((), ("a", "b")), (("dataset.limit=400",), ("b",))):
+        driver = load_arrays(dataset("a", *limit))
+        read = [read_training_images(load_arrays(dataset(layout, "dataset.reader=ray", *limit)), dataset(layout, "dataset.reader=ray", *limit))
+                for layout in layouts]
+        for data in read:
+            assert len(data.train) == len(driver.train) == (400 if limit else 1500)
+            np.testing.assert_array_equal(data.train.images.take(np.arange(len(data.train))), driver.train.images)
+            np.testing.assert_array_equal(data.train.labels, driver.train.labels)
+            assert (data.mean, data.std, data.fill) == (driver.mean, driver.std, driver.fill)
+        assert len({data.fingerprint("train") for data in read}) == 1
+    assert not np.array_equal(driver.train.labels, table.column("digit").to_numpy()[:400])  # id order is not file order here
+    (tmp_path / "repeated").mkdir()
+    pq.write_table(table.set_column(2, "key", pa.array(np.arange(len(table)) % 1000)), tmp_path / "repeated" / "part-0.parquet")
+    with pytest.raises(ConfigError, match=r"repeated column 'key' has repeated ids"):
+        load_arrays(dataset("repeated", "dataset.reader=ray"))  # before Ray reads a pixel
+
+
+def test_reader_ray_is_for_parquet(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset.reader only apply to dataset.name parquet"):
         load_config(None, ["dataset.reader=ray"])
-    with pytest.raises(ConfigError, match=r"dataset.id_column: not with dataset.reader ray"):
-        load_config(None, ["dataset.name=parquet", f"dataset.train_path={tmp_path}", f"dataset.test_path={tmp_path}", "dataset.reader=ray",
-                           "dataset.id_column=id"])

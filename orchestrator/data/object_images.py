@@ -12,7 +12,7 @@ the whole array raises, so no code path can quietly pull every training image in
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class PlannedImages(LeftBehind):
     filesystem: object  # a pyarrow FileSystem: picklable, so each read task opens its own files
     column: str
     image_shape: tuple[int, ...] | None  # dataset.image_shape, for flat pixel lists
+    order: np.ndarray | None = field(default=None, compare=False)  # with dataset.id_column: the rows read (file order) that make the split, by id
     why = "the training images are not read yet: Ray reads them when the job starts (data/ray_reader.py)"
 
 

@@ -102,12 +102,16 @@ def _read(where: str, columns: list[str], field: str) -> pa.Table:
 
 
 def _ordered_by_id(table: pa.Table, id_column: str, where: str) -> pa.Table:
-    ids = table.column(id_column)
+    return table.take(id_order(table.column(id_column), where, id_column))
+
+
+def id_order(ids: pa.ChunkedArray, where: str, id_column: str) -> np.ndarray:
+    """The rows' indices in ascending id order; null or repeated ids are one line naming file and column."""
     if ids.null_count:
         raise ConfigError(f"dataset: {where} column {id_column!r} has {ids.null_count} null id(s)")
-    if pc.count_distinct(ids).as_py() != table.num_rows:
+    if pc.count_distinct(ids).as_py() != len(ids):
         raise ConfigError(f"dataset: {where} column {id_column!r} has repeated ids")
-    return table.sort_by(id_column)
+    return pc.sort_indices(ids).to_numpy().astype(np.int64)
 
 
 def labels_of(column: pa.ChunkedArray, where: str, name: str) -> np.ndarray:

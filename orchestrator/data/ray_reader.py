@@ -14,8 +14,12 @@ driver reads in the same file and row-group order, and the statistics come from 
 Ray Data would reorder blocks unless told not to and would need a second pass for the statistics. The students'
 datasets are Ray Datasets made from these blocks in the cluster (ray_objects.to_ray_dataset).
 
+With `id_column`, the driver also reads the ids (8 bytes a row) and the rows are put in id order after the read:
+tasks gather the read blocks' rows into new blocks in that order (`_in_order`), so the split, the views and the
+fingerprint depend on the ids, not on the files' order, as with the driver's reader; `limit` keeps the smallest ids.
+
 The test split is read into the driver as before: it does not grow with the training set, and the driver scores
-every model on it. `id_column` is not supported here (rows keep their file order).
+every model on it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,17 @@ import ray
 
 from orchestrator.config import ConfigError, DatasetConfig
 from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, combined_digest
-from orchestrator.data.parquet_source import UNLABELLED, check_same_shape, class_count, columns, images_of, labels_of, open_source, read_split
+from orchestrator.data.parquet_source import (
+    UNLABELLED,
+    check_same_shape,
+    class_count,
+    columns,
+    id_order,
+    images_of,
+    labels_of,
+    open_source,
+    read_split,
+)
 from orchestrator.data.pixel_stats import block_stats
 
 # Row groups are grouped into read tasks of up to about this many rows (a bigger row group is one task): blocks of
@@ -40,19 +54,23 @@ def plan_parquet(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, np.ndar
     """(the training images' plan, train labels, test images and labels read into the driver, number of classes)."""
     image_column, label_column = columns(cfg)
     where = cfg.train_path
-    source = open_source(where, [image_column, *([label_column] if cfg.train_labels else [])], "train_path")
-    spans = plan_spans(source, cfg.limit)
+    source = open_source(where, [image_column, *([label_column] if cfg.train_labels else []), *([cfg.id_column] if cfg.id_column else [])],
+                         "train_path")
+    # With ids, `limit` keeps the smallest ids (as the driver's reader does): every row is read, the kept ones chosen by id.
+    spans = plan_spans(source, None if cfg.id_column else cfg.limit)
     rows = sum(span.rows for span in spans)
     if rows == 0:
         raise ConfigError(f"dataset.train_path: {where} has no rows")
+    order = id_order(source.read(columns=[cfg.id_column]).column(cfg.id_column), where, cfg.id_column)[:cfg.limit] if cfg.id_column else None
     if cfg.train_labels:
         labels = labels_of(source.read(columns=[label_column]).column(label_column).slice(0, rows), where, label_column)
     else:
         labels = np.full(rows, UNLABELLED, dtype=np.int64)
+    labels = labels if order is None else labels[order]
     first = _read_rows(source.filesystem, spans[0], image_column, 1)
     image_shape = images_of(first.column(image_column), where, image_column, cfg.image_shape).shape[1:]
-    planned = PlannedImages(shape=(rows, *image_shape), dtype=np.dtype(np.uint8), spans=tuple(spans), filesystem=source.filesystem,
-                            column=image_column, image_shape=tuple(cfg.image_shape) if cfg.image_shape else None)
+    planned = PlannedImages(shape=(len(labels), *image_shape), dtype=np.dtype(np.uint8), spans=tuple(spans), filesystem=source.filesystem,
+                            column=image_column, image_shape=tuple(cfg.image_shape) if cfg.image_shape else None, order=order)
     test_images, test_labels = read_split(cfg, "test_path")
     check_same_shape(cfg, planned.shape, test_images.shape)
     return planned, labels, test_images, test_labels, class_count(cfg, labels, test_labels)
@@ -94,9 +112,25 @@ def read_images(planned: PlannedImages) -> tuple[ObjectImages, np.ndarray, np.nd
             raise ConfigError(f"dataset: {span.path} column {planned.column!r} has images of mixed shapes "
                               f"({tuple(planned.shape[1:])} and {stat['shape']})")
     starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum([s["rows"] for s in stats])]))
+    if planned.order is not None:  # blocks in id order, so the split (and its fingerprint) does not depend on file order
+        reads = _in_order([r[0] for r in reads], starts, planned.order)
+        stats = _statistics(reads)
+        starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum([s["rows"] for s in stats])]))
     images = ObjectImages(tuple(r[0] for r in reads), starts, tuple(planned.shape[1:]),
                           combined_digest([s["digest"] for s in stats], planned.shape[1:]))
     return images, sum(s["channels"] for s in stats), sum(s["border"] for s in stats)
+
+
+def _in_order(blocks: list, starts: tuple[int, ...], order: np.ndarray) -> list:
+    """New blocks of about ROWS_PER_READ rows holding rows `order` (numbers into the blocks' rows) in that order,
+    each gathered by a task from the blocks its rows are in; (block, statistics) references as the reads'."""
+    gathers = []
+    for begin in range(0, len(order), ROWS_PER_READ):
+        rows = order[begin:begin + ROWS_PER_READ]
+        which = np.searchsorted(np.asarray(starts), rows, side="right") - 1
+        needed = np.unique(which)
+        gathers.append(_gather_rows.remote(np.searchsorted(needed, which), rows - np.asarray(starts)[which], *[blocks[b] for b in needed]))
+    return gathers
 
 
 def _statistics(reads: list) -> list[dict]:
@@ -122,6 +156,16 @@ def _read_rows(filesystem, span: ReadSpan, column: str, rows: int | None = None)
     with filesystem.open_input_file(span.path) as handle:
         table = pq.ParquetFile(handle).read_row_groups(list(span.row_groups), columns=[column])
     return table.slice(0, span.rows if rows is None else rows)
+
+
+@ray.remote(num_returns=2)
+def _gather_rows(source: np.ndarray, row: np.ndarray, *blocks: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Output row i is row `row[i]` of `blocks[source[i]]`; with its statistics, as a read's."""
+    out = np.empty((len(row), *blocks[0].shape[1:]), dtype=np.uint8)
+    for index, block in enumerate(blocks):
+        hit = source == index
+        out[hit] = block[row[hit]]
+    return out, block_stats(out)
 
 
 @ray.remote(num_returns=2)
