@@ -1,4 +1,4 @@
-"""dataset.reader ray: a parquet training source read by Ray tasks into the object store. The driver plans the read
+"""dataset.reader ray: parquet sources read by Ray tasks into the object store. The driver plans the read
 (footers, labels, one image) and holds references; the rows, statistics and fingerprint it ends with are the driver
 reader's, and the students' datasets and the teacher actors' blocks are cut where the blocks are."""
 
@@ -16,7 +16,7 @@ from orchestrator.config import load_config
 from orchestrator.data import ray_reader
 from orchestrator.data.datasets import load_arrays
 from orchestrator.data.object_images import ObjectImages, PlannedImages
-from orchestrator.data.ray_objects import put_image_blocks, read_training_images, to_ray_dataset
+from orchestrator.data.ray_objects import put_image_blocks, read_planned_images, to_ray_dataset
 from orchestrator.errors import ConfigError
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_images_read_in_ray_are_the_driver_readers_rows(ray_session, digits_file
     with pytest.raises(LookupError, match="not read yet"):
         np.asarray(planned.train.images)
 
-    data = read_training_images(planned, cfg)
+    data = read_planned_images(planned, cfg)
     assert isinstance(data.train.images, ObjectImages) and data.train.images.starts == (0, 300, 600, 900, 1200, 1500)
     with pytest.raises(LookupError, match="object store"):  # nothing can pull the whole split into the driver by accident
         np.asarray(data.train.images)
@@ -56,12 +56,15 @@ def test_images_read_in_ray_are_the_driver_readers_rows(ray_session, digits_file
     for cut in (slice(0, 0), slice(-5, None), slice(1490, 10, -97), slice(3, 1400, 250)):
         np.testing.assert_array_equal(data.train.images[cut], driver.train.images[cut])
     np.testing.assert_array_equal(data.train.labels, driver.train.labels)
-    np.testing.assert_array_equal(data.test.images, driver.test.images)
+    assert isinstance(planned.test.images, PlannedImages) and isinstance(data.test.images, ObjectImages)  # the test rows too
+    np.testing.assert_array_equal(data.test.images.read_all(), driver.test.images)
+    np.testing.assert_array_equal(data.test.labels, driver.test.labels)
     assert (data.mean, data.std, data.fill, data.num_classes) == (driver.mean, driver.std, driver.fill, driver.num_classes)
-    again = read_training_images(load_arrays(cfg), cfg)
+    again = read_planned_images(load_arrays(cfg), cfg)
     assert again.fingerprint("train") == data.fingerprint("train")  # the digest is the data's, whichever process read it
-    other = read_training_images(load_arrays(_dataset(digits_files, "dataset.reader=ray", "dataset.limit=1234")), cfg)
+    other = read_planned_images(load_arrays(_dataset(digits_files, "dataset.reader=ray", "dataset.limit=1234", "dataset.test_limit=100")), cfg)
     assert len(other.train) == 1234 and other.fingerprint("train") != data.fingerprint("train")
+    np.testing.assert_array_equal(other.test.images.read_all(), driver.test.images[:100])
     np.testing.assert_array_equal(other.train.images[1000:1234], driver.train.images[1000:1234])
 
     ids = np.arange(3, 1500, 7)  # the students' rows: a selection across every block
@@ -99,7 +102,7 @@ def test_a_bad_image_read_in_ray_is_one_line_naming_the_file_and_column(ray_sess
         finally:
             ray_reader.ROWS_PER_READ = original
         with pytest.raises(ConfigError) as err:
-            read_training_images(planned, cfg)
+            read_planned_images(planned, cfg)
         assert message in str(err.value) and "bad.parquet" in str(err.value) and "'image'" in str(err.value), case
         assert "\n" not in str(err.value), case
 
@@ -127,7 +130,7 @@ def test_with_an_id_column_the_rows_are_in_id_order_whatever_the_files_order(ray
 
     for limit, layouts in (((), ("a", "b")), (("dataset.limit=400",), ("b",))):
         driver = load_arrays(dataset("a", *limit))
-        read = [read_training_images(load_arrays(dataset(layout, "dataset.reader=ray", *limit)), dataset(layout, "dataset.reader=ray", *limit))
+        read = [read_planned_images(load_arrays(dataset(layout, "dataset.reader=ray", *limit)), dataset(layout, "dataset.reader=ray", *limit))
                 for layout in layouts]
         for data in read:
             assert len(data.train) == len(driver.train) == (400 if limit else 1500)

@@ -45,7 +45,7 @@ class DatasetConfig(StrictModel):
     train_labels: bool = Field(True, description="parquet: false when the training rows have no labels: a transfer set the students learn from given teachers alone (needs transfer.labels false, baseline false, dataset.val_fraction 0, every teacher from a checkpoint or mlflow_model); the test rows keep theirs")
     id_column: str | None = Field(None, description="parquet: a unique example id; rows are ordered by it, so splits and views do not depend on file order")
     image_shape: list[int] | None = Field(None, description="parquet: [C, H, W] of each image, needed when the pixels are one flat list")
-    reader: Literal["driver", "ray"] = Field("driver", description="parquet: `ray` reads the training images in Ray tasks into the object store, so none passes through the driver (it reads the footers, labels and ids only; the test rows as with `driver`); `driver` reads both sources into the driver, as every other dataset is")
+    reader: Literal["driver", "ray"] = Field("driver", description="parquet: `ray` reads the images of both sources in Ray tasks into the object store, so none passes through the driver (it reads the footers, labels and ids only); `driver` reads both sources into the driver, as every other dataset is")
     num_classes: int | None = Field(None, gt=1, description="parquet: the number of classes (default: the largest training label + 1)")
 
     @model_validator(mode="after")

@@ -134,8 +134,8 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     elif name == "parquet" and cfg.reader == "ray":
         from orchestrator.data.ray_reader import plan_parquet
 
-        planned, train_labels, test_images, test_labels, num_classes = plan_parquet(cfg)  # images read once Ray runs (job.start_job)
-        train, test = Split(planned, train_labels), _make_split(test_images, test_labels)
+        planned, train_labels, planned_test, test_labels, num_classes = plan_parquet(cfg)  # images read once Ray runs (job.start_job)
+        train, test = Split(planned, train_labels), Split(planned_test, test_labels)
         source = f"{cfg.train_path} + {cfg.test_path}"
     elif name == "parquet":
         from orchestrator.data.parquet_source import load_parquet
@@ -147,10 +147,10 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         raise ConfigError(f"dataset.name: unknown dataset {name!r} (known: {', '.join(KNOWN_NAMES)})")
 
     # Slicing the leading axis of a C-contiguous array stays C-contiguous: no copy needed.
-    planned = isinstance(train.images, PlannedImages)  # read later, in Ray (ray_objects.read_training_images): statistics then
+    planned = isinstance(train.images, PlannedImages)  # read later, in Ray (ray_objects.read_planned_images): statistics then
     if cfg.limit is not None and not planned:  # a plan stops at the limit itself
         train = Split(train.images[: cfg.limit], train.labels[: cfg.limit])
-    if cfg.test_limit is not None:
+    if cfg.test_limit is not None and not planned:
         test = Split(test.images[: cfg.test_limit], test.labels[: cfg.test_limit])
     _validate(name, train, test, num_classes, labelled_train=cfg.train_labels)
 

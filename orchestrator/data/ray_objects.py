@@ -132,15 +132,17 @@ def _blocks_in_place(parts: Sequence[Split], num_blocks: int) -> list[ray.Object
     return blocks
 
 
-def read_training_images(data: DatasetArrays, cfg: DatasetConfig) -> DatasetArrays:
-    """`data` with its planned training images (dataset.reader ray) read into the object store by Ray tasks
-    (ray_reader.read_images), and what needed their pixels filled in: the mean and std (unless the config gives
-    them) and the views' padding value. Any other dataset is returned as it is."""
+def read_planned_images(data: DatasetArrays, cfg: DatasetConfig) -> DatasetArrays:
+    """`data` with its planned images (dataset.reader ray), training and test, read into the object store by Ray
+    tasks (ray_reader.read_images), and what needed the training pixels filled in: the mean and std (unless the
+    config gives them) and the views' padding value. Any other dataset is returned as it is."""
     if not isinstance(data.train.images, PlannedImages):
         return data
     images, channel_counts, border_counts = read_images(data.train.images)
+    test_images = read_images(data.test.images)[0] if isinstance(data.test.images, PlannedImages) else data.test.images
     mean, std = stats_from_histograms(channel_counts) if cfg.normalize and cfg.mean is None else (data.mean, data.std)
-    return replace(data, train=Split(images, data.train.labels), mean=mean, std=std, fill=int(border_counts.argmax()))
+    return replace(data, train=Split(images, data.train.labels), test=Split(test_images, data.test.labels), mean=mean, std=std,
+                   fill=int(border_counts.argmax()))
 
 
 def put_once(data: DatasetArrays, key: tuple, make: Callable[[], T]) -> T:

@@ -1,13 +1,15 @@
-"""A parquet training source read by Ray tasks (`dataset.reader: ray`): no training image passes through the driver.
+"""A parquet source read by Ray tasks (`dataset.reader: ray`): no image passes through the driver.
 
-Before Ray starts (`plan_parquet`, from datasets.load_arrays in job.prepare) the driver reads the files' footers,
-the label column (8 bytes a row; with `train_labels: false` not even that) and one image for the shape: every
+Before Ray starts (`plan_parquet`, from datasets.load_arrays in job.prepare) the driver reads each source's
+footers, its label column (8 bytes a row; a transfer set's not even that) and one image for the shape: every
 check that needs no pixel fails there, exit 2 before Ray starts. Once Ray runs (`read_images`, called by
-ray_objects.read_training_images from job.start_job while the warm teacher actors start), one task per span of row groups reads its image column
-where it runs, decodes and checks it with the driver reader's own checks (parquet_source), and leaves the uint8
-block in the object store beside its statistics: per-channel value counts (the exact mean and std), the border's
-counts (the views' padding) and a digest (the split's fingerprint). A bad image is still one line naming the file
-and the column, exit 2, before any training. The driver keeps references (object_images.ObjectImages).
+ray_objects.read_planned_images from job.start_job while the warm teacher actors start), one task per span of
+row groups reads its image column where it runs, decodes and checks it with the driver reader's own checks
+(parquet_source), and leaves the uint8 block in the object store beside its statistics: per-channel value
+counts (the exact mean and std), the border's counts (the views' padding) and a digest (the split's
+fingerprint). A bad image is still one line naming the file and the column, exit 2, before any training. The
+driver keeps references (object_images.ObjectImages), for the test split too: the models are scored where the
+test blocks are read (flows/finished.py, on a teacher actor or a task), never in the driver.
 
 Why tasks of our own rather than `ray.data.read_parquet`: row i's image must stay beside label i, which the
 driver reads in the same file and row-group order, and the statistics come from the same pass over the pixels;
@@ -16,12 +18,9 @@ datasets are Ray Datasets made from these blocks in the cluster (ray_objects.to_
 
 With `id_column`, the driver also reads the ids (8 bytes a row) and the rows are put in id order after the read:
 tasks gather the read blocks' rows into new blocks in that order (`_in_order`), so the split, the views and the
-fingerprint depend on the ids, not on the files' order, as with the driver's reader; `limit` keeps the smallest ids.
-
-The test split is read into the driver as before: it does not grow with the training set, and the driver scores
-every model on it.
+fingerprint depend on the ids, not on the files' order, as with the driver's reader; `limit` and `test_limit`
+keep the smallest ids.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +40,6 @@ from orchestrator.data.parquet_source import (
     images_of,
     labels_of,
     open_source,
-    read_split,
 )
 from orchestrator.data.pixel_stats import block_stats
 
@@ -50,19 +48,26 @@ from orchestrator.data.pixel_stats import block_stats
 ROWS_PER_READ = 16_384
 
 
-def plan_parquet(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(the training images' plan, train labels, test images and labels read into the driver, number of classes)."""
+def plan_parquet(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedImages, np.ndarray, int]:
+    """(the training images' plan, train labels, the test images' plan, test labels, number of classes)."""
+    train, train_labels = _plan_split(cfg, "train_path", cfg.train_labels, cfg.limit)
+    test, test_labels = _plan_split(cfg, "test_path", True, cfg.test_limit)
+    check_same_shape(cfg, train.shape, test.shape)
+    return train, train_labels, test, test_labels, class_count(cfg, train_labels, test_labels)
+
+
+def _plan_split(cfg: DatasetConfig, field: str, labelled: bool, limit: int | None) -> tuple[PlannedImages, np.ndarray]:
+    """One source's plan and labels (UNLABELLED for a transfer set), read from its footers, label and id columns."""
     image_column, label_column = columns(cfg)
-    where = cfg.train_path
-    source = open_source(where, [image_column, *([label_column] if cfg.train_labels else []), *([cfg.id_column] if cfg.id_column else [])],
-                         "train_path")
+    where = getattr(cfg, field)
+    source = open_source(where, [image_column, *([label_column] if labelled else []), *([cfg.id_column] if cfg.id_column else [])], field)
     # With ids, `limit` keeps the smallest ids (as the driver's reader does): every row is read, the kept ones chosen by id.
-    spans = plan_spans(source, None if cfg.id_column else cfg.limit)
+    spans = plan_spans(source, None if cfg.id_column else limit)
     rows = sum(span.rows for span in spans)
     if rows == 0:
-        raise ConfigError(f"dataset.train_path: {where} has no rows")
-    order = id_order(source.read(columns=[cfg.id_column]).column(cfg.id_column), where, cfg.id_column)[:cfg.limit] if cfg.id_column else None
-    if cfg.train_labels:
+        raise ConfigError(f"dataset.{field}: {where} has no rows")
+    order = id_order(source.read(columns=[cfg.id_column]).column(cfg.id_column), where, cfg.id_column)[:limit] if cfg.id_column else None
+    if labelled:
         labels = labels_of(source.read(columns=[label_column]).column(label_column).slice(0, rows), where, label_column)
     else:
         labels = np.full(rows, UNLABELLED, dtype=np.int64)
@@ -71,9 +76,7 @@ def plan_parquet(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, np.ndar
     image_shape = images_of(first.column(image_column), where, image_column, cfg.image_shape).shape[1:]
     planned = PlannedImages(shape=(len(labels), *image_shape), dtype=np.dtype(np.uint8), spans=tuple(spans), filesystem=source.filesystem,
                             column=image_column, image_shape=tuple(cfg.image_shape) if cfg.image_shape else None, order=order)
-    test_images, test_labels = read_split(cfg, "test_path")
-    check_same_shape(cfg, planned.shape, test_images.shape)
-    return planned, labels, test_images, test_labels, class_count(cfg, labels, test_labels)
+    return planned, labels
 
 
 def plan_spans(source: pq.ParquetDataset, limit: int | None = None) -> list[ReadSpan]:

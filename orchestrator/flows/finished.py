@@ -23,6 +23,7 @@ import torch
 
 from orchestrator.config import ModelSpec, spec_of
 from orchestrator.data.datasets import DatasetArrays, Split
+from orchestrator.data.object_images import ObjectImages
 from orchestrator.data.ray_objects import put_once
 from orchestrator.flows.scoring import class_errors, correct_bias
 from orchestrator.teachers.soft_targets import decode_logits
@@ -31,8 +32,10 @@ from orchestrator.train.models import build_model, load_weights
 
 
 def logits_on_test_split(model: torch.nn.Module, data: DatasetArrays, *, use_gpu: bool, precision: str) -> torch.Tensor:
-    """The model's logits on the whole test split (on the job's device); the model is back on the host after."""
-    logits = predict_logits(model.to(eval_device(use_gpu)), data.test.images, mean=data.mean, std=data.std, precision=precision)
+    """The model's logits on the whole test split (on the job's device); the model is back on the host after.
+    Run where the scoring runs (an actor or a task): test images in the object store (reader ray) are read here."""
+    images = data.test.images.read_all() if isinstance(data.test.images, ObjectImages) else data.test.images
+    logits = predict_logits(model.to(eval_device(use_gpu)), images, mean=data.mean, std=data.std, precision=precision)
     model.cpu()  # logged, measured and handed back from the host
     return logits
 

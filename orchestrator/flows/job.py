@@ -23,7 +23,7 @@ from orchestrator.cluster.local_ray import start_local_ray
 from orchestrator.cluster.orphans import free_orphaned_placement_groups
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.data.datasets import DatasetArrays, load_arrays, split_train_val
-from orchestrator.data.ray_objects import read_training_images
+from orchestrator.data.ray_objects import read_planned_images
 from orchestrator.flows.stages import TrackingContext, start_teachers
 from orchestrator.teachers.online import check_feature_layers
 from orchestrator.tracking import runs as tracking
@@ -143,7 +143,7 @@ def start_job(cfg: JobConfig, *, ray_address: str | None = None, prepared: Prepa
     if warm_teachers:
         start_teachers(cfg)
     # dataset.reader ray: the training images are read now, in Ray tasks, while the teacher actors start.
-    prep.data = read_training_images(prep.data, cfg.dataset)
+    prep.data = read_planned_images(prep.data, cfg.dataset)
     return prep
 
 
