@@ -219,7 +219,8 @@ def plain_student_epochs(loop, tensors: dict, val: dict, epochs: int, threads: i
     from orchestrator.losses.objective import Objective
     from orchestrator.train.models import build_model
     from orchestrator.train.optim import build_optimizer, build_scheduler
-    from orchestrator.train.train_loop import Member, ShardBatches, train_one_epoch, validate
+    from orchestrator.train.shard_batches import ShardBatches
+    from orchestrator.train.train_loop import Member, train_one_epoch, validate
 
     torch.set_num_threads(threads)
     config = loop.members[0]

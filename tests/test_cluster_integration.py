@@ -11,6 +11,7 @@ Ray on this host. Everything started here is stopped by PID (tests/local_cluster
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 
@@ -82,7 +83,8 @@ def _mlp_teachers(folder) -> str:
 
 def test_submit_mnist_ensemble_distillation_and_read_runs_from_the_server(cluster):
     """A user's job on real data: an MNIST slice (mnist_kd.yaml: 9 views of each image), a weighted teacher ensemble
-    from state-dict files, students on two data-parallel workers, one per node."""
+    from state-dict files, students on two data-parallel workers, one per node, each reading its own rows' soft
+    targets from the shared cache's files (soft_targets.worker_reads: cache)."""
     job_id = f"kd-it-ok-{uuid.uuid4().hex[:6]}"
     shared = cluster.shared
     done = cluster.distill(
@@ -90,11 +92,17 @@ def test_submit_mnist_ensemble_distillation_and_read_runs_from_the_server(cluste
         "students=[{name: mlp32, family: mlp, hidden: [32]}]", "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1", "soft_targets.num_actors=1",
         # No model logging: MLflow infers each model's pip requirements in a subprocess, tens of seconds per model here.
         "tracking.log_models=false", "tracking.experiment=cluster-it",
-        f"soft_targets.cache_dir={shared / 'kd_cache'}", f"train.storage_path={shared / 'ray_results'}",
+        f"soft_targets.cache_dir={shared / 'kd_cache'}", f"train.storage_path={shared / 'ray_results'}", "soft_targets.worker_reads=cache",
         "--submission-id", job_id, "--env", f"DISTILL_SHARED_STORAGE={shared}",
     )
     assert done.returncode == 0, _readable(done)
     assert f"job {job_id} SUCCEEDED" in done.stderr
+    # Each worker, on its own node, read the cache files holding its rows, not all of them (rank 0 reads the
+    # validation rows' files too, on a line of its own).
+    reads = re.findall(r"\[distill\] worker (\d) on node (\w+): soft targets of [\d,]+ rows from (\d+) of (\d+) cache files", done.stdout)
+    nodes = {rank: node for rank, node, _, _ in reads}
+    assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], _readable(done)
+    assert all(any(int(read) < int(files) for r, _, read, files in reads if r == rank) for rank in nodes), reads
     assert "mlp32" in done.stdout and "baseline" in done.stdout  # the summary table, streamed from the job's logs
 
     runs = _runs(cluster, "cluster-it")

@@ -151,3 +151,9 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     assert cfg.teachers[0].checkpoint == str(tmp_path / "t.pt")
     assert cfg.dataset.root == str(Path("~/data").expanduser())
     assert load_config(None, ["train.storage_path=s3://bucket/runs"]).train.storage_path == "s3://bucket/runs"
+
+
+def test_workers_reading_the_cache_need_their_shard_in_memory():
+    assert load_config(None, ["soft_targets.worker_reads=cache"]).soft_targets.worker_reads == "cache"
+    with pytest.raises(ConfigError, match=r"soft_targets.worker_reads: cache needs train.cache_shard_in_memory true"):
+        load_config(None, ["soft_targets.worker_reads=cache", "train.cache_shard_in_memory=false"])

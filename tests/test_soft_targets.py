@@ -358,3 +358,41 @@ def test_failed_write_leaves_nothing_behind(ray_session, tmp_path):
         write_cache(_dataset(ray_session, logits, blocks=2), tmp_path, "abc", columns=["teacher_logits"])
     with pytest.raises(ValueError, match="invalid cache fingerprint"):
         read_cache(tmp_path, "../escape")
+
+
+# --------------------------------------------------------------------------- a worker's own rows (worker_reads: cache)
+
+
+def test_a_worker_reads_only_the_files_holding_its_rows(tmp_path):
+    """Four files of ten ids each (two views per id, rows shuffled within a file): the manifest keeps each file's
+    id range, and a worker's ids from the first and third range read those two files only, with every view of each
+    id in view order, the same logits as the whole entry's; an id the files do not hold fails the read."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.teachers.soft_target_columns import gather_soft_targets, read_own_soft_targets
+    from orchestrator.teachers.soft_targets import publish_cache
+
+    views, logits = 2, _logits(80)
+    ids, view = np.repeat(np.arange(40), views), np.tile(np.arange(views), 40)
+    order = np.random.default_rng(4).permutation(80)
+
+    def write(directory, filesystem):
+        assert filesystem is None
+        os.makedirs(directory)
+        for part in range(4):
+            rows = np.sort(order[(order >= 20 * part) & (order < 20 * part + 20)])[::-1]  # this file's 10 ids, reversed
+            pq.write_table(pa.table({"id": ids[rows], "view": view[rows], "teacher_logits": pa.FixedSizeListArray.from_arrays(logits[rows].ravel(), K)}),
+                           f"{directory}/part-{part}.parquet")
+
+    entry = publish_cache(write, tmp_path, "own", columns=["id", "view", "teacher_logits"])
+    assert [item["id_range"] for item in entry.manifest["files"]] == [[0, 9], [10, 19], [20, 29], [30, 39]]
+    mine = np.array([25, 3, 7, 21, 3])
+    own, counts = read_own_soft_targets(read_cache(tmp_path, "own"), ["teacher_logits"], mine)
+    assert counts == {"files_read": 2, "files": 4, "rows_read": 40}
+    np.testing.assert_array_equal(own.ids, [3, 7, 21, 25])
+    got = gather_soft_targets(own, np.array([21, 3, 25]))["teacher_logits"]  # (3 rows, 2 views, K)
+    np.testing.assert_array_equal(got, logits.reshape(40, views, K)[[21, 3, 25]])
+    with pytest.raises(KeyError, match="not among the soft targets"):
+        gather_soft_targets(own, np.array([4]))
+    with pytest.raises(RuntimeError, match="do not hold every view of these 1 ids"):
+        read_own_soft_targets(entry, ["teacher_logits"], np.array([40]))

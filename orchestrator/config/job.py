@@ -71,6 +71,9 @@ class JobConfig(StrictModel):
             if isinstance(student.loss, str) and student.loss not in SHORTHANDS:
                 raise ValueError(f"students.{i}.loss: unknown loss {student.loss!r} (known: {', '.join(sorted(SHORTHANDS))})")
         check_students(self)
+        if self.soft_targets.worker_reads == "cache" and not self.train.cache_shard_in_memory:
+            raise ValueError("soft_targets.worker_reads: cache needs train.cache_shard_in_memory true (a worker reads the soft targets "
+                             "of the rows it holds, so it must hold them all first)")
         if self.chain and self.sweep is not None:
             raise ValueError("chain: a sweep varies its chains with sweep.space.chain")
         if self.chain and self.teacher_mode == "online":

@@ -281,6 +281,7 @@ class SoftTargetConfig(StrictModel):
     # None: a quarter GPU per actor when the students train on GPUs (train.use_gpu), else none.
     num_gpus_per_actor: float | None = Field(None, ge=0.0, description="GPUs per teacher actor; unset: 0.25 when train.use_gpu, else 0 (the CPU when the cluster has no GPU)")
     batch_size: int = Field(4096, ge=1, description="rows per teacher forward pass")
+    worker_reads: Literal["object_store", "cache"] = Field("object_store", description="how the train workers get their rows' soft targets: `object_store` maps the per-id columns a task assembled (shared memory on one node); `cache` has each worker read, from the cache's parquet files, only the files holding its own rows' ids (their id ranges are in the manifest), so on a cluster each node reads its own shard from the shared cache_dir (needs train.cache_shard_in_memory)")
     ensemble: Literal["logits", "probs"] = Field("logits", description="several teachers: weighted mean of `logits`, or log of the weighted mean of `probs`")
     # Teacher inference under autocast: auto = bf16 on a CUDA device that supports it (else fp16), fp32 on the CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="teacher inference under autocast: auto = bf16 on a CUDA device that supports it (else fp16), fp32 on the CPU")

@@ -24,13 +24,14 @@ from orchestrator.data.datasets import DatasetArrays
 from orchestrator.data.ray_objects import image_blocks, rows_dataset
 from orchestrator.data.views import ViewPolicy
 from orchestrator.losses.kd_settings import student_kd
+from orchestrator.teachers.cache_manifest import CacheEntry
 from orchestrator.teachers.pool import forward_row_counter
 from orchestrator.teachers.soft_target_columns import assemble_soft_targets, teacher_sample
 from orchestrator.teachers.soft_targets import build_lock, fingerprint, logit_columns, publish_cache, read_cache
 from orchestrator.teachers.warm_pool import Shards, release, run_pass, start_teacher_pool, teacher_pool
 from orchestrator.tracking.progress import say
 from orchestrator.train.models import build_model, count_params
-from orchestrator.train.train_loop import SOFT_COLUMNS, LoopConfig, MemberConfig
+from orchestrator.train.train_loop import SOFT_CACHE, SOFT_COLUMNS, LoopConfig, MemberConfig
 from orchestrator.train.trainer import fit_and_load
 
 # Bump when the cached columns change meaning. 2: one row per (id, view) with columns id, view and the
@@ -81,6 +82,7 @@ class SoftTargets:
     path: str
     run_id: str
     cache_bytes: int = 0  # the entry's parquet files on disk
+    entry: CacheEntry | None = None  # the cache entry, for train workers that read their own rows from its files
 
     def teacher_sample(self, num_classes: int, rows: int = 50_000) -> torch.Tensor:
         """Decoded teacher logits of up to `rows` training (example, view) entries, evenly strided (what auto_kd
@@ -246,7 +248,8 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
     size = sum(f["bytes"] for f in entry.manifest.get("files", []))
     say(f"soft targets: {'cache hit' if cache_hit else 'generated'}, {rows:,} rows ({views.count} view(s) per training image), "
         f"{forward_rows:,} teacher forward rows" + (f", {forward_rows / wall:,.0f} rows/s" if forward_rows else "") + f", {wall:.0f} s")
-    soft = SoftTargets(key, train_ref, test_ref, shape["n_train"], shape["n_test"], views.count, cache_hit, forward_rows, wall, str(entry.path), "", size)
+    soft = SoftTargets(key, train_ref, test_ref, shape["n_train"], shape["n_test"], views.count, cache_hit, forward_rows, wall, str(entry.path), "", size,
+                       entry)
     return soft, SoftTargetReport(cache_hit, rows, lock_wait_s, views.count)
 
 
@@ -290,10 +293,16 @@ def student_rows(data: DatasetArrays, train_ids: np.ndarray, val_ids: np.ndarray
     return datasets
 
 
-def student_datasets(data: DatasetArrays, train_ids: np.ndarray, val_ids: np.ndarray, soft: SoftTargets) -> tuple[dict[str, ray.data.Dataset], dict]:
+def student_datasets(data: DatasetArrays, train_ids: np.ndarray, val_ids: np.ndarray, soft: SoftTargets,
+                     worker_reads: str = "object_store") -> tuple[dict[str, ray.data.Dataset], dict]:
     """`student_rows`, and the object the train workers join them with: the soft-target columns' reference (ids
     index the train split directly, so each worker gathers its rows' logits from shared memory; no joined copy
-    is made, nothing passes the driver)."""
+    is made, nothing passes the driver), or with `worker_reads` "cache" the cache entry, whose files holding
+    its own rows each worker reads (shard_batches.own_rows_reader)."""
+    if worker_reads == "cache":
+        if soft.entry is None:
+            raise ValueError("soft_targets.worker_reads cache: these soft targets have no cache entry")
+        return student_rows(data, train_ids, val_ids), {SOFT_CACHE: soft.entry}
     return student_rows(data, train_ids, val_ids), {SOFT_COLUMNS: soft.train_columns}
 
 
@@ -306,7 +315,7 @@ def distill_members(cfg: JobConfig, data: DatasetArrays, train_ids, val_ids, sof
     """
     loop = loop_config(cfg, data, track, stage="distill", members=members, optim=cfg.train, encoding=cfg.soft_targets.encoding,
                        train_rows=len(train_ids), views=view_policy(cfg, data)).model_copy(update={"has_val": len(val_ids) > 0})
-    datasets, objects = student_datasets(data, train_ids, val_ids, soft)
+    datasets, objects = student_datasets(data, train_ids, val_ids, soft, cfg.soft_targets.worker_reads)
     if cfg.teacher_mode == "online":
         if not teachers:
             raise ValueError("teacher_mode online: this stage was given no teachers to run")

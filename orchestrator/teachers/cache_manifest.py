@@ -91,7 +91,7 @@ def describe(names: Sequence[str], files: EntryFiles, fp: str, columns: list[str
         meta = files.footer(name)
         rows += meta.num_rows
         schema = schema or meta.schema.to_arrow_schema()
-        entries.append({"name": name, "bytes": files.size(name)})
+        entries.append({"name": name, "bytes": files.size(name), **_id_range(meta)})
     if sorted(schema.names) != sorted(columns):
         raise ValueError(f"written columns {schema.names} differ from requested {columns}")
     return {
@@ -104,6 +104,16 @@ def describe(names: Sequence[str], files: EntryFiles, fp: str, columns: list[str
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
     }
+
+
+def _id_range(meta: pq.FileMetaData) -> dict:
+    """{"id_range": [smallest, largest id]} from the file's row-group statistics (what lets a train worker read only
+    the files holding its rows, soft_target_columns.read_own_soft_targets), or {} when a row group has none."""
+    index = meta.schema.to_arrow_schema().get_field_index(ID_COLUMN)
+    stats = [meta.row_group(i).column(index).statistics for i in range(meta.num_row_groups)] if index >= 0 else []
+    if not stats or any(s is None or not s.has_min_max for s in stats):
+        return {}
+    return {"id_range": [int(min(s.min for s in stats)), int(max(s.max for s in stats))]}
 
 
 def validate(read_manifest: Callable[[], str], fp: str, files: EntryFiles) -> tuple[dict, str | None]:

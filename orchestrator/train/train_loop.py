@@ -12,12 +12,10 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import ray.data
 import ray.train
 import ray.train.torch
@@ -30,9 +28,9 @@ from orchestrator.data.views import ViewPolicy, epoch_views, random_views, views
 from orchestrator.losses.objective import build_objective, step_members
 from orchestrator.losses.terms import LossTerm, uses_dml
 from orchestrator.teachers.online import OnlineTeacher, layer_pairs
-from orchestrator.teachers.soft_target_columns import gather_soft_targets
 from orchestrator.teachers.soft_targets import decode_logits, logit_columns
 from orchestrator.tracking.progress import emit
+from orchestrator.train.shard_batches import ShardBatches, own_rows_reader
 from orchestrator.train.evaluate import classification_metrics
 from orchestrator.train.memory import peak_rss_mb
 from orchestrator.train.models import build_model
@@ -44,6 +42,7 @@ STATE_FILE = "state.pt"
 # columns): popped before the typed LoopConfig is rebuilt, since arrays are not JSON.
 OBJECTS_KEY = "_objects"
 SOFT_COLUMNS = "soft_columns"  # -> {name: (n_train, V, ...)}: the encoded logits of train row i at row i
+SOFT_CACHE = "soft_cache"  # the cache entry (soft_targets.worker_reads: cache): each worker reads its own rows from its files
 
 
 class MemberConfig(BaseModel):
@@ -95,64 +94,6 @@ class Member:
     def plain_model(self) -> torch.nn.Module:
         """The module without its DDP wrapper (what is evaluated and saved)."""
         return getattr(self.model, "module", self.model)
-
-
-class ShardBatches:
-    """Batches of one dataset shard, each epoch reshuffled.
-
-    With `in_memory` the shard is pulled from the object store once and kept as
-    tensors: later epochs are plain tensor indexing, which is what brings a Ray
-    Train epoch close to a plain PyTorch loop.
-
-    `soft_columns` (the cache's logit columns, read from the object store) are joined to the images here by
-    row id: the shard itself carries only id, image and label, so no joined copy is made before training.
-    """
-
-    def __init__(self, shard, *, batch_size: int, in_memory: bool, seed: int, soft_columns: dict[str, np.ndarray] | None = None) -> None:
-        self.shard, self.batch_size, self.in_memory, self.seed = shard, batch_size, in_memory, seed
-        self.soft_columns = soft_columns or {}
-        self.tensors: dict[str, torch.Tensor] | None = None
-
-    def _with_soft_targets(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self.soft_columns:
-            return batch
-        joined = gather_soft_targets(self.soft_columns, batch["id"].numpy())  # ids index the train split, as the columns' rows do
-        return {**batch, **{name: torch.from_numpy(values) for name, values in joined.items()}}
-
-    def collect(self) -> dict[str, torch.Tensor]:
-        if self.tensors is None:
-            parts: dict[str, list[torch.Tensor]] = {}
-            # On the host (device="cpu"), pinned when a GPU will read it: the shard (with every view's soft targets)
-            # stays out of GPU memory; each batch crosses on its own (train_one_epoch).
-            for batch in self.shard.iter_torch_batches(batch_size=8192, device="cpu"):
-                for key, value in batch.items():
-                    parts.setdefault(key, []).append(value)
-            tensors = {key: torch.cat(values) for key, values in parts.items()}
-            # Blocks reach a worker in whatever order Ray Data finishes them; sorting by id makes the
-            # epoch permutations below, and so the whole run, the same on every rerun.
-            if "id" in tensors and len(tensors["id"]):
-                order = torch.argsort(tensors["id"])
-                tensors = {key: value[order] for key, value in tensors.items()}
-            if "id" in tensors:
-                tensors = self._with_soft_targets(tensors)
-            if torch.cuda.is_available():
-                tensors = {key: value.pin_memory() for key, value in tensors.items()}
-            self.tensors = tensors
-        return self.tensors
-
-    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        if not self.in_memory:
-            for batch in self.shard.iter_torch_batches(
-                batch_size=self.batch_size, local_shuffle_buffer_size=self.batch_size * 8, local_shuffle_seed=self.seed + epoch, device="cpu"
-            ):
-                yield self._with_soft_targets(batch)
-            return
-        tensors = self.collect()
-        n = len(next(iter(tensors.values())))
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))  # on the host, like the shard
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield {key: value[index] for key, value in tensors.items()}
 
 
 def cached_teacher_logits(batch: dict[str, torch.Tensor], loop: LoopConfig, views: torch.Tensor | None) -> torch.Tensor | None:
@@ -333,6 +274,8 @@ def train_loop_per_worker(config: dict) -> None:
         teacher_model = OnlineTeacher(loop.online_teachers, ray.get(objects["teacher_states"]), input_shape=loop.input_shape,
                                       num_classes=loop.num_classes, ensemble=loop.ensemble, layers=layers, device=device)
     soft_columns = ray.get(objects[SOFT_COLUMNS]) if SOFT_COLUMNS in objects else None  # mapped from shared memory, not copied
+    if SOFT_CACHE in objects:
+        soft_columns = own_rows_reader(objects[SOFT_CACHE], logit_columns(loop.encoding), loop.stage, loop.progress_sink, rank)
     train = ShardBatches(ray.train.get_dataset_shard("train"), batch_size=loop.optim.batch_size, in_memory=loop.optim.cache_shard_in_memory,
                          seed=loop.seed + 7919 * rank, soft_columns=soft_columns)
     if loop.optim.cache_shard_in_memory:  # the exact number of batches this worker will draw
