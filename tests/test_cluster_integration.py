@@ -81,18 +81,39 @@ def _mlp_teachers(folder) -> str:
     return f"teachers=[{', '.join(teachers)}]"
 
 
+def _mnist_parquet(folder):
+    """The first 3,000 MNIST training and 500 test images as parquet (flat uint8 pixel lists, row groups of 500),
+    as a file:// URI: what a user's shared storage would hold."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.config import DatasetConfig
+    from orchestrator.data.datasets import load_arrays
+
+    mnist = load_arrays(DatasetConfig(name="mnist", limit=3000, test_limit=500, normalize=False))
+    for name, split in (("train", mnist.train), ("test", mnist.test)):
+        (folder / name).mkdir(parents=True)
+        pixels = pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(split.images).reshape(-1), 784)
+        pq.write_table(pa.table({"image": pixels, "label": split.labels}), folder / name / "part-0.parquet", row_group_size=500)
+    return folder
+
+
 def test_submit_mnist_ensemble_distillation_and_read_runs_from_the_server(cluster):
-    """A user's job on real data: an MNIST slice (mnist_kd.yaml: 9 views of each image), a weighted teacher ensemble
-    from state-dict files, students on two data-parallel workers, one per node, each reading its own rows' soft
-    targets from the shared cache's files (soft_targets.worker_reads: cache)."""
+    """A user's job on real data: an MNIST slice (mnist_kd.yaml: 9 views of each image) as parquet on a shared URI,
+    read by Ray tasks (dataset.reader: ray), a weighted teacher ensemble from state-dict files, students on two
+    data-parallel workers, one per node, each reading its own rows' soft targets from the files of the cache on
+    a shared URI (soft_targets.worker_reads: cache)."""
     job_id = f"kd-it-ok-{uuid.uuid4().hex[:6]}"
     shared = cluster.shared
+    data = _mnist_parquet(shared / "mnist")
     done = cluster.distill(
-        "submit", "configs/mnist_kd.yaml", "dataset.limit=3000", "dataset.test_limit=500", _mlp_teachers(shared),
+        "submit", "configs/mnist_kd.yaml", "dataset.name=parquet", f"dataset.train_path={(data / 'train').as_uri()}", f"dataset.test_path={(data / 'test').as_uri()}",
+        "dataset.image_shape=[1, 28, 28]", "dataset.reader=ray", _mlp_teachers(shared),
         "students=[{name: mlp32, family: mlp, hidden: [32]}]", "train.epochs=2", "train.num_workers=2", "train.cpus_per_worker=1", "soft_targets.num_actors=1",
         # No model logging: MLflow infers each model's pip requirements in a subprocess, tens of seconds per model here.
         "tracking.log_models=false", "tracking.experiment=cluster-it",
-        f"soft_targets.cache_dir={shared / 'kd_cache'}", f"train.storage_path={shared / 'ray_results'}", "soft_targets.worker_reads=cache",
+        f"soft_targets.cache_dir={(shared / 'kd_cache').as_uri()}", f"train.storage_path={shared / 'ray_results'}", "soft_targets.worker_reads=cache",
         "--submission-id", job_id, "--env", f"DISTILL_SHARED_STORAGE={shared}",
     )
     assert done.returncode == 0, _readable(done)
@@ -100,6 +121,7 @@ def test_submit_mnist_ensemble_distillation_and_read_runs_from_the_server(cluste
     # Each worker, on its own node, read the cache files holding its rows, not all of them (rank 0 reads the
     # validation rows' files too, on a line of its own).
     reads = re.findall(r"\[distill\] worker (\d) on node (\w+): soft targets of [\d,]+ rows from (\d+) of (\d+) cache files", done.stdout)
+    print("the workers' cache reads (rank, node, files read, files):", reads)  # shown with pytest -rP
     nodes = {rank: node for rank, node, _, _ in reads}
     assert set(nodes) == {"0", "1"} and nodes["0"] != nodes["1"], _readable(done)
     assert all(any(int(read) < int(files) for r, _, read, files in reads if r == rank) for rank in nodes), reads
