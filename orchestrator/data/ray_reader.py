@@ -21,6 +21,7 @@ tasks gather the read blocks' rows into new blocks in that order (`_in_order`), 
 fingerprint depend on the ids, not on the files' order, as with the driver's reader; `limit` and `test_limit`
 keep the smallest ids.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -142,7 +142,7 @@ def start_job(cfg: JobConfig, *, ray_address: str | None = None, prepared: Prepa
     check_cluster(cfg, prep.tracking_uri)  # resources and shared storage, before any stage or MLflow run
     if warm_teachers:
         start_teachers(cfg)
-    # dataset.reader ray: the training images are read now, in Ray tasks, while the teacher actors start.
+    # dataset.reader ray: the images are read now, in Ray tasks, while the teacher actors start.
     prep.data = read_planned_images(prep.data, cfg.dataset)
     return prep
 

@@ -4,7 +4,8 @@ Object stores have no atomic directory rename and no flock, so publication works
 from the local cache (soft_targets.py), with the same manifest and the same checks:
 
 - The teacher actors (or Ray Data's write tasks) write the parquet files straight into
-  `<root>/<fp>/<writer-uuid>/`, a directory no manifest names yet, so a crashed or concurrent writer never shows half an entry to anyone.
+  `<root>/<fp>/<writer-uuid>/`, a directory no manifest names yet, so a crashed or concurrent
+  writer never shows half an entry to anyone.
 - The writer then writes `<root>/<fp>/manifest.json` LAST; its presence publishes the entry.
   It is staged under a private name and moved into place, so even on a file system whose
   writes are not atomic (file://, NFS) no reader sees half a manifest; an object store PUT
