@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_uri_cache import s3_server  # noqa: F401  (a fixture: the moto S3 server)
 
 from orchestrator.config import ModelSpec
 from orchestrator.data.datasets import normalize_images
@@ -105,8 +106,8 @@ def test_warm_actors_serve_two_queued_passes_each_with_its_own_teacher(ray_sessi
 
 
 
-@pytest.mark.parametrize("uri", [False, True], ids=["local path", "file:// URI"])
-def test_each_actor_writes_its_output_blocks_as_the_caches_parquet_files(ray_session, tmp_path, uri):
+@pytest.mark.parametrize("where", ["local path", "file:// URI", "s3:// URI"])
+def test_each_actor_writes_its_output_blocks_as_the_caches_parquet_files(ray_session, tmp_path, where, request):
     """With a shard directory, every block's soft-target rows are written by the actor that computed them, one
     parquet file per block with the cache's columns; the published entry holds exactly the rows the pass returned."""
     import pyarrow as pa
@@ -115,6 +116,7 @@ def test_each_actor_writes_its_output_blocks_as_the_caches_parquet_files(ray_ses
 
     from orchestrator.data.datasets import Split
     from orchestrator.data.ray_objects import put_image_blocks
+    from orchestrator.teachers.cache_manifest import entry_files
     from orchestrator.teachers.soft_targets import DENSE_COLUMN, load_table, publish_cache, read_cache
     from orchestrator.teachers.warm_pool import Shards, run_pass, teacher_pool
 
@@ -125,11 +127,14 @@ def test_each_actor_writes_its_output_blocks_as_the_caches_parquet_files(ray_ses
               "input_shape": (1, 4, 4), "num_classes": 3, "mean": (0.5,), "std": (0.25,), "n_train": 40, "encoding": "fp16",
               "top_k": 5, "ensemble": "logits", "threads": 1, "use_gpu": False}
     columns = ["id", "view", DENSE_COLUMN]
-    root = tmp_path.as_uri() + "/kd-cache" if uri else str(tmp_path / "kd-cache")
+    if where == "s3:// URI":  # a moto S3 server; the credentials ride in the URI, to the actors too
+        root = request.getfixturevalue("s3_server")[0].replace("s3://", "s3://testing:testing@", 1)
+    else:
+        root = tmp_path.as_uri() + "/kd-cache" if where == "file:// URI" else str(tmp_path / "kd-cache")
     outputs: list = []
 
     def write(directory, filesystem):
-        assert (filesystem is not None) == uri
+        assert (filesystem is not None) == (where != "local path")
         outputs.extend(run_pass(teacher_pool(2, threads=1), kwargs, blocks, Shards(directory, columns, filesystem)))
         ray.wait(outputs, num_returns=len(outputs))  # every file written before the manifest describes them
 
@@ -137,7 +142,8 @@ def test_each_actor_writes_its_output_blocks_as_the_caches_parquet_files(ray_ses
     tables = ray.get(outputs)
     names = [item["name"] for item in entry.manifest["files"]]
     assert [name.rsplit("/", 1)[-1] for name in names] == [f"part-{i:06d}.parquet" for i in range(len(blocks))]
-    written = [pq.read_table(next(tmp_path.glob(f"kd-cache/abc/**/{name.rsplit('/', 1)[-1]}"))) for name in names]
+    files = entry_files(entry)
+    written = [pq.read_table(files.path(name), filesystem=files.filesystem) for name in names]
     assert [t.num_rows for t in written] == [t.num_rows for t in tables] and all(t.column_names == columns for t in written)
     assert load_table(read_cache(root, "abc")).equals(pa.concat_tables(tables).select(columns).sort_by("id"))
 

@@ -94,7 +94,8 @@ class Shards:
 
     def write(self, index: int, table: pa.Table) -> None:
         filesystem = self.filesystem or pafs.LocalFileSystem()
-        filesystem.create_dir(self.directory, recursive=True)
+        if isinstance(filesystem, pafs.LocalFileSystem):  # an object store has no directories to make
+            filesystem.create_dir(self.directory, recursive=True)
         pq.write_table(table.select(list(self.columns)), self.path(index), filesystem=filesystem)
 
 
