@@ -128,8 +128,10 @@ class LocalCluster:
         return path
 
     def _ray_start(self, *args: str) -> None:
-        subprocess.run([str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"], env=self.env, check=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+        done = subprocess.run([str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"], env=self.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
+        if done.returncode:  # what `ray start` said, in the failure's message, not only its exit status
+            raise RuntimeError(f"`ray start {args[0]}` exited {done.returncode}; its output ends:\n{done.stdout[-4000:]}")
 
     def start_ray(self) -> None:
         gcs, dash, client, *head_ports = free_ports(8)
