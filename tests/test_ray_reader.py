@@ -19,6 +19,7 @@ from orchestrator.data.object_images import ObjectImages, PlannedImages
 from orchestrator.data.ray_objects import put_image_blocks, read_planned_images, to_ray_dataset
 from orchestrator.errors import ConfigError
 
+
 @pytest.fixture(scope="module")
 def digits_files(tmp_path_factory) -> Path:
     """The digits as PNG bytes: 1,500 training rows in two files of row groups of 100 rows, the other 297 the test file."""

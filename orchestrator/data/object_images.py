@@ -85,7 +85,7 @@ class ObjectImages:
 
     def block_of(self, rows: np.ndarray) -> np.ndarray:
         """The index of the block holding each row."""
-        return np.searchsorted(np.asarray(self.starts), rows, side="right") - 1
+        return block_of(self.starts, rows)
 
     def take(self, rows) -> np.ndarray:
         """Rows by number, as one array in the driver: only the blocks they are in are fetched."""
@@ -117,6 +117,16 @@ class ObjectImages:
 
     def __array__(self, *args, **kwargs):
         raise LookupError(WHOLE_ARRAY)
+
+
+def block_of(starts: tuple[int, ...], rows: np.ndarray) -> np.ndarray:
+    """The index of the block holding each row, blocks b holding rows starts[b]:starts[b+1]."""
+    return np.searchsorted(np.asarray(starts), rows, side="right") - 1
+
+
+def block_starts(sizes: list[int]) -> tuple[int, ...]:
+    """Blocks' row offsets, from 0 to the total, from their sizes."""
+    return tuple(int(s) for s in np.concatenate([[0], np.cumsum(sizes)]))
 
 
 def combined_digest(block_digests: list[str], image_shape: tuple[int, ...]) -> str:

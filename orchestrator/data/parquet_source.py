@@ -15,8 +15,8 @@ Anything else is refused with one line naming the source and the column (a Confi
 exits 2 before Ray starts): a missing column, no rows, a null or non-integer label, a label outside
 the class range, NaN pixels, images of mixed shapes.
 
-Here the rows are read into this process (`dataset.reader: driver`, and the test source always);
-with `dataset.reader: ray` the training images are read by Ray tasks with these same checks (data/ray_reader.py).
+Here the rows are read into this process (`dataset.reader: driver`); with `dataset.reader: ray` the
+images of both sources are read by Ray tasks with these same checks (data/ray_reader.py).
 """
 
 from __future__ import annotations

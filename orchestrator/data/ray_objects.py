@@ -15,8 +15,8 @@ import ray
 import ray.data
 from ray.data.extensions import ArrowTensorArray
 
-from orchestrator.data.datasets import DatasetArrays, Split, ids_digest
 from orchestrator.config import DatasetConfig
+from orchestrator.data.datasets import DatasetArrays, Split, ids_digest
 from orchestrator.data.object_images import ObjectImages, PlannedImages
 from orchestrator.data.pixel_stats import stats_from_histograms
 from orchestrator.data.ray_reader import read_images

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 from orchestrator.config import ConfigError, DatasetConfig
-from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, combined_digest
+from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, block_of, block_starts, combined_digest
 from orchestrator.data.parquet_source import (
     UNLABELLED,
     check_same_shape,
@@ -67,11 +67,10 @@ def _plan_split(cfg: DatasetConfig, field: str, labelled: bool, limit: int | Non
     rows = sum(span.rows for span in spans)
     if rows == 0:
         raise ConfigError(f"dataset.{field}: {where} has no rows")
-    order = id_order(source.read(columns=[cfg.id_column]).column(cfg.id_column), where, cfg.id_column)[:limit] if cfg.id_column else None
-    if labelled:
-        labels = labels_of(source.read(columns=[label_column]).column(label_column).slice(0, rows), where, label_column)
-    else:
-        labels = np.full(rows, UNLABELLED, dtype=np.int64)
+    per_row = [*([label_column] if labelled else []), *([cfg.id_column] if cfg.id_column else [])]
+    table = source.read(columns=per_row).slice(0, rows) if per_row else None  # one pass over the files for both columns
+    order = id_order(table.column(cfg.id_column), where, cfg.id_column)[:limit] if cfg.id_column else None
+    labels = labels_of(table.column(label_column), where, label_column) if labelled else np.full(rows, UNLABELLED, dtype=np.int64)
     labels = labels if order is None else labels[order]
     first = _read_rows(source.filesystem, spans[0], image_column, 1)
     image_shape = images_of(first.column(image_column), where, image_column, cfg.image_shape).shape[1:]
@@ -115,11 +114,11 @@ def read_images(planned: PlannedImages) -> tuple[ObjectImages, np.ndarray, np.nd
         if stat["shape"] != tuple(planned.shape[1:]):
             raise ConfigError(f"dataset: {span.path} column {planned.column!r} has images of mixed shapes "
                               f"({tuple(planned.shape[1:])} and {stat['shape']})")
-    starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum([s["rows"] for s in stats])]))
+    starts = block_starts([s["rows"] for s in stats])
     if planned.order is not None:  # blocks in id order, so the split (and its fingerprint) does not depend on file order
         reads = _in_order([r[0] for r in reads], starts, planned.order)
         stats = _statistics(reads)
-        starts = tuple(int(s) for s in np.concatenate([[0], np.cumsum([s["rows"] for s in stats])]))
+        starts = block_starts([s["rows"] for s in stats])
     images = ObjectImages(tuple(r[0] for r in reads), starts, tuple(planned.shape[1:]),
                           combined_digest([s["digest"] for s in stats], planned.shape[1:]))
     return images, sum(s["channels"] for s in stats), sum(s["border"] for s in stats)
@@ -131,7 +130,7 @@ def _in_order(blocks: list, starts: tuple[int, ...], order: np.ndarray) -> list:
     gathers = []
     for begin in range(0, len(order), ROWS_PER_READ):
         rows = order[begin:begin + ROWS_PER_READ]
-        which = np.searchsorted(np.asarray(starts), rows, side="right") - 1
+        which = block_of(starts, rows)
         needed = np.unique(which)
         gathers.append(_gather_rows.remote(np.searchsorted(needed, which), rows - np.asarray(starts)[which], *[blocks[b] for b in needed]))
     return gathers

@@ -30,12 +30,12 @@ from orchestrator.losses.terms import LossTerm, uses_dml
 from orchestrator.teachers.online import OnlineTeacher, layer_pairs
 from orchestrator.teachers.soft_targets import decode_logits, logit_columns
 from orchestrator.tracking.progress import emit
-from orchestrator.train.shard_batches import ShardBatches, own_rows_reader
 from orchestrator.train.evaluate import classification_metrics
 from orchestrator.train.memory import peak_rss_mb
 from orchestrator.train.models import build_model
 from orchestrator.train.optim import build_optimizer, build_scheduler, steps_per_epoch
 from orchestrator.train.precision import autocast, grad_scaler
+from orchestrator.train.shard_batches import ShardBatches, own_rows_reader
 
 STATE_FILE = "state.pt"
 # Key of the train_loop_config entry holding Ray object refs (online teachers' weights, the soft-target
