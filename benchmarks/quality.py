@@ -66,6 +66,8 @@ EXPERIMENTS = [
                target="the same at alpha 0.5 (after 0.9 lost to 0.7; the 16-unit MLP gained as much at 0.5 as at 0.7): >= 0.5 points, p < 0.05"),
     Experiment("fashion_cnn4", "configs/fashion_kd.yaml", ("students.0.name=cnn4-8", "students.0.channels=[4,8]"),
                target="the same recipe, a CNN of half the channels (4.8k parameters; at twice them, 38k, a one-seed probe lost 29 errors): >= 0.5 points, p < 0.05"),
+    Experiment("fashion_cnn_noviews", "configs/fashion_kd.yaml", ("views.max_shift=0", "views.flip=false", "views.num_views=null"),
+               target="the same student without views (as the 16-unit MLP): the untouched images only: >= 0.5 points, p < 0.05"),
     Experiment("fashion_mlp16", "configs/fashion_mlp16.yaml", target="distilled beats labels-only by >= 0.5 points mean, p < 0.05"),
     Experiment("fashion_mlp16_alpha09", "configs/fashion_mlp16.yaml", ("kd.alpha=0.9",),
                target="the same at alpha 0.9 (chosen after the alpha 0.7 row missed; a plain loop, one seed: 0.5 -> 1306, 0.8 -> 1289, labels 1314)"),
