@@ -83,7 +83,7 @@ def test_images_read_in_ray_are_the_driver_readers_rows(ray_session, digits_file
 
 
 @pytest.mark.integration
-def test_a_bad_image_read_in_ray_is_one_line_naming_the_file_and_column(ray_session, tmp_path):
+def test_a_bad_image_read_in_ray_is_one_line_naming_the_file_and_column(ray_session, tmp_path, monkeypatch):
     good = pa.table({"image": [[[1, 2], [3, 4]]] * 4, "label": [0, 1, 0, 1]})
     pq.write_table(good, tmp_path / "test.parquet")
     cases = {
@@ -106,6 +106,20 @@ def test_a_bad_image_read_in_ray_is_one_line_naming_the_file_and_column(ray_sess
             read_planned_images(planned, cfg)
         assert message in str(err.value) and "bad.parquet" in str(err.value) and "'image'" in str(err.value), case
         assert "\n" not in str(err.value), case
+
+    # The test split's reads start beside the training split's: a bad test file is the same one line, naming it,
+    # and with both files bad the training file's error is the one reported.
+    pq.write_table(cases["NaN pixels"][0], tmp_path / "bad.parquet", row_group_size=2)
+    pq.write_table(cases["mixed shapes"][0], tmp_path / "bad_too.parquet", row_group_size=2)
+    for train, test, named in (("test.parquet", "bad.parquet", "bad.parquet"), ("bad_too.parquet", "bad.parquet", "bad_too.parquet")):
+        cfg = load_config(None, ["dataset.name=parquet", f"dataset.train_path={tmp_path / train}", f"dataset.test_path={tmp_path / test}",
+                                 "dataset.reader=ray"]).dataset
+        monkeypatch.setattr(ray_reader, "ROWS_PER_READ", 2)
+        planned = load_arrays(cfg)
+        monkeypatch.undo()
+        with pytest.raises(ConfigError) as err:
+            read_planned_images(planned, cfg)
+        assert str(tmp_path / named) in str(err.value) and "'image'" in str(err.value) and "\n" not in str(err.value), (train, test, str(err.value))
 
 
 @pytest.mark.integration

@@ -19,7 +19,7 @@ from orchestrator.config import DatasetConfig
 from orchestrator.data.datasets import DatasetArrays, Split, ids_digest
 from orchestrator.data.object_images import ObjectImages, PlannedImages
 from orchestrator.data.pixel_stats import stats_from_histograms
-from orchestrator.data.ray_reader import read_images
+from orchestrator.data.ray_reader import drain, read_images, start_reads
 
 T = TypeVar("T")
 
@@ -138,8 +138,15 @@ def read_planned_images(data: DatasetArrays, cfg: DatasetConfig) -> DatasetArray
     config gives them) and the views' padding value. Any other dataset is returned as it is."""
     if not isinstance(data.train.images, PlannedImages):
         return data
-    images, channel_counts, border_counts = read_images(data.train.images)
-    test_images = read_images(data.test.images)[0] if isinstance(data.test.images, PlannedImages) else data.test.images
+    planned_test = isinstance(data.test.images, PlannedImages)
+    train_reads = start_reads(data.train.images)
+    test_reads = start_reads(data.test.images) if planned_test else []  # they run beside the training split's
+    try:
+        images, channel_counts, border_counts = read_images(data.train.images, train_reads)
+    except Exception:
+        drain(test_reads)
+        raise
+    test_images = read_images(data.test.images, test_reads)[0] if planned_test else data.test.images
     mean, std = stats_from_histograms(channel_counts) if cfg.normalize and cfg.mean is None else (data.mean, data.std)
     return replace(data, train=Split(images, data.train.labels), test=Split(test_images, data.test.labels), mean=mean, std=std,
                    fill=int(border_counts.argmax()))

@@ -7,7 +7,7 @@ ray_objects.read_planned_images from job.start_job while the warm teacher actors
 row groups reads its image column where it runs, decodes and checks it with the driver reader's own checks
 (parquet_source), and leaves the uint8 block in the object store beside its statistics: per-channel value
 counts (the exact mean and std), the border's counts (the views' padding) and a digest (the split's
-fingerprint). A bad image is still one line naming the file and the column, exit 2, before any training. The
+fingerprint); the test split's tasks are started with the training split's and run beside them. A bad image is still one line naming the file and the column, exit 2, before any training. The
 driver keeps references (object_images.ObjectImages), for the test split too: the models are scored where the
 test blocks are read (flows/finished.py, on a teacher actor or a task), never in the driver.
 
@@ -105,10 +105,28 @@ def plan_spans(source: pq.ParquetDataset, limit: int | None = None) -> list[Read
     return spans
 
 
-def read_images(planned: PlannedImages) -> tuple[ObjectImages, np.ndarray, np.ndarray]:
-    """The planned images read into the object store by one task per span: (ObjectImages, the (C, 256) value counts
-    per channel, the border's value counts), the counts summed over the blocks."""
-    reads = [_read_span.remote(planned.filesystem, span, planned.column, planned.image_shape) for span in planned.spans]
+def start_reads(planned: PlannedImages) -> list:
+    """One read task per planned span, submitted and not waited for: (block, statistics) references. A caller with two
+    splits starts both before waiting on either, so the test split's reads run beside the training split's."""
+    return [_read_span.remote(planned.filesystem, span, planned.column, planned.image_shape) for span in planned.spans]
+
+
+def drain(reads: list) -> None:
+    """Wait for reads whose results are no longer wanted (another split's read failed), so a failure among them is
+    not printed by Ray as an "Unhandled error" on the user's console as the references go."""
+    for block, stat in reads:
+        try:
+            ray.get(stat)  # the small one: a block is fetched only where its task failed (then it holds no data)
+        except ray.exceptions.RayTaskError:
+            with contextlib.suppress(ray.exceptions.RayTaskError):
+                ray.get(block)
+
+
+def read_images(planned: PlannedImages, reads: list | None = None) -> tuple[ObjectImages, np.ndarray, np.ndarray]:
+    """The planned images read into the object store by one task per span (`reads`, from start_reads, or started
+    here): (ObjectImages, the (C, 256) value counts per channel, the border's value counts), the counts summed over
+    the blocks."""
+    reads = start_reads(planned) if reads is None else reads
     stats = _statistics(reads)
     for span, stat in zip(planned.spans, stats):
         if stat["shape"] != tuple(planned.shape[1:]):
