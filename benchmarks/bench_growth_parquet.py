@@ -143,9 +143,15 @@ def verdict(runs: list[dict]) -> dict:
     soft = last["soft_targets_s"] / first["soft_targets_s"]
     epoch = last["train_s_per_epoch"][-1] / first["train_s_per_epoch"][-1]
     memory = last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"]
+    # The same ratios between the two largest sizes: where a fixed cost (actor and process start-up, a short epoch's
+    # overheads) is a small part of both, they show how the time grows with the rows past it.
+    before = ray_runs[-2] if len(ray_runs) > 2 else first
     return {"factor": k, "driver_peak_ratio": round(memory, 3), "driver_peak_within_1_1x": memory <= MEMORY_TOLERANCE,
             "soft_targets_ratio": round(soft, 2), "epoch_ratio": round(epoch, 2),
-            "soft_targets_linear": abs(soft / k - 1) <= LINEAR_TOLERANCE, "epoch_linear": abs(epoch / k - 1) <= LINEAR_TOLERANCE}
+            "soft_targets_linear": abs(soft / k - 1) <= LINEAR_TOLERANCE, "epoch_linear": abs(epoch / k - 1) <= LINEAR_TOLERANCE,
+            "last_step": [before["factor"], last["factor"]],
+            "last_step_soft_targets_ratio": round(last["soft_targets_s"] / before["soft_targets_s"], 2),
+            "last_step_epoch_ratio": round(last["train_s_per_epoch"][-1] / before["train_s_per_epoch"][-1], 2)}
 
 
 def render(report: dict) -> str:
@@ -160,6 +166,8 @@ def render(report: dict) -> str:
               f"({'within' if v['driver_peak_within_1_1x'] else 'outside'} 1.1x); soft targets {v['soft_targets_ratio']}x "
               f"({'linear' if v['soft_targets_linear'] else 'not linear'}), student epoch {v['epoch_ratio']}x "
               f"({'linear' if v['epoch_linear'] else 'not linear'}; linear = within 15% of {v['factor']:.0f})."
+              + (f" From {v['last_step'][0]}x to {v['last_step'][1]}x ({v['last_step'][1] / v['last_step'][0]:.0f}x the rows): soft targets "
+                 f"{v['last_step_soft_targets_ratio']}x, student epoch {v['last_step_epoch_ratio']}x." if "last_step" in v else "")
               + (" Quick run: checks that it runs, not the figures." if report.get("quick") else "")]
     return "\n".join(lines) + "\n"
 
