@@ -7,9 +7,10 @@ ray_objects.read_planned_images from job.start_job while the warm teacher actors
 row groups reads its image column where it runs, decodes and checks it with the driver reader's own checks
 (parquet_source), and leaves the uint8 block in the object store beside its statistics: per-channel value
 counts (the exact mean and std), the border's counts (the views' padding) and a digest (the split's
-fingerprint); the test split's tasks are started with the training split's and run beside them. A bad image is still one line naming the file and the column, exit 2, before any training. The
-driver keeps references (object_images.ObjectImages), for the test split too: the models are scored where the
-test blocks are read (flows/finished.py, on a teacher actor or a task), never in the driver.
+fingerprint); the test split's tasks are started with the training split's and run beside them. A bad image is
+still one line naming the file and the column, exit 2, before any training. The driver keeps references
+(object_images.ObjectImages), for the test split too: the models are scored where the test blocks are read
+(flows/finished.py, on a teacher actor or a task), never in the driver.
 
 Why tasks of our own rather than `ray.data.read_parquet`: row i's image must stay beside label i, which the
 driver reads in the same file and row-group order, and the statistics come from the same pass over the pixels;
@@ -114,12 +115,7 @@ def start_reads(planned: PlannedImages) -> list:
 def drain(reads: list) -> None:
     """Wait for reads whose results are no longer wanted (another split's read failed), so a failure among them is
     not printed by Ray as an "Unhandled error" on the user's console as the references go."""
-    for block, stat in reads:
-        try:
-            ray.get(stat)  # the small one: a block is fetched only where its task failed (then it holds no data)
-        except ray.exceptions.RayTaskError:
-            with contextlib.suppress(ray.exceptions.RayTaskError):
-                ray.get(block)
+    _wait_for(reads)
 
 
 def read_images(planned: PlannedImages, reads: list | None = None) -> tuple[ObjectImages, np.ndarray, np.ndarray]:
@@ -154,10 +150,10 @@ def _in_order(blocks: list, starts: tuple[int, ...], order: np.ndarray) -> list:
     return gathers
 
 
-def _statistics(reads: list) -> list[dict]:
-    """Each read's statistics, once all are done. A read that failed on bad data raises its ConfigError as one line
-    (exit 2, cli.py), as the driver's reader would; its unread block is read too (an error), so Ray does not print
-    an "Unhandled error" for it on the user's console as the reference goes."""
+def _wait_for(reads: list) -> tuple[list[dict], list[ray.exceptions.RayTaskError]]:
+    """Every read waited for: the statistics of those that worked, the errors of those that failed. Only the small
+    statistics are fetched; a block is read only where its task failed (an error, holding no data), so that Ray does
+    not report it as unhandled."""
     stats, failed = [], []
     for block, stat in reads:
         try:
@@ -166,6 +162,14 @@ def _statistics(reads: list) -> list[dict]:
             failed.append(exc)
             with contextlib.suppress(ray.exceptions.RayTaskError):
                 ray.get(block)
+    return stats, failed
+
+
+def _statistics(reads: list) -> list[dict]:
+    """Each read's statistics, once all are done. A read that failed on bad data raises its ConfigError as one line
+    (exit 2, cli.py), as the driver's reader would; its unread block is read too (an error), so Ray does not print
+    an "Unhandled error" for it on the user's console as the reference goes."""
+    stats, failed = _wait_for(reads)
     if failed:
         if isinstance(failed[0].cause, ConfigError):
             raise ConfigError(str(failed[0].cause)) from None
