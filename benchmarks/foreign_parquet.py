@@ -132,12 +132,13 @@ def unlabelled_overrides(at: Callable[[str], str], teacher_run_id: str) -> list[
 
 
 def same_pixels(at: Callable[[str], str], extra: list[str]) -> bool:
-    """Both sources, loaded as a job loads them, hold the same images and labels in the same order."""
+    """Both sources hold the same images and labels in the same order: the parquet files read by the driver's reader
+    here (the jobs read them in Ray tasks, the default; tests/test_ray_reader.py holds those rows to the driver reader's)."""
     from orchestrator.config import load_config
     from orchestrator.data.datasets import load_arrays
 
     bundled = load_arrays(load_config(CONFIG, [*JOB, *extra]).dataset)
-    parquet = load_arrays(load_config(CONFIG, [*JOB, *extra, *parquet_overrides(at)]).dataset)
+    parquet = load_arrays(load_config(CONFIG, [*JOB, *extra, *parquet_overrides(at), "dataset.reader=driver"]).dataset)
     return all(np.array_equal(getattr(getattr(bundled, s), a), getattr(getattr(parquet, s), a)) for s in ("train", "test") for a in ("images", "labels"))
 
 

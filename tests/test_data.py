@@ -170,7 +170,7 @@ def test_imagefolder_resizes_and_keeps_class_ids(tmp_path):
         write_png(tmp_path / "train" / "dog" / f"{i}.png", (9, 30), (0, 0, 255))
     # A grayscale image becomes 3 channels; a test split holding only one class keeps train's class ids.
     write_png(tmp_path / "val" / "dog" / "0.png", (12, 12), (128, 0, 0), mode="L")
-    arrays = load_arrays(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=16))
+    arrays = load_arrays(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=16, reader="driver"))  # Ray's: test_ray_reader.py
     assert_well_formed(arrays, (3, 16, 16), 2)
     assert arrays.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert arrays.train.images[0, :, 8, 8].tolist() == [255, 0, 0]
@@ -188,6 +188,13 @@ def test_imagefolder_errors(tmp_path):
         load_arrays(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=8))
     with pytest.raises(DataNotFoundError, match="set dataset.root to a folder with train/ and test/"):
         load_arrays(DatasetConfig(name="imagefolder", root=str(tmp_path / "nowhere"), image_size=8))
+    (tmp_path / "test" / "cow" / "0.png").unlink()
+    (tmp_path / "test" / "cow").rmdir()
+    write_png(tmp_path / "test" / "cat" / "0.png", (8, 8), (1, 2, 3))
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")  # named .png, so the listing keeps it
+    with pytest.raises(ConfigError, match=r"train/cat/1.png is not a readable image \(cannot identify image file") as info:
+        load_arrays(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=8, reader="driver"))
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -36,7 +36,9 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def _config(train: str, test: str, *overrides: str):
-    return load_config(None, ["dataset.name=parquet", f"dataset.train_path={train}", f"dataset.test_path={test}", *overrides])
+    """The driver's reader (parquet_source.py), whose rows these tests read back here; test_ray_reader.py holds the
+    Ray reader (the default for parquet) to the same rows."""
+    return load_config(None, ["dataset.name=parquet", f"dataset.train_path={train}", f"dataset.test_path={test}", "dataset.reader=driver", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def _without_labels(digits_parquet: Path, tmp_path: Path) -> list[str]:
     """The fixture's training rows written again without their label column: a transfer set."""
     pq.write_table(pq.read_table(digits_parquet / "train.parquet").drop_columns(["digit"]), tmp_path / "unlabelled.parquet")
     return ["dataset.name=parquet", f"dataset.train_path={tmp_path / 'unlabelled.parquet'}", f"dataset.test_path={digits_parquet / 'test.parquet'}",
-            "dataset.image_column=png", "dataset.label_column=digit", "dataset.id_column=example_id", "dataset.train_labels=false"]
+            "dataset.image_column=png", "dataset.label_column=digit", "dataset.id_column=example_id", "dataset.train_labels=false", "dataset.reader=driver"]
 
 
 def test_a_training_source_without_labels_is_a_transfer_set(digits_parquet, tmp_path):
@@ -202,16 +204,17 @@ def test_students_learn_from_a_training_source_without_labels(ray_session, digit
     """The digits job, its data from parquet files (a Ray Train run, soft targets and the MLflow datasets), and with
     dataset.train_labels false: no label column in the training file; the student learns from the teacher alone.
     Its training rows carry label -1, on which cross-entropy fails: the job finishing shows that nothing read one.
-    The training images are read by Ray tasks (dataset.reader ray): the job's soft targets, students and datasets
+    The training images are read by Ray tasks (dataset.reader unset, the parquet default): the job's soft targets, students and datasets
     work from the object-store blocks, none in the driver (test_ray_reader.py shows the rows are the same).
     The teacher from conftest's state-dict file: what a teacher's training does is test_pipeline.py's subject."""
     from orchestrator.flows.pipeline import run_job
     from orchestrator.tracking import runs as tracking
 
     monkeypatch.chdir(tmp_path)
-    unlabelled = [o for o in _without_labels(digits_parquet, tmp_path) if not o.startswith("dataset.id_column")]  # file order
+    # File order; and the default reader for parquet (Ray), not this module's driver reader.
+    unlabelled = [o for o in _without_labels(digits_parquet, tmp_path) if not o.startswith(("dataset.id_column", "dataset.reader"))]
     cfg = load_config(REPO_ROOT / "configs/digits_kd.yaml", [
-        *unlabelled, "dataset.reader=ray", "transfer.labels=false", "baseline=false", "dataset.val_fraction=0",
+        *unlabelled, "transfer.labels=false", "baseline=false", "dataset.val_fraction=0",
         f"teachers.0.checkpoint={digits_teacher}", "train.epochs=6", "students=[{name: mlp32, family: mlp, hidden: [32]}]",
         "soft_targets.num_actors=1", "tracking.experiment=unlabelled"])
     rows = run_job(cfg)

@@ -1,4 +1,4 @@
-"""dataset.reader ray: parquet sources read by Ray tasks into the object store. The driver plans the read
+"""dataset.reader ray (the default): parquet sources and image folders read by Ray tasks into the object store. The driver plans the read
 (footers, labels, one image) and holds references; the rows, statistics and fingerprint it ends with are the driver
 reader's, and the students' datasets and the teacher actors' blocks are cut where the blocks are."""
 
@@ -41,8 +41,9 @@ def _dataset(root: Path, *overrides: str):
 @pytest.mark.integration
 def test_images_read_in_ray_are_the_driver_readers_rows(ray_session, digits_files, monkeypatch):
     monkeypatch.setattr(ray_reader, "ROWS_PER_READ", 250)  # spans of 3 row groups: 3 in the first file, 2 in the second
-    driver = load_arrays(_dataset(digits_files))
-    cfg = _dataset(digits_files, "dataset.reader=ray")
+    driver = load_arrays(_dataset(digits_files, "dataset.reader=driver"))
+    cfg = _dataset(digits_files)  # dataset.reader unset: Ray reads a parquet source's images
+    assert cfg.reader is None and cfg.read_in_ray
     planned = load_arrays(cfg)
     assert isinstance(planned.train.images, PlannedImages) and planned.input_shape == (1, 8, 8) and len(planned.train) == 1500
     assert [span.rows for span in planned.train.images.spans] == [300] * 5
@@ -144,7 +145,7 @@ def test_with_an_id_column_the_rows_are_in_id_order_whatever_the_files_order(ray
                                   "dataset.image_column=png", "dataset.label_column=digit", "dataset.id_column=key", *overrides]).dataset
 
     for limit, layouts in (((), ("a", "b")), (("dataset.limit=400",), ("b",))):
-        driver = load_arrays(dataset("a", *limit))
+        driver = load_arrays(dataset("a", "dataset.reader=driver", *limit))
         read = [read_planned_images(load_arrays(dataset(layout, "dataset.reader=ray", *limit)), dataset(layout, "dataset.reader=ray", *limit))
                 for layout in layouts]
         for data in read:
@@ -160,6 +161,47 @@ def test_with_an_id_column_the_rows_are_in_id_order_whatever_the_files_order(ray
         load_arrays(dataset("repeated", "dataset.reader=ray"))  # before Ray reads a pixel
 
 
-def test_reader_ray_is_for_parquet(tmp_path):
-    with pytest.raises(ConfigError, match=r"dataset.reader only apply to dataset.name parquet"):
+def test_reader_ray_is_for_parquet_and_image_folders(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.reader ray: only dataset.name parquet or imagefolder \(this dataset is 'mnist'"):
         load_config(None, ["dataset.reader=ray"])
+    assert not load_config(None, ["dataset.reader=driver"]).dataset.read_in_ray  # what the bundled datasets do anyway
+    assert load_config(None, ["dataset.name=imagefolder", "dataset.image_size=8"]).dataset.read_in_ray  # unset: Ray reads
+
+
+@pytest.mark.integration
+def test_an_image_folder_read_in_ray_is_the_driver_readers_rows(ray_session, tmp_path, monkeypatch):
+    """dataset.name imagefolder, reader unset: the driver lists the folders (no image opened), Ray tasks read spans of
+    files; the rows, labels and statistics are the driver reader's, and a file that is not an image is one line
+    naming it, from the task that read it."""
+    from PIL import Image
+
+    from orchestrator.data import folder_reader
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 7), ("val", 3)):
+        for cls in ("ant", "bee"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    monkeypatch.setattr(folder_reader, "BYTES_PER_READ", 3 * 8 * 8 * 4)  # spans of 4 files: 4 read tasks for 14 training images
+    cfg = load_config(None, ["dataset.name=imagefolder", f"dataset.root={tmp_path}", "dataset.image_size=8"]).dataset
+    driver = load_arrays(cfg.model_copy(update={"reader": "driver"}))
+    planned = load_arrays(cfg)
+    assert isinstance(planned.train.images, PlannedImages) and planned.input_shape == (3, 8, 8)
+    assert [span.rows for span in planned.train.images.spans] == [4, 4, 4, 2]
+    data = read_planned_images(planned, cfg)
+    assert isinstance(data.train.images, ObjectImages) and isinstance(data.test.images, ObjectImages)
+    np.testing.assert_array_equal(data.train.images.take(np.arange(14)), driver.train.images)
+    np.testing.assert_array_equal(data.test.images.read_all(), driver.test.images)
+    np.testing.assert_array_equal(data.train.labels, [0] * 7 + [1] * 7)
+    np.testing.assert_array_equal(data.test.labels, driver.test.labels)
+    assert (data.mean, data.std, data.fill, data.num_classes) == (driver.mean, driver.std, driver.fill, 2)
+    limited = load_config(None, ["dataset.name=imagefolder", f"dataset.root={tmp_path}", "dataset.image_size=8", "dataset.limit=9", "dataset.test_limit=2"]).dataset
+    few = read_planned_images(load_arrays(limited), limited)
+    np.testing.assert_array_equal(few.train.images.take(np.arange(9)), driver.train.images[:9])
+    assert len(few.test) == 2
+
+    (tmp_path / "train" / "bee" / "5.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError) as err:
+        read_planned_images(load_arrays(cfg), cfg)
+    assert "train/bee/5.png is not a readable image" in str(err.value) and "\n" not in str(err.value)

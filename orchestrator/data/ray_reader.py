@@ -1,4 +1,5 @@
-"""A parquet source read by Ray tasks (`dataset.reader: ray`): no image passes through the driver.
+"""A parquet source read by Ray tasks (`dataset.reader` unset or `ray`): no image passes through the driver. An image
+folder's plan (folder_reader.py) is read by the same functions, one task per span of files.
 
 Before Ray starts (`plan_parquet`, from datasets.load_arrays in job.prepare) the driver reads each source's
 footers, its label column (8 bytes a row; a transfer set's not even that) and one image for the shape: every
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 import ray
 
 from orchestrator.config import ConfigError, DatasetConfig
+from orchestrator.data.folder_reader import FileSpan, read_files
 from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, block_of, block_starts, combined_digest
 from orchestrator.data.parquet_source import (
     UNLABELLED,
@@ -107,9 +109,11 @@ def plan_spans(source: pq.ParquetDataset, limit: int | None = None) -> list[Read
 
 
 def start_reads(planned: PlannedImages) -> list:
-    """One read task per planned span, submitted and not waited for: (block, statistics) references. A caller with two
-    splits starts both before waiting on either, so the test split's reads run beside the training split's."""
-    return [_read_span.remote(planned.filesystem, span, planned.column, planned.image_shape) for span in planned.spans]
+    """One read task per planned span (row groups of a parquet file, or an image folder's files: folder_reader.py),
+    submitted and not waited for: (block, statistics) references. A caller with two splits starts both before
+    waiting on either, so the test split's reads run beside the training split's."""
+    return [read_files.remote(span) if isinstance(span, FileSpan) else _read_span.remote(planned.filesystem, span, planned.column, planned.image_shape)
+            for span in planned.spans]
 
 
 def drain(reads: list) -> None:
