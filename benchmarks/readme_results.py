@@ -200,6 +200,7 @@ RESULTS = [
     Result("mnist_demo", "mnist_demo.json", "python benchmarks/mnist_demo.py", mnist_demo.render),
     Result("hinton_mnist", "hinton_mnist.json", "python benchmarks/hinton_mnist.py", render_hinton),
     Result("pipeline", "pipeline.json", "python benchmarks/bench_pipeline.py", bench_pipeline.render_pipeline),
+    Result("first_call", "first_call.json", "python benchmarks/bench_first_call.py", lazy("bench_first_call", "render")),
     Result("growth", "growth.json", "python benchmarks/bench_growth.py", render_growth),
     Result("driver_memory", "driver_memory.json", "python benchmarks/bench_driver_memory.py", lazy("bench_driver_memory", "render")),
     Result("methods", "methods.json", "python benchmarks/bench_methods.py", bench_methods.table),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -396,3 +397,23 @@ def test_a_worker_reads_only_the_files_holding_its_rows(tmp_path):
         gather_soft_targets(own, np.array([4]))
     with pytest.raises(RuntimeError, match="do not hold every view of these 1 ids"):
         read_own_soft_targets(entry, ["teacher_logits"], np.array([40]))
+
+
+def test_column_to_numpy_reads_every_layout_of_a_logit_column(tmp_path):
+    """(N, K) logits as Arrow's own fixed_shape_tensor (what the teacher actors write), Ray's tensor extension and a
+    fixed_size_list, in memory and back from a parquet file: the same array, in its stored dtype."""
+    from ray.data.extensions import ArrowTensorArray
+
+    logits = encode_logits(_logits(n=7, seed=5), encoding="fp16")["teacher_logits"]
+    layouts = {
+        "fixed_shape_tensor": pa.FixedShapeTensorArray.from_numpy_ndarray(logits),
+        "ray tensor": ArrowTensorArray.from_numpy(logits),
+        "fixed_size_list": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1)), logits.shape[1]),
+    }
+    for name, column in layouts.items():
+        table = pa.table({"teacher_logits": column})
+        pq.write_table(table, tmp_path / "t.parquet")
+        for read in (table, pq.read_table(tmp_path / "t.parquet"), table.slice(2, 3)):
+            got = column_to_numpy(read, "teacher_logits")
+            assert got.dtype == np.float16, name
+            np.testing.assert_array_equal(got, logits[2:5] if read.num_rows == 3 else logits, err_msg=name)

@@ -224,6 +224,7 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
     rows_before = ray.get(counter.total.remote())
     # One builder per fingerprint: a concurrent job waits here, then reads what the first one wrote.
     names = list(logit_columns(st.encoding))
+    pass_s: list[float] = []  # the teacher pass alone: from handing the actors their blocks to every block written
     with build_lock(st.cache_dir, key) as lock_wait_s:
         entry = read_cache(st.cache_dir, key)
         cache_hit = entry is not None
@@ -233,7 +234,9 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
             blocks: list[ray.ObjectRef] = []
 
             def write(directory: str, filesystem: pafs.FileSystem | None) -> None:  # the entry's files, by the actors
+                begun = time.perf_counter()
                 blocks.extend(generate_soft_targets(cfg, teachers, data, Shards(directory, columns, filesystem)))
+                pass_s.append(time.perf_counter() - begun)
 
             # cache_dir as configured: a URI must reach publish_cache whole (it resolves paths itself).
             entry = publish_cache(write, st.cache_dir, key, columns=columns,
@@ -247,7 +250,8 @@ def make_soft_targets(cfg: JobConfig, teachers: list[TeacherWeights], data: Data
     rows = shape["n_train"] * shape["views"] + shape["n_test"]
     size = sum(f["bytes"] for f in entry.manifest.get("files", []))
     say(f"soft targets: {'cache hit' if cache_hit else 'generated'}, {rows:,} rows ({views.count} view(s) per training image), "
-        f"{forward_rows:,} teacher forward rows" + (f", {forward_rows / wall:,.0f} rows/s" if forward_rows else "") + f", {wall:.0f} s")
+        f"{forward_rows:,} teacher forward rows" + (f", {forward_rows / wall:,.0f} rows/s" if forward_rows else "") + f", {wall:.0f} s"
+        + (f" (teacher pass {pass_s[-1]:.2f} s)" if pass_s else ""))
     soft = SoftTargets(key, train_ref, test_ref, shape["n_train"], shape["n_test"], views.count, cache_hit, forward_rows, wall, str(entry.path), "", size,
                        entry)
     return soft, SoftTargetReport(cache_hit, rows, lock_wait_s, views.count)

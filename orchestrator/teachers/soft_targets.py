@@ -158,7 +158,8 @@ def column_to_numpy(table: pa.Table, name: str) -> np.ndarray:
     not registered in the reading process.
     """
     column = table.column(name)
-    storage_type = column.type.storage_type if isinstance(column.type, pa.ExtensionType) else column.type
+    # BaseExtensionType: Arrow's own fixed_shape_tensor is not a pa.ExtensionType (that is the Python-defined kind).
+    storage_type = column.type.storage_type if isinstance(column.type, pa.BaseExtensionType) else column.type
     if not any(is_kind(storage_type) for is_kind in _LIST_KINDS):
         if pa.types.is_struct(storage_type):
             raise ValueError(f"column {name!r} holds variable-shaped tensors; soft targets must be (N, K)")
