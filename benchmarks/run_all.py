@@ -39,6 +39,7 @@ class Bench:
 
 BENCHES = (
     Bench("pipeline", (("{py}", "benchmarks/bench_pipeline.py"),), (("{py}", "benchmarks/bench_pipeline.py", "--quick"),), 15),
+    Bench("first_call", (("{py}", "benchmarks/bench_first_call.py"),), (("{py}", "benchmarks/bench_first_call.py", "--jobs", "1"),), 2),
     Bench("growth", (("{py}", "benchmarks/bench_growth.py"),), (("{py}", "benchmarks/bench_growth.py", "--quick"),), 7),
     Bench("driver_memory", (("{py}", "benchmarks/bench_driver_memory.py"),), (("{py}", "benchmarks/bench_driver_memory.py", "--quick"),), 3),
     Bench("mnist_demo", (("{py}", "benchmarks/mnist_demo.py"),), None, 12),
