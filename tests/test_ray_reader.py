@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from test_parquet_source import _digits, _png
+from test_uri_cache import s3_server  # noqa: F401  (a fixture: a moto S3 server on 127.0.0.1)
 
 from orchestrator.config import load_config
 from orchestrator.data import ray_reader
@@ -196,7 +197,8 @@ def test_an_image_folder_read_in_ray_is_the_driver_readers_rows(ray_session, tmp
     np.testing.assert_array_equal(data.train.labels, [0] * 7 + [1] * 7)
     np.testing.assert_array_equal(data.test.labels, driver.test.labels)
     assert (data.mean, data.std, data.fill, data.num_classes) == (driver.mean, driver.std, driver.fill, 2)
-    limited = load_config(None, ["dataset.name=imagefolder", f"dataset.root={tmp_path}", "dataset.image_size=8", "dataset.limit=9", "dataset.test_limit=2"]).dataset
+    limited = load_config(None, ["dataset.name=imagefolder", f"dataset.root={tmp_path}", "dataset.image_size=8", "dataset.limit=9",
+                                 "dataset.test_limit=2"]).dataset
     few = read_planned_images(load_arrays(limited), limited)
     np.testing.assert_array_equal(few.train.images.take(np.arange(9)), driver.train.images[:9])
     assert len(few.test) == 2
@@ -205,3 +207,59 @@ def test_an_image_folder_read_in_ray_is_the_driver_readers_rows(ray_session, tmp
     with pytest.raises(ConfigError) as err:
         read_planned_images(load_arrays(cfg), cfg)
     assert "train/bee/5.png is not a readable image" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_image_folders_listing_is_torchvisions(tmp_path):
+    """Classes in name order and files in ImageFolder's order (a folder's own files before its subfolders'), only
+    image extensions (any case), nothing outside a class folder: the numbering and rows torchvision gives."""
+    from torchvision.datasets import ImageFolder
+
+    from orchestrator.config import DatasetConfig
+    from orchestrator.data.folder_reader import list_folders
+
+    for name in ("train/bee/z.png", "train/bee/0/y.png", "train/ant/b.png", "train/ant/a.JPG", "train/ant/sub/c.png", "train/ant/notes.txt",
+                 "train/loose.png", "train/cat/a-x.png", "train/cat/a/b.png", "val/bee/q.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"listed, never opened")
+    listing = list_folders(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=4))
+    torchvision = ImageFolder(str(tmp_path / "train"))
+    assert listing.train_paths == [path for path, _ in torchvision.samples] and len(listing.train_paths) == 7
+    assert listing.train_labels.tolist() == [label for _, label in torchvision.samples] and listing.num_classes == 3
+    assert listing.test_paths == [str(tmp_path / "val/bee/q.png")] and listing.test_labels.tolist() == [1]  # ant, bee, cat
+    (tmp_path / "train/cat/a-x.png").unlink()
+    (tmp_path / "train/cat/a/b.png").rename(tmp_path / "train/cat/a/b.gif")
+    with pytest.raises(ConfigError, match=r"no image file for the classes cat"):
+        list_folders(DatasetConfig(name="imagefolder", root=str(tmp_path), image_size=4))
+
+
+@pytest.mark.integration
+def test_an_image_folder_from_an_s3_uri(ray_session, s3_server, tmp_path):  # noqa: F811
+    """The same folder read from a local path and from an S3 URI (moto; the credentials in the URI, as the Ray
+    workers have no AWS variables): the same rows with either reader."""
+    import pyarrow.fs as pafs
+    from PIL import Image
+
+    root, _ = s3_server
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 5), ("test", 2)):
+        for cls in ("ant", "bee"):
+            (tmp_path / "pets" / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(tmp_path / "pets" / split / cls / f"{i}.png")
+    bucket, _ = pafs.FileSystem.from_uri(root.replace("s3://", "s3://testing:testing@", 1))
+    pafs.copy_files(str(tmp_path / "pets"), "kd-bucket/pets", destination_filesystem=bucket)
+    uri = root.replace("s3://", "s3://testing:testing@", 1).replace("/kd-cache?", "/pets?")
+
+    def dataset(where: str, *overrides: str):
+        return load_config(None, ["dataset.name=imagefolder", f"dataset.root={where}", "dataset.image_size=6", *overrides]).dataset
+
+    local = load_arrays(dataset(str(tmp_path / "pets"), "dataset.reader=driver"))
+    from_driver = load_arrays(dataset(uri, "dataset.reader=driver"))
+    cfg = dataset(uri)
+    from_ray = read_planned_images(load_arrays(cfg), cfg)
+    for data in (from_driver, from_ray):
+        np.testing.assert_array_equal(data.train.labels, local.train.labels)
+        np.testing.assert_array_equal(data.test.labels, local.test.labels)
+    np.testing.assert_array_equal(from_driver.train.images, local.train.images)
+    np.testing.assert_array_equal(from_ray.train.images.take(np.arange(10)), local.train.images)
+    np.testing.assert_array_equal(from_ray.test.images.read_all(), local.test.images)

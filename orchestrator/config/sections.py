@@ -29,7 +29,7 @@ class DatasetConfig(StrictModel):
     """
 
     name: str = Field("mnist", description="`mnist`, `fashion_mnist`, `digits`, `torchvision:<MNIST|FashionMNIST|KMNIST|CIFAR10|CIFAR100>`, `imagefolder` or `parquet`")
-    root: str | None = Field(None, description="folder of torchvision or imagefolder data (imagefolder: train/ and test/ or val/ of class folders)")
+    root: str | None = Field(None, description="folder of torchvision or imagefolder data (imagefolder: train/ and test/ or val/ of class folders, a local path or a pyarrow URI: s3://, gs://, hdfs://, file://)")
     download: bool = Field(False, description="let torchvision fetch its dataset into `root` (off: nothing is downloaded at run time)")
     image_size: int | None = Field(None, description="imagefolder only: images are resized to this square side")
     # 0 trains on every training example: no per-epoch validation, nothing held out (sweeps need some).

@@ -135,8 +135,8 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         from orchestrator.data.folder_reader import list_folders, read_all
 
         listing = list_folders(cfg)
-        train = _make_split(read_all(listing.train_paths, cfg.image_size), listing.train_labels)
-        test = _make_split(read_all(listing.test_paths, cfg.image_size), listing.test_labels)
+        train = _make_split(read_all(listing.filesystem, listing.train_paths, cfg.image_size), listing.train_labels)
+        test = _make_split(read_all(listing.filesystem, listing.test_paths, cfg.image_size), listing.test_labels)
         num_classes, source = listing.num_classes, str(cfg.root)
     elif cfg.read_in_ray:
         from orchestrator.data.ray_reader import plan_parquet
