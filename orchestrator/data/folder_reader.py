@@ -105,12 +105,14 @@ def _kind(filesystem: pafs.FileSystem, path: str) -> pafs.FileType:
 def _samples(filesystem: pafs.FileSystem, folder: str, root: str) -> dict[str, list[str]]:
     """{class folder name: its image files}, classes in name order, files in ImageFolder's order (by folder, then name)."""
     found = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
-    names = sorted(f.base_name for f in found if f.type == pafs.FileType.Directory and f.path.rsplit("/", 1)[0] == folder)
-    samples: dict[str, list[str]] = {name: [] for name in names}
-    for info in found:
-        parts = info.path[len(folder) + 1:].split("/")
-        if info.type == pafs.FileType.File and len(parts) > 1 and info.path.lower().endswith(IMAGE_EXTENSIONS):
-            samples[parts[0]].append(info.path)
+    images = [(info.path[len(folder) + 1:].split("/"), info.path) for info in found
+              if info.type == pafs.FileType.File and info.path.lower().endswith(IMAGE_EXTENSIONS)]
+    # Class folders as listed, and those an object store only implies by its keys' prefixes (no folder entry).
+    names = {f.base_name for f in found if f.type == pafs.FileType.Directory and f.path.rsplit("/", 1)[0] == folder}
+    samples: dict[str, list[str]] = {name: [] for name in sorted(names | {parts[0] for parts, _ in images if len(parts) > 1})}
+    for parts, path in images:
+        if len(parts) > 1:  # a file beside the class folders belongs to no class
+            samples[parts[0]].append(path)
     empty = [name for name, paths in samples.items() if not paths]
     if empty:
         raise DataNotFoundError(f"dataset 'imagefolder' in {root}: no image file for the classes {', '.join(empty)} "
