@@ -276,7 +276,8 @@ def bench_student(arrays, teacher_logits: np.ndarray, quick: bool, threads: int)
                                                          tensors, val, plain_epochs, threads)
             epochs = [t + v for t, v in zip(train, val_s)]
             steady, used = clean_median(epochs[1:], foreign[1:])
-            log(f"student plain: epochs {[round(e, 3) for e in epochs]} s (train {[round(t, 3) for t in train]}), foreign CPU share {foreign}, load {loadavg()}")
+            log(f"student plain: epochs {[round(e, 3) for e in epochs]} s (train {[round(t, 3) for t in train]}), "
+                f"foreign CPU share {foreign}, load {loadavg()}")
             return {"epoch_s": [round(e, 3) for e in epochs], "train_s": [round(t, 3) for t in train], "val_s": [round(v, 3) for v in val_s],
                     "foreign": foreign, "steady_epoch_s": round(steady, 3), "steady_train_s": round(clean_median(train[1:], foreign[1:])[0], 3),
                     "steady_epochs_used": used}

@@ -184,6 +184,10 @@ def run_jobs(work: Path, at: Callable[[str], str], extra: list[str]) -> tuple[di
     return jobs, identical_pixels
 
 
+# What the report says of the parquet jobs' reader (older reports have no parquet_reader: the driver's was the default).
+READERS = {"ray": "The parquet jobs' images were read by Ray tasks (`dataset.reader` unset: the default), not by the driver.",
+           "driver": "The parquet jobs' images were read by the driver (`dataset.reader: driver`)."}
+
 def render(report: dict) -> str:
     jobs = report["jobs"]
     written = report["written"]
@@ -217,9 +221,7 @@ def render(report: dict) -> str:
         f"- Each job: `{jobs['parquet']['command'].split(' dataset.name=parquet')[0]}`, the parquet one with `dataset.name=parquet` and its "
         "train_path (the folder, as a path or URI), test_path, image_column=png, label_column=category, id_column=item_id; each in its own directory "
         "(MLflow store, teacher and soft-target caches), so the parquet job trained its own teacher. "
-        + {"ray": "The parquet jobs' images were read by Ray tasks (`dataset.reader` unset: the default), not by the driver.",
-           "driver": "The parquet jobs' images were read by the driver (`dataset.reader: driver`)."}.get(report.get("parquet_reader"),
-                                                                                                   "The parquet jobs' images were read by the driver (the default then)."),
+        + READERS.get(report.get("parquet_reader"), "The parquet jobs' images were read by the driver (the default then)."),
         f"- Load average per job: bundled {jobs['bundled']['load_start']} -> {jobs['bundled']['load_end']}, "
         f"parquet {jobs['parquet']['load_start']} -> {jobs['parquet']['load_end']}, "
         f"without labels {jobs['unlabelled']['load_start']} -> {jobs['unlabelled']['load_end']} ({jobs['unlabelled']['wall_s']:.0f} s).",
