@@ -13,6 +13,7 @@ from orchestrator.losses.terms import LossTerm, parse_loss
 # The sources whose images Ray tasks read (dataset.reader); the bundled and torchvision datasets are read by the driver.
 READ_IN_RAY = ("parquet", "imagefolder")
 
+
 class StrictModel(BaseModel):
     # Unknown keys are typos, never silently ignored; frozen so a config cannot
     # drift after it was logged to MLflow. No float field means anything at inf or NaN

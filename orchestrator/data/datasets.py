@@ -125,12 +125,14 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     elif name.startswith("torchvision:"):
         train, test, num_classes = _load_torchvision(cfg)
         source = f"torchvision.datasets.{name.split(':', 1)[1]} in {cfg.root}"
-    elif name == "imagefolder" and cfg.read_in_ray:
+    elif cfg.read_in_ray:  # parquet or imagefolder: planned here, the images read once Ray runs (job.start_job)
         from orchestrator.data.folder_reader import plan_imagefolder
+        from orchestrator.data.ray_reader import plan_parquet
 
-        planned, train_labels, planned_test, test_labels, num_classes = plan_imagefolder(cfg)  # images read once Ray runs (job.start_job)
+        plan = plan_imagefolder if name == "imagefolder" else plan_parquet
+        planned, train_labels, planned_test, test_labels, num_classes = plan(cfg)
         train, test = Split(planned, train_labels), Split(planned_test, test_labels)
-        source = str(cfg.root)
+        source = str(cfg.root) if name == "imagefolder" else f"{cfg.train_path} + {cfg.test_path}"
     elif name == "imagefolder":
         from orchestrator.data.folder_reader import list_folders, read_all
 
@@ -138,12 +140,6 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         train = _make_split(read_all(listing.filesystem, listing.train_paths, cfg.image_size), listing.train_labels)
         test = _make_split(read_all(listing.filesystem, listing.test_paths, cfg.image_size), listing.test_labels)
         num_classes, source = listing.num_classes, str(cfg.root)
-    elif cfg.read_in_ray:
-        from orchestrator.data.ray_reader import plan_parquet
-
-        planned, train_labels, planned_test, test_labels, num_classes = plan_parquet(cfg)  # images read once Ray runs (job.start_job)
-        train, test = Split(planned, train_labels), Split(planned_test, test_labels)
-        source = f"{cfg.train_path} + {cfg.test_path}"
     elif name == "parquet":
         from orchestrator.data.parquet_source import load_parquet
 

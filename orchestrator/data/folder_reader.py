@@ -152,6 +152,7 @@ def plan_imagefolder(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, Pla
 def _plan(filesystem: pafs.FileSystem, paths: list[str], size: int) -> PlannedImages:
     per_read = max(1, BYTES_PER_READ // (3 * size * size))
     spans = tuple(FileSpan(filesystem, tuple(paths[i:i + per_read]), size) for i in range(0, len(paths), per_read))
+    # Each span carries its filesystem; `column` only names the images in ray_reader's messages.
     return PlannedImages(shape=(len(paths), 3, size, size), dtype=np.dtype(np.uint8), spans=spans, filesystem=None, column="image", image_shape=None)
 
 
