@@ -76,7 +76,7 @@ def main() -> int:
     from orchestrator.config import DatasetConfig
     from orchestrator.data.datasets import load_arrays
 
-    arrays = load_arrays(DatasetConfig(name="mnist"))
+    arrays = load_arrays(DatasetConfig(name="mnist", reader="driver"))  # the plain loop's arrays, in this process
     images = np.concatenate([arrays.train.images, arrays.test.images])  # the job's rows: every train id, then the test ids
     model, state = teacher_state(arrays.input_shape, arrays.num_classes)
     threads = os.cpu_count() or 1

@@ -53,7 +53,7 @@ def write_sources(folder: Path, factors: list[int], base_rows: int) -> None:
     from orchestrator.data.datasets import load_arrays
     from orchestrator.train.models import build_model
 
-    mnist = load_arrays(load_config(None, []).dataset)
+    mnist = load_arrays(load_config(None, ["dataset.reader=driver"]).dataset)
     for name, split, rows in (("train", mnist.train, base_rows), ("test", mnist.test, len(mnist.test))):
         pixels = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(split.images[:rows]).reshape(-1)), 784)
         pq.write_table(pa.table({"image": pixels, "label": split.labels[:rows]}), folder / f"{name}.parquet", row_group_size=ROW_GROUP)

@@ -137,7 +137,7 @@ def same_pixels(at: Callable[[str], str], extra: list[str]) -> bool:
     from orchestrator.config import load_config
     from orchestrator.data.datasets import load_arrays
 
-    bundled = load_arrays(load_config(CONFIG, [*JOB, *extra]).dataset)
+    bundled = load_arrays(load_config(CONFIG, [*JOB, *extra, "dataset.reader=driver"]).dataset)
     parquet = load_arrays(load_config(CONFIG, [*JOB, *extra, *parquet_overrides(at), "dataset.reader=driver"]).dataset)
     return all(np.array_equal(getattr(getattr(bundled, s), a), getattr(getattr(parquet, s), a)) for s in ("train", "test") for a in ("images", "labels"))
 

@@ -34,7 +34,7 @@ def mnist_on_fresh_ray(load_start: list[float]) -> tuple[object, float, int]:
     from orchestrator.data.datasets import load_arrays
 
     log(f"load average {load_start}")
-    arrays = load_arrays(DatasetConfig(name="mnist"))
+    arrays = load_arrays(DatasetConfig(name="mnist", reader="driver"))  # the plain loop's arrays, in this process
     log(f"MNIST loaded: train {arrays.train.images.shape}, test {arrays.test.images.shape}")
 
     t0 = time.perf_counter()

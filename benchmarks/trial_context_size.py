@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     store = Path(tempfile.mkdtemp(prefix="kd-trial-context-")) / "mlflow.db"
     for name in args.datasets.split(","):
-        cfg = load_config(REPO / "configs/digits_sweep.yaml", [f"dataset.name={name}", f"tracking.tracking_uri=sqlite:///{store}"])
+        # The driver's reader: the arrays in the driver are what a context "with the arrays" held (Ray's reader holds none).
+        cfg = load_config(REPO / "configs/digits_sweep.yaml", [f"dataset.name={name}", "dataset.reader=driver", f"tracking.tracking_uri=sqlite:///{store}"])
         prep = prepare(cfg)
         with_arrays = len(ray.cloudpickle.dumps(SweepContext(prep, [], None, "sweep-run")))
         started = time.perf_counter()

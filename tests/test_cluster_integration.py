@@ -91,7 +91,7 @@ def _mnist_parquet(folder):
     from orchestrator.config import DatasetConfig
     from orchestrator.data.datasets import load_arrays
 
-    mnist = load_arrays(DatasetConfig(name="mnist", limit=3000, test_limit=500, normalize=False))
+    mnist = load_arrays(DatasetConfig(name="mnist", limit=3000, test_limit=500, normalize=False, reader="driver"))
     for name, split in (("train", mnist.train), ("test", mnist.test)):
         (folder / name).mkdir(parents=True)
         pixels = pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(split.images).reshape(-1), 784)

@@ -29,12 +29,12 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 @pytest.fixture(scope="module")
 def mnist() -> DatasetArrays:
-    return load_arrays(DatasetConfig(name="mnist"))
+    return load_arrays(DatasetConfig(name="mnist", reader="driver"))  # Ray's: test_bundled_reader.py
 
 
 @pytest.fixture(scope="module")
 def fashion() -> DatasetArrays:
-    return load_arrays(DatasetConfig(name="fashion_mnist"))
+    return load_arrays(DatasetConfig(name="fashion_mnist", reader="driver"))
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_fashion_mnist_full_splits(fashion):
 
 
 def test_limit_and_test_limit_keep_the_first_examples(fashion):
-    small = load_arrays(DatasetConfig(name="fashion_mnist", limit=500, test_limit=100))
+    small = load_arrays(DatasetConfig(name="fashion_mnist", limit=500, test_limit=100, reader="driver"))
     assert (len(small.train), len(small.test)) == (500, 100)
     assert np.array_equal(small.train.images, fashion.train.images[:500])
     assert np.array_equal(small.test.labels, fashion.test.labels[:100])

