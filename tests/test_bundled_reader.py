@@ -1,5 +1,6 @@
-"""The bundled MNIST and Fashion-MNIST read by Ray tasks (dataset.reader unset): the driver reads labels and line
-offsets, no pixel; the rows, labels, statistics and padding the job ends with are the driver reader's."""
+"""The bundled MNIST and Fashion-MNIST, and torchvision's MNIST family, read by Ray tasks (dataset.reader unset): the
+driver reads labels and line offsets, no pixel; the rows, labels, statistics and padding the job ends with are the
+driver reader's (for torchvision's, torchvision's own reader)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import shutil
 
 import numpy as np
 import pytest
+from test_data import write_torchvision_mnist
 
-from orchestrator.config import DatasetConfig
+from orchestrator.config import DatasetConfig, load_config
 from orchestrator.data import bundled_reader
 from orchestrator.data.bundled_reader import CsvSpan, IdxSpan
 from orchestrator.data.datasets import load_arrays
@@ -67,3 +69,26 @@ def test_an_idx_file_cut_short_is_one_line_naming_it(ray_session, tmp_path):
     planned = load_arrays(cfg)  # the header and the labels agree: 60,000
     with pytest.raises(ConfigError, match=r"train-images-idx3-ubyte ends before image 60000 \(an IDX file cut short\)"):
         read_planned_images(planned, cfg)
+
+
+@pytest.mark.integration
+def test_torchvision_mnist_read_in_ray_is_torchvisions_rows(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setattr(bundled_reader, "ROWS_PER_READ", 16)  # 40 rows: spans of 16, 16 and 8
+    write_torchvision_mnist(tmp_path, np.arange(40) % 10, np.arange(12) % 10)
+    cfg = DatasetConfig(name="torchvision:MNIST", root=str(tmp_path))
+    assert cfg.read_in_ray
+    data = read_planned_images(load_arrays(cfg), cfg)
+    driver = load_arrays(cfg.model_copy(update={"reader": "driver"}))  # torchvision.datasets.MNIST's arrays
+    assert data.train.images.starts == (0, 16, 32, 40)
+    np.testing.assert_array_equal(data.train.images.take(np.arange(40)), driver.train.images)
+    np.testing.assert_array_equal(data.test.images.read_all(), driver.test.images)
+    np.testing.assert_array_equal(data.train.labels, driver.train.labels)
+    assert (data.mean, data.std, data.fill, data.num_classes) == (driver.mean, driver.std, driver.fill, 10)
+
+
+def test_torchvision_downloads_are_read_by_the_driver():
+    """torchvision loads what it downloads in the driver: with download on, Ray does not read the MNIST family."""
+    assert not DatasetConfig(name="torchvision:MNIST", root="/data", download=True).read_in_ray
+    assert not DatasetConfig(name="torchvision:CIFAR10", root="/data").read_in_ray  # pickles: the driver's
+    with pytest.raises(ConfigError, match=r"dataset.reader ray: not with dataset.download true"):
+        load_config(None, ["dataset.name=torchvision:MNIST", "dataset.root=/data", "dataset.download=true", "dataset.reader=ray"])

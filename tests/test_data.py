@@ -146,7 +146,7 @@ def write_torchvision_mnist(root, train_labels: np.ndarray, test_labels: np.ndar
 def test_torchvision_mnist_offline(tmp_path):
     train_labels = np.arange(40) % 10
     train_images = write_torchvision_mnist(tmp_path, train_labels, np.arange(12) % 10)
-    arrays = load_arrays(DatasetConfig(name="torchvision:MNIST", root=str(tmp_path)))
+    arrays = load_arrays(DatasetConfig(name="torchvision:MNIST", root=str(tmp_path), reader="driver"))  # Ray's: test_bundled_reader.py
     assert_well_formed(arrays, (1, 28, 28), 10)
     assert (len(arrays.train), len(arrays.test)) == (40, 12)
     assert np.array_equal(arrays.train.images[:, 0], train_images)
@@ -214,6 +214,9 @@ def test_torchvision_missing_root_or_files(tmp_path):
     with pytest.raises(DataNotFoundError, match=r"'torchvision:CIFAR10' not found in .*dataset.download=true") as info:
         load_arrays(DatasetConfig(name="torchvision:CIFAR10", root=str(tmp_path)))
     assert "\n" not in str(info.value)
+    for reader in ("ray", "driver"):  # the MNIST family is read by Ray tasks by default: its plan says the same
+        with pytest.raises(DataNotFoundError, match=r"'torchvision:KMNIST' not found in .*dataset.download=true"):
+            load_arrays(DatasetConfig(name="torchvision:KMNIST", root=str(tmp_path), reader=reader))
 
 
 def test_fashion_mnist_missing_names_the_debian_package(tmp_path):

