@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs, identical_pixels = run_jobs(work, at, QUICK if args.quick else [])
     errors = {source: {r["name"]: r["test_errors"] for r in jobs[source]["rows"]} for source in ("bundled", "parquet")}
     reader = "driver" if any(o == "dataset.reader=driver" for o in jobs["parquet"]["command"].split()) else "ray"
-    report = {**report_header(load_start), "quick": args.quick, "parquet_reader": reader, "wall_s": round(time.perf_counter() - t0, 1), "written": written,
+    report = {**report_header(load_start), "quick": args.quick, "parquet_reader": reader, "bundled_reader": bundled_reader(), "wall_s": round(time.perf_counter() - t0, 1), "written": written,
               "read_from": "local folder" if args.local else "S3 URI (moto server on 127.0.0.1)", "identical_pixels": identical_pixels, "identical_test_errors": errors["bundled"] == errors["parquet"], "jobs": jobs}
     path = write_result("foreign_parquet", report)
     print("\n".join(render(report).splitlines()[3:]))
@@ -184,6 +184,16 @@ def run_jobs(work: Path, at: Callable[[str], str], extra: list[str]) -> tuple[di
     return jobs, identical_pixels
 
 
+def bundled_reader() -> str:
+    """Where the bundled job's images are read, by the code that ran it (its command leaves dataset.reader unset)."""
+    from orchestrator.config import load_config
+
+    return "ray" if load_config(CONFIG, JOB).dataset.read_in_ray else "driver"
+
+
+# What the report says of the bundled job's reader (older reports have no bundled_reader: the driver's was the only one).
+BUNDLED_READERS = {"ray": "The bundled job's images were read by Ray tasks too (`dataset.reader` unset; the default for `fashion_mnist` since 2026-12-03).",
+                   "driver": "The bundled job's images were read by the driver."}
 # What the report says of the parquet jobs' reader (older reports have no parquet_reader: the driver's was the default).
 READERS = {"ray": "The parquet jobs' images were read by Ray tasks (`dataset.reader` unset: the default), not by the driver.",
            "driver": "The parquet jobs' images were read by the driver (`dataset.reader: driver`)."}
@@ -221,7 +231,8 @@ def render(report: dict) -> str:
         f"- Each job: `{jobs['parquet']['command'].split(' dataset.name=parquet')[0]}`, the parquet one with `dataset.name=parquet` and its "
         "train_path (the folder, as a path or URI), test_path, image_column=png, label_column=category, id_column=item_id; each in its own directory "
         "(MLflow store, teacher and soft-target caches), so the parquet job trained its own teacher. "
-        + READERS.get(report.get("parquet_reader"), "The parquet jobs' images were read by the driver (the default then)."),
+        + READERS.get(report.get("parquet_reader"), "The parquet jobs' images were read by the driver (the default then).") + " "
+        + BUNDLED_READERS.get(report.get("bundled_reader"), "The bundled job's images were read by the driver (the only reader then)."),
         f"- Load average per job: bundled {jobs['bundled']['load_start']} -> {jobs['bundled']['load_end']}, "
         f"parquet {jobs['parquet']['load_start']} -> {jobs['parquet']['load_end']}, "
         f"without labels {jobs['unlabelled']['load_start']} -> {jobs['unlabelled']['load_end']} ({jobs['unlabelled']['wall_s']:.0f} s).",
