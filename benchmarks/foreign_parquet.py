@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs, identical_pixels = run_jobs(work, at, QUICK if args.quick else [])
     errors = {source: {r["name"]: r["test_errors"] for r in jobs[source]["rows"]} for source in ("bundled", "parquet")}
     reader = "driver" if any(o == "dataset.reader=driver" for o in jobs["parquet"]["command"].split()) else "ray"
-    report = {**report_header(load_start), "quick": args.quick, "parquet_reader": reader, "bundled_reader": bundled_reader(), "wall_s": round(time.perf_counter() - t0, 1), "written": written,
-              "read_from": "local folder" if args.local else "S3 URI (moto server on 127.0.0.1)", "identical_pixels": identical_pixels, "identical_test_errors": errors["bundled"] == errors["parquet"], "jobs": jobs}
+    report = {**report_header(load_start), "quick": args.quick, "parquet_reader": reader, "bundled_reader": bundled_reader(),
+              "wall_s": round(time.perf_counter() - t0, 1), "written": written,
+              "read_from": "local folder" if args.local else "S3 URI (moto server on 127.0.0.1)", "identical_pixels": identical_pixels,
+              "identical_test_errors": errors["bundled"] == errors["parquet"], "jobs": jobs}
     path = write_result("foreign_parquet", report)
     print("\n".join(render(report).splitlines()[3:]))
     log(f"wrote {path}")
