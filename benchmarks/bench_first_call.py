@@ -38,15 +38,15 @@ TARGET = 0.7  # issue 15: a first call on a fresh Ray >= 0.7x the plain loop's r
 STAGE_LINE = re.compile(r"soft targets: generated, ([\d,]+) rows .*?([\d,]+) teacher forward rows.*?, (\d+) s \(teacher pass ([\d.]+) s\)")
 
 
-def overrides(work: Path, teacher: Path) -> list[str]:
+def overrides(work: Path, teacher: Path, reader: str | None = None) -> list[str]:
     return ["views.max_shift=0", "views.num_views=null", f"teachers=[{{name: teacher, family: mlp, hidden: [1200, 1200], checkpoint: {teacher}}}]",
-            f"soft_targets.cache_dir={work / 'cache'}", "tracking.experiment=first-call"]
+            f"soft_targets.cache_dir={work / 'cache'}", "tracking.experiment=first-call", *([f"dataset.reader={reader}"] if reader else [])]
 
 
-def soft_targets_job(work: Path, teacher: Path) -> dict:
+def soft_targets_job(work: Path, teacher: Path, reader: str | None = None) -> dict:
     """One `distill soft-targets` job in a fresh process with its own local Ray; its teacher pass and stage seconds."""
     work.mkdir(parents=True)
-    argv = [sys.executable, "-m", "orchestrator.cli", "soft-targets", str(REPO / "configs/mnist_kd.yaml"), *overrides(work, teacher)]
+    argv = [sys.executable, "-m", "orchestrator.cli", "soft-targets", str(REPO / "configs/mnist_kd.yaml"), *overrides(work, teacher, reader)]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)  # a fresh local Ray, never another job's cluster
     load_start, started = loadavg(), time.perf_counter()
@@ -65,6 +65,7 @@ def soft_targets_job(work: Path, teacher: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=3, help="jobs, each followed by a plain pass (default 3)")
+    parser.add_argument("--reader", choices=("driver", "ray"), help="the jobs' dataset.reader (default: unset, the job's default: Ray's for MNIST)")
     args = parser.parse_args()
     started, load_start = time.perf_counter(), loadavg()
 
@@ -87,14 +88,14 @@ def main() -> int:
         teacher = Path(tmp) / "teacher.pt"
         torch.save(state, teacher)
         for i in range(args.jobs):
-            job = soft_targets_job(Path(tmp) / f"job-{i}", teacher)
+            job = soft_targets_job(Path(tmp) / f"job-{i}", teacher, args.reader)
             if job["forward_rows"] != len(images):
                 raise SystemExit(f"the job ran {job['forward_rows']:,} teacher rows, expected {len(images):,}")
             with Foreign() as foreign:
                 plain_s = plain_soft_targets(model, images, arrays.mean, arrays.std)[0]
             runs.append({**job, "plain_s": round(plain_s, 3), "plain_foreign": foreign.share, "ratio": round(plain_s / job["pass_s"], 3)})
             log(f"job {i}: {job['stage_line']}; plain {plain_s:.2f} s; ratio {runs[-1]['ratio']}; foreign {job['foreign']} / {foreign.share}")
-    report = {**report_header(load_start), "rows": len(images), "plain_threads": threads, "runs": runs,
+    report = {**report_header(load_start), "rows": len(images), "plain_threads": threads, "reader": args.reader, "runs": runs,
               "ratio": round(median([r["ratio"] for r in runs]), 3), "target": TARGET, "wall_s": round(time.perf_counter() - started, 1)}
     write_result("first_call", report)
     print(render(report))
@@ -112,7 +113,8 @@ def render(report: dict) -> str:
                    rows, "rrrrrrr")
     lines += ["", f"Median ratio **{ratio:.2f}x** over {len(runs)} jobs (target >= {report['target']}: {'PASS' if ratio >= report['target'] else 'FAIL'}). "
               f"{report['rows']:,} rows a job; plain loop {report['plain_threads']} torch threads. A `distill soft-targets` job on a fresh local "
-              "Ray (MNIST, one view, the teacher from a state-dict file, a new cache); its teacher actors start at job start. "
+              "Ray (MNIST, one view, the teacher from a state-dict file, a new cache); its teacher actors start at job start; "
+              + (f"`dataset.reader={report['reader']}`. " if report.get("reader") else "its images read as the job's default has them. ") +
               "foreign = the larger share of the CPUs used by other processes during the job or the plain pass."]
     return "\n".join(lines) + "\n"
 
