@@ -163,7 +163,8 @@ def test_with_an_id_column_the_rows_are_in_id_order_whatever_the_files_order(ray
 
 
 def test_reader_ray_is_for_parquet_image_folders_and_the_bundled_mnists(tmp_path):
-    with pytest.raises(ConfigError, match=r"dataset.reader ray: only dataset.name parquet, imagefolder, mnist, fashion_mnist, torchvision:MNIST, .* \(this dataset is 'digits'"):
+    only = r"dataset.reader ray: only dataset.name parquet, imagefolder, mnist, fashion_mnist, torchvision:MNIST, .* \(this dataset is 'digits'"
+    with pytest.raises(ConfigError, match=only):
         load_config(None, ["dataset.name=digits", "dataset.reader=ray"])
     assert not load_config(None, ["dataset.reader=driver"]).dataset.read_in_ray
     assert not load_config(None, ["dataset.name=digits"]).dataset.read_in_ray  # the driver reads digits anyway

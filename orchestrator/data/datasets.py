@@ -3,7 +3,11 @@
 Every source ends up as `DatasetArrays`: uint8 images (N, C, H, W) and int64 labels,
 so teachers, soft-target actors and students all see byte-identical inputs and the
 fingerprint of a split identifies exactly what a model was trained or scored on.
-Nothing here downloads at run time unless a config asks for it (`dataset.download`).
+The images of the sources in config.sections.READ_IN_RAY (parquet, image folders, the MNIST
+family) are only planned here, their labels read; Ray tasks read the pixels into the object
+store once Ray runs (ray_reader.py). Digits and CIFAR are read here, and any source with
+`dataset.reader: driver`. Nothing here downloads at run time unless a config asks for it
+(`dataset.download`).
 """
 
 from __future__ import annotations
@@ -106,7 +110,8 @@ class DatasetArrays:
 
 
 def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
-    """Load `cfg.name` into memory, apply limits, validate, and compute normalisation statistics."""
+    """Load `cfg.name` into memory (or plan its read in Ray: its labels only), apply limits, validate, and compute
+    normalisation statistics (for a planned read, once Ray has read the images: ray_objects.read_planned_images)."""
     name = cfg.name
     if cfg.read_in_ray:  # planned here, the images read once Ray runs (job.start_job)
         planned, train_labels, planned_test, test_labels, num_classes = _planner(name)(cfg)
